@@ -1,0 +1,176 @@
+"""Model catalog: token math, stages and memory of each servable model.
+
+Figures are the public architecture numbers of each checkpoint (parameter
+counts, hidden size, layer count, VAE factors, patch size, text length).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+BF16_BYTES = 2
+FP32_BYTES = 4
+SP_DEGREES: tuple[int, ...] = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True, order=True)
+class Shape:
+    """Output size of one generation: pixels and frames (1 for an image)."""
+
+    height: int
+    width: int
+    frames: int = 1
+
+    @property
+    def is_video(self) -> bool:
+        return self.frames > 1
+
+    def __str__(self) -> str:
+        base = f"{self.height}x{self.width}"
+        return base if self.frames == 1 else f"{base}x{self.frames}f"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable diffusion model.
+
+    ``params_b`` is the denoising backbone (what runs every step); text
+    encoders run once in the encode stage, the VAE decoder once in decode.
+    """
+
+    name: str
+    family: str
+    kind: Literal["image", "video"]
+    arch: Literal["dit", "unet"]
+    params_b: float
+    text_encoder_params_b: float
+    vae_params_b: float
+    hidden: int
+    layers: int
+    latent_channels: int
+    vae_spatial: int
+    vae_temporal: int
+    patch: int
+    patch_t: int
+    text_tokens: int
+    joint_text: bool  # text tokens share the self-attention sequence (MM-DiT)
+    max_sp: int
+    default_steps: int
+    default_shape: Shape
+    # VAE decoder cost per output pixel-frame, FLOPs. Estimates, not measured
+    # (no published table): 2D image VAEs ~1.2e7, 3D causal video VAEs ~3e7.
+    decode_flops_per_px: float
+    # Activation bytes per sequence token per GPU at peak (layer-by-layer
+    # inference, no grads): hidden x bf16 x this factor.
+    activation_factor: float = 24.0
+
+    # --- token math -----------------------------------------------------
+    def latent_frames(self, shape: Shape) -> int:
+        if self.kind == "image" or shape.frames == 1:
+            return 1
+        return (shape.frames - 1) // self.vae_temporal + 1
+
+    def latent_hw(self, shape: Shape) -> tuple[int, int]:
+        return (math.ceil(shape.height / self.vae_spatial),
+                math.ceil(shape.width / self.vae_spatial))
+
+    def image_tokens(self, shape: Shape) -> int:
+        """Tokens the backbone attends over for the visual latent."""
+        lh, lw = self.latent_hw(shape)
+        lf = math.ceil(self.latent_frames(shape) / self.patch_t)
+        return lf * math.ceil(lh / self.patch) * math.ceil(lw / self.patch)
+
+    def seq_tokens(self, shape: Shape) -> int:
+        """Self-attention sequence length per sample (text included if joint)."""
+        return self.image_tokens(shape) + (self.text_tokens if self.joint_text else 0)
+
+    # --- memory ---------------------------------------------------------
+    @property
+    def weight_bytes(self) -> int:
+        """bf16 weights of backbone, text encoders and VAE on one GPU."""
+        total = self.params_b + self.text_encoder_params_b + self.vae_params_b
+        return int(total * 1e9 * BF16_BYTES)
+
+    def latent_bytes(self, shape: Shape) -> int:
+        """fp32 latent of one request: what a pause keeps and a move ships."""
+        lh, lw = self.latent_hw(shape)
+        return self.latent_channels * self.latent_frames(shape) * lh * lw * FP32_BYTES
+
+    def activation_bytes(self, shape: Shape, sp: int, batch: int = 1) -> int:
+        """Peak activation memory per GPU of an SP group of degree ``sp``."""
+        per_gpu_tokens = math.ceil(self.seq_tokens(shape) / sp)
+        return int(per_gpu_tokens * batch * self.hidden * BF16_BYTES * self.activation_factor)
+
+    def legal_sp(self, sp: int) -> bool:
+        return sp in SP_DEGREES and sp <= self.max_sp
+
+    def sp_degrees(self, limit: int = 8) -> tuple[int, ...]:
+        return tuple(k for k in SP_DEGREES if k <= min(self.max_sp, limit))
+
+
+def _m(**kw) -> ModelSpec:
+    return ModelSpec(**kw)
+
+
+CATALOG: dict[str, ModelSpec] = {m.name: m for m in (
+    _m(name="flux-dev", family="flux", kind="image", arch="dit", params_b=11.9,
+       text_encoder_params_b=4.88, vae_params_b=0.084, hidden=3072, layers=57,
+       latent_channels=16, vae_spatial=8, vae_temporal=1, patch=2, patch_t=1,
+       text_tokens=512, joint_text=True, max_sp=8, default_steps=28,
+       default_shape=Shape(1024, 1024), decode_flops_per_px=1.2e7),
+    _m(name="sd3-medium", family="sd3", kind="image", arch="dit", params_b=2.03,
+       text_encoder_params_b=5.57, vae_params_b=0.084, hidden=1536, layers=24,
+       latent_channels=16, vae_spatial=8, vae_temporal=1, patch=2, patch_t=1,
+       text_tokens=333, joint_text=True, max_sp=8, default_steps=28,
+       default_shape=Shape(1024, 1024), decode_flops_per_px=1.2e7),
+    # U-Net: no sequence parallelism in xDiT's SP path, so max_sp = 1. Its
+    # first attention level is the 2x-downsampled latent, hence patch = 2.
+    _m(name="sdxl", family="sdxl", kind="image", arch="unet", params_b=2.57,
+       text_encoder_params_b=0.82, vae_params_b=0.084, hidden=1280, layers=70,
+       latent_channels=4, vae_spatial=8, vae_temporal=1, patch=2, patch_t=1,
+       text_tokens=77, joint_text=False, max_sp=1, default_steps=30,
+       default_shape=Shape(1024, 1024), decode_flops_per_px=1.2e7),
+    _m(name="cogvideox-5b", family="cogvideox", kind="video", arch="dit", params_b=5.57,
+       text_encoder_params_b=4.76, vae_params_b=0.22, hidden=3072, layers=42,
+       latent_channels=16, vae_spatial=8, vae_temporal=4, patch=2, patch_t=1,
+       text_tokens=226, joint_text=True, max_sp=8, default_steps=50,
+       default_shape=Shape(480, 720, 49), decode_flops_per_px=3.0e7),
+    _m(name="hunyuanvideo", family="hunyuanvideo", kind="video", arch="dit", params_b=12.8,
+       text_encoder_params_b=7.6, vae_params_b=0.25, hidden=3072, layers=60,
+       latent_channels=16, vae_spatial=8, vae_temporal=4, patch=2, patch_t=1,
+       text_tokens=256, joint_text=True, max_sp=8, default_steps=50,
+       default_shape=Shape(720, 1280, 129), decode_flops_per_px=3.0e7),
+    _m(name="wan2.1-t2v-14b", family="wan", kind="video", arch="dit", params_b=14.3,
+       text_encoder_params_b=5.7, vae_params_b=0.13, hidden=5120, layers=40,
+       latent_channels=16, vae_spatial=8, vae_temporal=4, patch=2, patch_t=1,
+       text_tokens=512, joint_text=False, max_sp=8, default_steps=50,
+       default_shape=Shape(720, 1280, 81), decode_flops_per_px=3.0e7),
+)}
+
+FAMILIES: dict[str, str] = {m.family: m.name for m in CATALOG.values()}
+
+
+class UnknownModelError(KeyError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"unknown model {self.name!r}; known: {', '.join(sorted(CATALOG))}"
+
+
+def get_model(name: str) -> ModelSpec:
+    try:
+        return CATALOG[name]
+    except KeyError:
+        raise UnknownModelError(name) from None
+
+
+def model_for_family_prefix(filename: str) -> str | None:
+    """Catalog name whose family starts a file name (``flux_trace.txt`` -> flux-dev)."""
+    base = filename.lower().rsplit("/", 1)[-1]
+    for family in sorted(FAMILIES, key=len, reverse=True):
+        if base.startswith(family):
+            return FAMILIES[family]
+    return None

@@ -1,0 +1,122 @@
+"""Profiles: per-step latency tables with provenance.
+
+A profile file is JSON: ``name``, ``gpu``, ``role`` (``profile`` feeds the cost
+model, ``validation`` is held out for the calibration benchmark),
+``provenance`` (where the numbers come from), ``points`` (one row per
+measurement: model, height, width, frames, sp, batch, step_s) and optional
+``stages`` (model, height, width, frames, stage, batch, seconds). Published
+tables ship in this folder; ``ditplan profile`` writes the same format.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.catalog import CATALOG, SP_DEGREES, Shape
+
+PROFILE_DIR = Path(__file__).with_name("profiles")
+
+
+class ProfileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ProfilePoint:
+    model: str
+    shape: Shape
+    sp: int
+    batch: int
+    step_s: float
+
+
+@dataclass(frozen=True)
+class StagePoint:
+    model: str
+    shape: Shape
+    stage: str  # "encode" | "decode"
+    batch: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    gpu: str
+    role: str
+    provenance: dict[str, Any]
+    points: tuple[ProfilePoint, ...]
+    stages: tuple[StagePoint, ...] = ()
+    batch_rules: tuple[tuple[int | None, int], ...] = field(default=())
+
+
+def _require(row: dict, key: str, kind: type, where: str):
+    if key not in row:
+        raise ProfileError(f"{where}: missing field {key!r}")
+    value = row[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ProfileError(f"{where}: field {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _shape(row: dict, where: str) -> Shape:
+    shape = Shape(_require(row, "height", int, where), _require(row, "width", int, where),
+                  int(row.get("frames", 1)))
+    if min(shape.height, shape.width, shape.frames) < 1:
+        raise ProfileError(f"{where}: non-positive size {shape}")
+    return shape
+
+
+def parse_profile(doc: dict[str, Any], source: str = "<profile>") -> Profile:
+    from models.gpus import GPU_KINDS
+
+    gpu = str(doc.get("gpu", "")).upper()
+    if gpu not in GPU_KINDS:
+        raise ProfileError(f"{source}: field 'gpu' = {doc.get('gpu')!r} is not one of {sorted(GPU_KINDS)}")
+    points = []
+    for i, row in enumerate(doc.get("points", [])):
+        where = f"{source}: points[{i}]"
+        model = _require(row, "model", str, where)
+        if model not in CATALOG:
+            raise ProfileError(f"{where}: field 'model' = {model!r} is not in the catalog")
+        sp = _require(row, "sp", int, where)
+        if sp not in SP_DEGREES:
+            raise ProfileError(f"{where}: field 'sp' = {sp!r} is not one of {SP_DEGREES}")
+        step_s = _require(row, "step_s", float, where)
+        if step_s <= 0:
+            raise ProfileError(f"{where}: field 'step_s' = {step_s!r} must be > 0")
+        points.append(ProfilePoint(model, _shape(row, where), sp, int(row.get("batch", 1)), step_s))
+    stages = []
+    for i, row in enumerate(doc.get("stages", [])):
+        where = f"{source}: stages[{i}]"
+        stage = _require(row, "stage", str, where)
+        if stage not in ("encode", "decode"):
+            raise ProfileError(f"{where}: field 'stage' = {stage!r} must be 'encode' or 'decode'")
+        stages.append(StagePoint(_require(row, "model", str, where), _shape(row, where), stage,
+                                 int(row.get("batch", 1)), _require(row, "seconds", float, where)))
+    rules = tuple((r.get("max_tokens"), int(r["batch"]))
+                  for r in doc.get("best_batch_by_tokens", {}).get("rules", []))
+    return Profile(name=str(doc.get("name", source)), gpu=gpu, role=str(doc.get("role", "profile")),
+                   provenance=dict(doc.get("provenance", {})), points=tuple(points),
+                   stages=tuple(stages), batch_rules=rules)
+
+
+def load_profile(path: str | Path) -> Profile:
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ProfileError(f"profile file {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{path}: not valid JSON ({exc})") from None
+    return parse_profile(doc, str(path))
+
+
+def builtin_profiles(role: str | None = "profile") -> list[Profile]:
+    """The published tables shipped with ditplan (``role=None``: all of them)."""
+    out = [load_profile(p) for p in sorted(PROFILE_DIR.glob("*.json"))]
+    return [p for p in out if role is None or p.role == role]

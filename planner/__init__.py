@@ -1,0 +1,4 @@
+"""Decides: requests, cluster, plans, policies, the simulator and the CLI.
+
+Imports and runs without torch.
+"""

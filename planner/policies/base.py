@@ -1,0 +1,37 @@
+"""The policy interface: ``plan(state) -> RoundPlan``, and a name registry."""
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+from planner.plan import RoundPlan
+from planner.state import PlannerState
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: str
+
+    def plan(self, state: PlannerState) -> RoundPlan: ...
+
+
+_REGISTRY: dict[str, Callable[[], Policy]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a policy constructible by name."""
+    def deco(factory):
+        _REGISTRY[name] = factory
+        return factory
+    return deco
+
+
+def policy_names() -> list[str]:
+    import planner.policies  # noqa: F401  (registers the built-ins)
+    return sorted(_REGISTRY)
+
+
+def make_policy(name: str) -> Policy:
+    import planner.policies  # noqa: F401
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]()

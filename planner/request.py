@@ -1,0 +1,89 @@
+"""Requests as submitted, and their progress as the planner tracks it."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from models.catalog import ModelSpec, Shape, get_model
+
+
+class RequestState(str, enum.Enum):
+    QUEUED = "queued"  # arrived, nothing run yet
+    RUNNING = "running"  # encode or diffuse work in flight
+    PAUSED = "paused"  # has progress (embeddings/latent resident on a GPU), not in flight
+    DECODING = "decoding"  # VAE decode in flight
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Stage(str, enum.Enum):
+    ENCODE = "encode"
+    DIFFUSE = "diffuse"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request; immutable once accepted."""
+
+    id: str
+    model: str
+    shape: Shape
+    steps: int
+    arrival: float
+    deadline: float
+
+    @property
+    def spec(self) -> ModelSpec:
+        return get_model(self.model)
+
+    @property
+    def kind(self) -> str:
+        return "video" if self.shape.frames > 1 else "image"
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys may share one forward pass."""
+        return (self.model, self.shape, self.steps)
+
+
+@dataclass
+class RequestStatus:
+    """Mutable progress of a request; owned by whoever executes plans."""
+
+    request: Request
+    state: RequestState = RequestState.QUEUED
+    encoded: bool = False
+    steps_done: int = 0
+    latent_gpus: tuple[int, ...] = ()  # where its embeddings / latent live
+    sp: int = 0  # degree of its last diffuse segment
+    finish: float | None = None
+    preemptions: int = 0
+    sp_changes: int = 0
+    migrations: int = 0
+    history: list = field(default_factory=list, repr=False)
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    @property
+    def remaining_steps(self) -> int:
+        return self.request.steps - self.steps_done
+
+    @property
+    def next_stage(self) -> Stage | None:
+        if self.state in (RequestState.DONE, RequestState.FAILED):
+            return None
+        if not self.encoded:
+            return Stage.ENCODE
+        if self.steps_done < self.request.steps:
+            return Stage.DIFFUSE
+        return Stage.DECODE
+
+    @property
+    def in_flight(self) -> bool:
+        return self.state in (RequestState.RUNNING, RequestState.DECODING)
+
+    @property
+    def live(self) -> bool:
+        return self.state not in (RequestState.DONE, RequestState.FAILED)

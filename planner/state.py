@@ -1,0 +1,81 @@
+"""What a policy sees at a planning instant: live requests, GPUs, costs.
+
+The simulator and the service build it the same way; policies treat it as
+read-only and answer with a RoundPlan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from models.catalog import get_model
+from models.cost import CostModel
+from planner.cluster import Cluster
+from planner.request import RequestStatus, Stage
+
+
+@dataclass
+class PlannerState:
+    now: float
+    cluster: Cluster
+    cost: CostModel
+    requests: Sequence[RequestStatus]  # live requests, in arrival order
+    gpu_free_at: Sequence[float]  # per GPU: end of its in-flight work (<= now: idle)
+    served_models: tuple[str, ...]  # weights resident on every GPU
+    round_s: float = 2.0  # the planner's round length (target seconds of work per assignment)
+
+    def idle_gpus(self) -> list[int]:
+        return [g for g, t in enumerate(self.gpu_free_at) if t <= self.now]
+
+    def waiting(self) -> list[RequestStatus]:
+        """Live requests with no work in flight: the ones a plan can assign."""
+        return [r for r in self.requests if not r.in_flight]
+
+    # --- costs of a candidate assignment ------------------------------------
+    def step_time(self, status: RequestStatus, gpus: tuple[int, ...], batch: int = 1) -> float:
+        req = status.request
+        bw = self.cluster.block_bandwidth(gpus) if len(gpus) > 1 else None
+        return self.cost.step_time(req.spec, req.shape, len(gpus), batch, link_bw=bw)
+
+    def migration_time(self, status: RequestStatus, gpus: tuple[int, ...]) -> float:
+        """Seconds to bring the request's latent onto ``gpus`` (0 if already there)."""
+        if status.steps_done == 0 or not status.latent_gpus or set(status.latent_gpus) == set(gpus):
+            return 0.0
+        req = status.request
+        bw = self.cluster.transfer_bandwidth(status.latent_gpus, gpus)
+        return self.cost.transfer_time(req.spec.latent_bytes(req.shape), bw)
+
+    def stage_time(self, status: RequestStatus, stage: Stage, batch: int = 1) -> float:
+        req = status.request
+        if stage is Stage.ENCODE:
+            return self.cost.encode_time(req.spec, req.shape, batch)
+        if stage is Stage.DECODE:
+            return self.cost.decode_time(req.spec, req.shape, batch)
+        raise ValueError("stage_time is for encode and decode; use step_time for diffuse")
+
+    def min_step_time(self, status: RequestStatus) -> float:
+        req = status.request
+        return self.cost.min_step_time(req.spec, req.shape, self.cluster.max_node_gpus)
+
+    def remaining_lower_bound(self, status: RequestStatus) -> float:
+        """Fastest possible time to finish from here on an empty cluster."""
+        req = status.request
+        t = 0.0
+        if not status.encoded:
+            t += self.cost.encode_time(req.spec, req.shape)
+        t += status.remaining_steps * self.min_step_time(status)
+        return t + self.cost.decode_time(req.spec, req.shape)
+
+    # --- memory -------------------------------------------------------------
+    def weight_bytes(self) -> int:
+        return sum(get_model(m).weight_bytes for m in self.served_models)
+
+    def resident_bytes(self) -> list[int]:
+        """Per GPU: latents of paused requests kept there."""
+        out = [0] * self.cluster.size
+        for r in self.requests:
+            if r.latent_gpus and r.steps_done > 0:
+                share = r.request.spec.latent_bytes(r.request.shape) // len(r.latent_gpus)
+                for g in r.latent_gpus:
+                    out[g] += share
+        return out
