@@ -24,6 +24,7 @@ from planner.checker import check_plan
 from planner.cluster import Cluster
 from planner.plan import Assignment, RoundPlan
 from planner.policies.base import Policy
+from planner.problem import build_problem
 from planner.request import Request, RequestState, RequestStatus, Stage
 from planner.state import PlannerState
 
@@ -42,6 +43,7 @@ class SimConfig:
     seed: int = 0
     horizon_s: float | None = None  # stop here; unfinished requests count as misses
     check_plans: bool = True  # run the independent checker on every plan
+    record_problems: bool = False  # keep every round's RoundProblem (for solver benchmarks)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class SimResult:
     fallbacks: int
     plans: int
     end_time: float
-    round_problems: list[dict] = field(default_factory=list)
+    round_problems: list = field(default_factory=list)  # RoundProblem per plan, if recorded
 
 
 _ARRIVAL, _COMPLETE, _WAKE = 0, 1, 2
@@ -92,6 +94,7 @@ class Simulator:
         gpu_free_at = [0.0] * self.cluster.size
         live: dict[str, RequestStatus] = {}
         segments: list[Segment] = []
+        round_problems: list = []
         solver_ms: list[float] = []
         fallbacks = plans = done = 0
         events: list[tuple[float, int, int, object]] = []
@@ -138,7 +141,7 @@ class Simulator:
             if not live or all(t > now + EPS for t in gpu_free_at):
                 continue  # nothing to plan for, or no GPU to give
             state = PlannerState(now, self.cluster, self.cost, list(live.values()), gpu_free_at,
-                                 served, cfg.round_s)
+                                 served, cfg.round_s, frozenset(st.id for st in just_paused))
             t0 = time.perf_counter()
             plan = self.policy.plan(state)
             solver_ms.append((time.perf_counter() - t0) * 1e3)
@@ -146,6 +149,8 @@ class Simulator:
             fallbacks += int(plan.fallback)
             if self.on_plan is not None:
                 self.on_plan(state, plan)
+            if cfg.record_problems:
+                round_problems.append(build_problem(state))
             if cfg.check_plans:
                 problems = check_plan(state, plan)
                 if problems:
@@ -182,7 +187,7 @@ class Simulator:
         for st in order:
             if st.live:  # unfinished when the run ended: a miss
                 st.state = RequestState.FAILED
-        return SimResult(self.policy.name, order, segments, solver_ms, fallbacks, plans, now)
+        return SimResult(self.policy.name, order, segments, solver_ms, fallbacks, plans, now, round_problems)
 
     def _start(self, a: Assignment, now: float, statuses: dict[str, RequestStatus],
                gpu_free_at: list[float], rng: np.random.Generator) -> Segment:

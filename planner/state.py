@@ -23,6 +23,9 @@ class PlannerState:
     gpu_free_at: Sequence[float]  # per GPU: end of its in-flight work (<= now: idle)
     served_models: tuple[str, ...]  # weights resident on every GPU
     round_s: float = 2.0  # the planner's round length (target seconds of work per assignment)
+    # Requests whose diffuse segment ended at this instant with steps left:
+    # not continuing one of them now is a preemption.
+    just_paused: frozenset[str] = frozenset()
 
     def idle_gpus(self) -> list[int]:
         return [g for g, t in enumerate(self.gpu_free_at) if t <= self.now]

@@ -4,25 +4,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from models.catalog import Shape, get_model
 from models.cost import CostModel
 from planner.cluster import Cluster
 from planner.metrics import summarize
 from planner.policies.base import make_policy
 from planner.request import Request
 from planner.simulator import SimConfig, SimResult, Simulator
-from planner.traces import TraceRecord, resolve_deadlines
-
-
-def ideal_latency_fn(cost: CostModel, cluster: Cluster) -> Callable[[str, Shape, int], float]:
-    """Standalone latency on an empty ``cluster``: the basis of ``slo_scale`` deadlines."""
-    return lambda model, shape, steps: cost.ideal_latency(get_model(model), shape, steps,
-                                                           cluster.max_node_gpus)
+from planner.traces import TraceRecord, ideal_latency_from, resolve_deadlines
 
 
 def to_requests(records: Sequence[TraceRecord], cost: CostModel, cluster: Cluster,
                 slo_scale: float) -> list[Request]:
-    return resolve_deadlines(records, ideal_latency_fn(cost, cluster), slo_scale)
+    """Requests with deadlines; ``slo_scale`` is relative to the ideal latency on ``cluster``."""
+    return resolve_deadlines(records, ideal_latency_from(cost, cluster.max_node_gpus), slo_scale)
 
 
 @dataclass

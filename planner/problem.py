@@ -1,0 +1,155 @@
+"""RoundProblem: one planning instant as immutable data, shared by every backend.
+
+Built from a PlannerState (live requests, GPUs, topology, memory, cost model)
+the way PyJobShop feeds one ProblemData to several solvers: CP-SAT, the PuLP
+MILP and the DP read the same numbers, and a problem round-trips through JSON
+so benchmarks can replay exactly what a simulation saw.
+
+Times are relative to ``now`` (0 = the planning instant).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from models.catalog import get_model
+from planner.request import RequestStatus
+from planner.state import PlannerState
+
+FORMAT = "ditplan.round-problem/1"
+_INT_KEYED = ("step_s", "batch_step_s", "move_s", "act_bytes")
+
+
+@dataclass(frozen=True)
+class ProblemRequest:
+    id: str
+    model: str
+    kind: str  # "image" | "video"
+    stage: str  # next stage: "encode" | "diffuse" | "decode"
+    remaining_steps: int
+    deadline: float  # seconds from now (negative: already late)
+    batch_key: str  # equal keys may share a forward pass
+    max_batch: int
+    encode_s: float
+    decode_s: float
+    step_s: dict[int, float]  # legal SP degree -> seconds per step (batch 1)
+    batch_step_s: dict[int, float]  # legal SP degree -> seconds per step at max_batch
+    latent_gpus: tuple[int, ...]  # where its latent lives (empty: nowhere yet)
+    move_s: dict[int, float]  # node -> seconds to move the latent onto another block there
+    sp_prev: int  # degree of its last diffuse segment (0: none)
+    was_running: bool  # just finished a diffuse segment: not continuing it is a preemption
+    act_bytes: dict[int, int]  # SP degree -> activation bytes per GPU
+    latent_bytes: int
+
+    @property
+    def fastest_step_s(self) -> float:
+        return min(self.step_s.values())
+
+    def remaining_lb(self) -> float:
+        """Fastest time to finish from now on an empty cluster."""
+        t = self.encode_s if self.stage == "encode" else 0.0
+        return t + self.remaining_steps * self.fastest_step_s + self.decode_s
+
+
+@dataclass(frozen=True)
+class ProblemGpu:
+    index: int
+    node: int
+    free_in: float  # seconds until its in-flight work ends (0: idle now)
+    memory_free: int  # bytes left after weights and resident latents
+
+
+@dataclass(frozen=True)
+class RoundProblem:
+    now: float
+    round_s: float
+    horizon: int  # rounds a receding-horizon backend looks ahead
+    requests: tuple[ProblemRequest, ...]
+    gpus: tuple[ProblemGpu, ...]
+    nodes: tuple[tuple[int, ...], ...]
+    meta: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def idle(self) -> tuple[int, ...]:
+        return tuple(g.index for g in self.gpus if g.free_in <= 1e-9)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["format"] = FORMAT
+        for r in d["requests"]:  # JSON object keys are strings
+            for key in _INT_KEYED:
+                r[key] = {str(k): v for k, v in r[key].items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RoundProblem":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a round problem: format {d.get('format')!r}, expected {FORMAT!r}")
+        reqs = []
+        for r in d["requests"]:
+            r = dict(r)
+            for key in _INT_KEYED:
+                r[key] = {int(k): v for k, v in r[key].items()}
+            r["latent_gpus"] = tuple(r["latent_gpus"])
+            reqs.append(ProblemRequest(**r))
+        return cls(now=d["now"], round_s=d["round_s"], horizon=d["horizon"], requests=tuple(reqs),
+                   gpus=tuple(ProblemGpu(**g) for g in d["gpus"]),
+                   nodes=tuple(tuple(n) for n in d["nodes"]), meta=d.get("meta", {}))
+
+
+def build_problem(state: PlannerState, horizon: int = 1) -> RoundProblem:
+    """The round problem of ``state``: its waiting requests and its GPUs."""
+    cluster, cost = state.cluster, state.cost
+    resident = state.resident_bytes()
+    weights = state.weight_bytes()
+    reqs = []
+    for st in state.waiting():
+        r = st.request
+        spec = get_model(r.model)
+        degrees = spec.sp_degrees(cluster.max_node_gpus)
+        mb = cost.max_batch(spec, r.shape)
+        bw = {k: (cluster.block_bandwidth(cluster.blocks(k)[0]) if k > 1 else None) for k in degrees}
+        reqs.append(ProblemRequest(
+            id=r.id, model=r.model, kind=r.kind, stage=st.next_stage.value,
+            remaining_steps=st.remaining_steps, deadline=r.deadline - state.now,
+            batch_key=f"{r.model}|{r.shape}|{r.steps}", max_batch=mb,
+            encode_s=cost.encode_time(spec, r.shape), decode_s=cost.decode_time(spec, r.shape),
+            step_s={k: cost.step_time(spec, r.shape, k, 1, bw[k]) for k in degrees},
+            batch_step_s={k: cost.step_time(spec, r.shape, k, mb, bw[k]) for k in degrees},
+            latent_gpus=tuple(st.latent_gpus),
+            move_s={n: _move_s(state, st, node) for n, node in enumerate(cluster.nodes)},
+            sp_prev=st.sp, was_running=st.id in state.just_paused,
+            act_bytes={k: spec.activation_bytes(r.shape, k) for k in degrees},
+            latent_bytes=spec.latent_bytes(r.shape)))
+    gpus = tuple(ProblemGpu(g.index, g.node, max(0.0, state.gpu_free_at[g.index] - state.now),
+                            g.memory - weights - resident[g.index]) for g in cluster.gpus)
+    return RoundProblem(state.now, state.round_s, horizon, tuple(reqs), gpus, cluster.nodes)
+
+
+def _move_s(state: PlannerState, st: RequestStatus, node: tuple[int, ...]) -> float:
+    """Seconds to move the request's latent onto another block of ``node``."""
+    if st.steps_done == 0 or not st.latent_gpus:
+        return 0.0
+    others = [g for g in node if g not in st.latent_gpus]
+    if not others:
+        return 0.0
+    bw = state.cluster.transfer_bandwidth(st.latent_gpus, (others[0],))
+    return state.cost.transfer_time(st.request.spec.latent_bytes(st.request.shape), bw)
+
+
+def save_problems(path: str | Path, problems: Iterable[RoundProblem]) -> int:
+    """Write problems as JSON Lines; returns how many."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with path.open("w") as f:
+        for p in problems:
+            f.write(json.dumps(p.to_dict(), separators=(",", ":")) + "\n")
+            n += 1
+    return n
+
+
+def load_problems(path: str | Path) -> list[RoundProblem]:
+    return [RoundProblem.from_dict(json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
