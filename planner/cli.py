@@ -20,7 +20,7 @@ trace_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Genera
 app.add_typer(trace_app, name="trace")
 
 console = Console(stderr=True)
-out = Console()
+out = Console() if sys.stdout.isatty() else Console(width=160)  # tables unsquashed in logs and pipes
 
 # The embedded default: what `ditplan whatif` runs with no trace or workload.
 DEFAULT_WORKLOAD = "tetriserve-skewed"

@@ -1,0 +1,149 @@
+"""SLO attainment against arrival rate and against SLO scale, per policy.
+
+Runs every policy on the same seeded TetriServe-style traces (DESIGN 3.1
+workloads) and writes a CSV and a PNG. Usage:
+
+    python -m bench.sweep [--workloads tetriserve-uniform tetriserve-skewed]
+                          [--policies fcfs-sp1 ... tetriserve-dp] [--n 300] [--seeds 0 1]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_POLICIES = ["fcfs-sp1", "fcfs-sp2", "fcfs-sp4", "fcfs-sp8", "rssp", "edf", "tetriserve-dp"]
+DEFAULT_WORKLOADS = ["tetriserve-uniform", "tetriserve-skewed"]
+SCALES = [1.0, 1.1, 1.25, 1.5, 2.0, 3.0]
+RATE_FACTORS = [0.5, 0.75, 1.0, 1.25, 1.5]  # x the workload's default rate
+FIXED_SCALE = 1.5  # SLO scale of the rate sweep
+
+
+def one(job: tuple) -> dict:
+    workload, policy, rate, scale, n, seed, cluster_spec = job
+    from models.cost import CostModel
+    from planner.cluster import parse_cluster
+    from planner.simulator import SimConfig
+    from planner.whatif import run_policies, to_requests
+    from planner.workloads import generate
+
+    cluster = parse_cluster(cluster_spec)
+    cost = CostModel(cluster.kind)
+    records = generate(workload, n=n, rate=rate, seed=seed)
+    reqs = to_requests(records, cost, cluster, scale)
+    t0 = time.perf_counter()
+    run = run_policies(reqs, cluster, cost, [policy], SimConfig(seed=seed))[policy]
+    return {"workload": workload, "policy": policy, "rate": rate, "slo_scale": scale, "seed": seed,
+            "slo_attainment": run.summary["slo_attainment"], "p99_s": run.summary["latency_s"]["p99"],
+            "gpu_seconds": run.summary["gpu_seconds"], "sim_s": round(time.perf_counter() - t0, 3)}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from planner.workloads import WORKLOADS
+
+    ap = argparse.ArgumentParser(description="SLO attainment sweeps")
+    ap.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS)
+    ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
+    ap.add_argument("--cluster", default="8xH100")
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--csv", type=Path, default=Path("out/sweep.csv"))
+    ap.add_argument("--png", type=Path, default=Path("out/sweep.png"))
+    args = ap.parse_args(argv)
+
+    jobs = []
+    for wl in args.workloads:
+        base = WORKLOADS[wl].default_rate
+        for pol, seed in itertools.product(args.policies, args.seeds):
+            jobs += [(wl, pol, base, s, args.n, seed, args.cluster) for s in SCALES]
+            jobs += [(wl, pol, round(base * f, 6), FIXED_SCALE, args.n, seed, args.cluster)
+                     for f in RATE_FACTORS if f != 1.0]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(args.workers) as pool:
+        rows = list(pool.map(one, jobs, chunksize=4))
+    print(f"{len(rows)} simulations in {time.perf_counter() - t0:.1f} s")
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    with args.csv.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    report(rows, args)
+    plot(rows, args)
+    return rows
+
+
+def _mean(rows, **match) -> float:
+    vals = [r["slo_attainment"] for r in rows if all(r[k] == v for k, v in match.items())]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def report(rows: list[dict], args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from planner.workloads import WORKLOADS
+
+    con = Console()
+    for wl in args.workloads:
+        base = WORKLOADS[wl].default_rate
+        t = Table(title=f"{wl}: SLO attainment vs SLO scale (rate {base}/s, {args.cluster}, "
+                        f"mean of seeds {args.seeds})")
+        t.add_column("policy")
+        for s in SCALES:
+            t.add_column(f"x{s}", justify="right")
+        for p in args.policies:
+            t.add_row(p, *(f"{_mean(rows, workload=wl, policy=p, slo_scale=s, rate=base):.3f}" for s in SCALES))
+        con.print(t)
+        fixed = [p for p in args.policies if p.startswith("fcfs-sp")]
+        if "tetriserve-dp" in args.policies and fixed:
+            gaps = []
+            for s in SCALES:
+                best_fixed = max(_mean(rows, workload=wl, policy=p, slo_scale=s, rate=base) for p in fixed)
+                dp = _mean(rows, workload=wl, policy="tetriserve-dp", slo_scale=s, rate=base)
+                gaps.append((s, best_fixed, dp))
+            tight = gaps[0]
+            con.print(f"  tightest scale x{tight[0]}: best fixed degree {tight[1]:.3f}")
+            for s, bf, dp in gaps:
+                if s <= 1.5:
+                    con.print(f"  x{s}: tetriserve-dp {dp:.3f} vs best fixed {bf:.3f}: {100 * (dp - bf):+.1f} points")
+
+
+def plot(rows: list[dict], args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from planner.workloads import WORKLOADS
+
+    fig, axes = plt.subplots(2, len(args.workloads), figsize=(6 * len(args.workloads), 8), squeeze=False)
+    for col, wl in enumerate(args.workloads):
+        base = WORKLOADS[wl].default_rate
+        rates = sorted({r["rate"] for r in rows if r["workload"] == wl})
+        for p in args.policies:
+            style = {"linewidth": 2.5} if p in ("tetriserve-dp", "cpsat") else {"linewidth": 1.2}
+            axes[0][col].plot(SCALES, [_mean(rows, workload=wl, policy=p, slo_scale=s, rate=base) for s in SCALES],
+                              marker="o", label=p, **style)
+            axes[1][col].plot(rates, [_mean(rows, workload=wl, policy=p, slo_scale=FIXED_SCALE, rate=r)
+                                      for r in rates], marker="o", label=p, **style)
+        axes[0][col].set(title=f"{wl} (rate {base}/s)", xlabel="SLO scale", ylabel="SLO attainment", ylim=(0, 1.02))
+        axes[1][col].set(title=f"{wl} (SLO scale {FIXED_SCALE})", xlabel="arrival rate (req/s)",
+                         ylabel="SLO attainment", ylim=(0, 1.02))
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"ditplan sweep on {args.cluster}, {args.n} requests, seeds {args.seeds}")
+    fig.tight_layout()
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.png, dpi=110)
+    print(f"wrote {args.csv} and {args.png}")
+
+
+if __name__ == "__main__":
+    main()
