@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 trace_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Generate and inspect traces.")
 app.add_typer(trace_app, name="trace")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never break an error message mid-path
 out = Console() if sys.stdout.isatty() else Console(width=160)  # tables unsquashed in logs and pipes
 
 # The embedded default: what `ditplan whatif` runs with no trace or workload.
