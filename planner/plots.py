@@ -11,8 +11,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from planner.simulator import SimResult  # noqa: E402
 
-STAGE_COLORS = {"encode": "#9ecae1", "decode": "#fdae6b"}
-KIND_COLORS = {"image": "#3182bd", "video": "#e6550d"}
+STAGE_COLORS = {"encode": "#bdbdbd", "decode": "#636363"}
 
 
 def plot_attainment(summaries: dict[str, dict], path: str | Path, title: str = "") -> Path:
@@ -39,19 +38,24 @@ def plot_attainment(summaries: dict[str, dict], path: str | Path, title: str = "
 
 
 def plot_gantt(result: SimResult, n_gpus: int, path: str | Path, title: str = "") -> Path:
+    """GPUs over time; diffuse work coloured per request (hatched for video)."""
+    index = {s.id: i for i, s in enumerate(result.requests)}
     kinds = {s.id: s.request.kind for s in result.requests}
+    palette = [c for i, c in enumerate(plt.get_cmap("tab20").colors) if i not in (14, 15)]  # no greys
     fig, ax = plt.subplots(figsize=(11, 0.35 * n_gpus + 1.5))
     for seg in result.segments:
-        stage = seg.stage.value
-        color = STAGE_COLORS.get(stage) or KIND_COLORS[kinds[seg.request_ids[0]]]
+        lead = seg.request_ids[0]
+        color = STAGE_COLORS.get(seg.stage.value) or palette[index[lead] % len(palette)]
+        hatch = "///" if seg.stage.value == "diffuse" and kinds[lead] == "video" else None
         for g in seg.gpus:
             ax.broken_barh([(seg.start, seg.end - seg.start)], (g - 0.4, 0.8),
-                           facecolors=color, edgecolors="white", linewidth=0.2)
+                           facecolors=color, edgecolors="none", hatch=hatch)
     ax.set_yticks(range(n_gpus), [f"GPU {g}" for g in range(n_gpus)])
     ax.invert_yaxis()
     ax.set_xlabel("time (s)")
-    ax.set_title(title or f"{result.policy}: GPUs over time")
-    handles = [Patch(color=c, label=f"diffuse ({k})") for k, c in KIND_COLORS.items()]
+    ax.set_title(title or f"{result.policy}: GPUs over time (colour = request)")
+    handles = [Patch(facecolor="white", edgecolor="black", label="diffuse: image"),
+               Patch(facecolor="white", edgecolor="black", hatch="///", label="diffuse: video")]
     handles += [Patch(color=c, label=s) for s, c in STAGE_COLORS.items()]
     ax.legend(handles=handles, fontsize=7, loc="upper right", ncols=4)
     fig.tight_layout()
