@@ -71,6 +71,8 @@ def whatif(
     plot: Optional[Path] = typer.Option(Path("out/whatif"), help="PNG prefix: PREFIX-attainment.png, PREFIX-gantt.png."),
     no_plot: bool = typer.Option(False, "--no-plot", help="Write no plots."),
     gantt_policy: Optional[str] = typer.Option(None, help="Policy drawn in the Gantt chart (default: the last)."),
+    dump_problems: Optional[Path] = typer.Option(
+        None, help="Write every round's RoundProblem (JSON Lines, one policy only) for solver benchmarks."),
 ) -> None:
     """Simulate policies on a trace or workload and compare SLO attainment."""
     from models.cost import CostModel
@@ -85,8 +87,9 @@ def whatif(
         if trace is not None and workload is not None:
             raise InputError("give --trace or --workload, not both")
         names = _policies(policy)
-        if timeline is not None and len(names) != 1:
-            raise InputError(f"--timeline takes exactly one --policy, got {len(names)}: {', '.join(names)}")
+        for flag, value in (("--timeline", timeline), ("--dump-problems", dump_problems)):
+            if value is not None and len(names) != 1:
+                raise InputError(f"{flag} takes exactly one --policy, got {len(names)}: {', '.join(names)}")
         if gantt_policy is not None and gantt_policy not in names:
             raise InputError(f"--gantt-policy {gantt_policy!r} is not among the policies run")
         topo = parse_cluster(cluster)
@@ -103,7 +106,7 @@ def whatif(
     except (InputError, ProfileError, UnknownModelError, KeyError, ValueError) as exc:
         raise fail(str(exc).strip('"')) from None
 
-    config = SimConfig(round_s=round_s, noise=noise, seed=seed)
+    config = SimConfig(round_s=round_s, noise=noise, seed=seed, record_problems=dump_problems is not None)
     console.print(f"[bold]ditplan whatif[/]: {source} on {topo.name} ({topo.size} GPUs), "
                   f"{len(requests)} requests, policies: {', '.join(names)}", highlight=False)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -119,6 +122,11 @@ def whatif(
     if timeline is not None:
         write_timeline(timeline, runs[names[0]].result)
         console.print(f"wrote {timeline}")
+    if dump_problems is not None:
+        from planner.problem import save_problems
+
+        count = save_problems(dump_problems, runs[names[0]].result.round_problems)
+        console.print(f"wrote {count} round problems to {dump_problems}")
     if not no_plot and plot is not None:
         from planner.plots import plot_attainment, plot_gantt
 

@@ -26,3 +26,18 @@ def test_round_problem_captures_state_and_round_trips_through_json(tmp_path):
     path = tmp_path / "problems.jsonl"
     assert save_problems(path, [p, p]) == 2
     assert load_problems(path) == [p, p]
+
+
+def test_whatif_dumps_the_round_problems_it_saw(tmp_path):
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+
+    out = tmp_path / "rp.jsonl"
+    r = CliRunner().invoke(app, ["whatif", "--workload", "genserve-mixed", "--n", "15", "--policy", "edf",
+                                 "--no-plot", "--dump-problems", str(out)])
+    assert r.exit_code == 0, r.output
+    problems = load_problems(out)
+    assert len(problems) > 15  # at least one plan per arrival
+    assert all(p.idle for p in problems)  # the simulator plans only when a GPU is idle
+    assert {q.id for p in problems for q in p.requests} == {f"r{i:06d}" for i in range(15)}
