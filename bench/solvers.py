@@ -1,0 +1,217 @@
+"""Solver comparison on round problems drawn from simulations.
+
+For each cell (GPUs x live requests) it simulates an overloaded
+``genserve-mixed`` trace (driven by ``edf``, which is cheap) and keeps the
+round problems seen while the number of waiting requests is near the target.
+The problems are written to ``out/solver-problems/`` and reloaded, so every
+backend is fed exactly the same inputs (the same ``RoundOptions``):
+
+* ``cpsat``: the policy's CP-SAT at its per-round budget (horizon as the
+  policy picks it: H = 3, or 1 on large instances);
+* ``cpsat-ref``: the same model with a long limit, for a tight bound;
+* ``milp-cbc`` / ``milp-highs``: the PuLP twin (skipped past --milp-max-live);
+* ``greedy``: the warm-start heuristic, scored by ``solution.evaluate``.
+
+Reported per backend and cell: solve time p50 / p99 (ms; option enumeration,
+model build and solve), mean objective, and the gap to the best bound any
+backend proved. Usage: python -m bench.solvers [--quick]
+"""
+from __future__ import annotations
+
+import planner.solvers  # noqa: F401  (ortools before pulp: shared libhighs, see planner/solvers)
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from models.cost import CostModel
+from planner.cluster import parse_cluster
+from planner.policies.base import make_policy
+from planner.policies.solver import SolverPolicy
+from planner.problem import RoundProblem, build_problem, load_problems, save_problems
+from planner.simulator import SimConfig, Simulator
+from planner.solvers import build_options, evaluate, milp
+from planner.solvers.cpsat import solve as cpsat_solve
+from planner.solvers.greedy import greedy
+from planner.whatif import to_requests
+from planner.workloads import generate
+
+GPUS = (8, 32, 128)
+LIVE = (16, 64, 256, 1000)
+TARGETS = {(8, 64): 50.0, (128, 1000): 500.0}  # cpsat p99 ms
+
+
+class _Enough(Exception):
+    pass
+
+
+def draw_problems(gpus: int, live: int, count: int) -> list[RoundProblem]:
+    """Round problems with about ``live`` waiting requests on ``gpus`` H100s.
+
+    Each seed simulates a burst of ``live`` requests (arrivals within ~1 s)
+    on an already busy cluster and keeps up to two problems whose waiting
+    count is within [0.8, 1.25] x ``live``; seeds continue until ``count``.
+    """
+    cluster = parse_cluster("8xH100" if gpus == 8 else f"{gpus // 8}x8xH100")
+    cost = CostModel(cluster.kind)
+    got: list[RoundProblem] = []
+    for seed in range(4 * count):
+        records = generate("genserve-mixed", n=live + gpus, rate=float(live + gpus), seed=seed)
+        reqs = to_requests(records, cost, cluster, 2.0)
+        mine: list[RoundProblem] = []
+
+        def on_plan(state, plan):
+            waiting = len(state.waiting())
+            if 0.8 * live <= waiting <= 1.25 * live and (not mine or state.now >= mine[-1].now + 0.2):
+                mine.append(build_problem(state, horizon=3))
+                if len(mine) >= 2 or len(got) + len(mine) >= count:
+                    raise _Enough
+
+        try:
+            Simulator(cluster, cost, make_policy("edf"), SimConfig(seed=seed, check_plans=False),
+                      on_plan=on_plan).run(reqs)
+        except _Enough:
+            pass
+        got.extend(mine)
+        if len(got) >= count:
+            break
+    return got
+
+
+def run_backends(p: RoundProblem, args) -> list[dict]:
+    horizon = SolverPolicy().horizon_for(len(p.requests))
+    t0 = time.perf_counter()
+    ro = build_options(p, horizon)
+    options_ms = (time.perf_counter() - t0) * 1e3
+    rows = []
+
+    def record(name, sol_status, objective, bound, ms):
+        rows.append({"backend": name, "status": sol_status, "objective": objective, "bound": bound,
+                     "ms": ms, "horizon": horizon, "options": len(ro.options)})
+
+    s = cpsat_solve(ro, args.cpsat_limit, 1, seed=0)
+    record("cpsat", s.status.value, s.objective, s.bound, s.wall_ms + options_ms)
+    s = cpsat_solve(ro, args.ref_limit, 1, seed=0)
+    record("cpsat-ref", s.status.value, s.objective, s.bound, s.wall_ms + options_ms)
+    if len(p.requests) <= args.milp_max_live:
+        for solver in ("cbc", "highs"):
+            s = milp.solve(ro, args.milp_limit, 1, solver=solver)
+            record(f"milp-{solver}", s.status.value, s.objective, s.bound, s.wall_ms + options_ms)
+    t0 = time.perf_counter()
+    chosen, q = greedy(ro)
+    ev = evaluate(ro, chosen, q)
+    record("greedy", "feasible", ev.objective, None, (time.perf_counter() - t0) * 1e3 + options_ms)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="solver comparison on simulated round problems")
+    ap.add_argument("--per-cell", type=int, default=6, help="problems per (GPUs, live) cell")
+    ap.add_argument("--cpsat-limit", type=float, default=SolverPolicy().time_limit_s)
+    ap.add_argument("--ref-limit", type=float, default=2.0)
+    ap.add_argument("--milp-limit", type=float, default=5.0)
+    ap.add_argument("--milp-max-live", type=int, default=256)
+    ap.add_argument("--quick", action="store_true", help="8 and 32 GPUs, up to 64 live, 3 per cell")
+    ap.add_argument("--dir", type=Path, default=Path("out/solver-problems"))
+    ap.add_argument("--csv", type=Path, default=Path("out/solvers.csv"))
+    ap.add_argument("--png", type=Path, default=Path("out/solvers.png"))
+    args = ap.parse_args(argv)
+    gpus, live = (GPUS[:2], LIVE[:2]) if args.quick else (GPUS, LIVE)
+    per_cell = 3 if args.quick else args.per_cell
+
+    rows = []
+    for g in gpus:
+        for n in live:
+            path = args.dir / f"g{g}-n{n}.jsonl"
+            save_problems(path, draw_problems(g, n, per_cell))
+            problems = load_problems(path)  # every backend sees the file's problems
+            if not problems:
+                print(f"{g} GPUs / {n} live: no problem reached that load")
+                continue
+            for i, p in enumerate(problems):
+                cell_rows = run_backends(p, args)
+                best = min((r["bound"] for r in cell_rows if r["bound"] is not None), default=None)
+                for r in cell_rows:
+                    gap = None
+                    if best is not None and r["objective"] is not None:
+                        gap = max(0.0, (best - r["objective"]) / max(1.0, abs(best)))
+                    rows.append({"gpus": g, "live": n, "waiting": len(p.requests), "problem": i,
+                                 **r, "gap": gap})
+            print(f"{g:>4} GPUs / {n:>4} live: {len(problems)} problems done", flush=True)
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    with args.csv.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    summary = report(rows)
+    plot(summary, args.png)
+    print(f"wrote {args.csv} and {args.png}")
+
+
+def report(rows: list[dict]) -> list[dict]:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="round solvers: time (ms, incl. options + model), objective, gap to best bound")
+    for c in ("GPUs", "live", "backend", "H", "n", "p50 ms", "p99 ms", "optimal", "mean gap", "max gap"):
+        t.add_column(c, justify="right")
+    summary = []
+    cells = sorted({(r["gpus"], r["live"]) for r in rows})
+    backends = ["cpsat", "cpsat-ref", "milp-cbc", "milp-highs", "greedy"]
+    for g, n in cells:
+        for b in backends:
+            rs = [r for r in rows if r["gpus"] == g and r["live"] == n and r["backend"] == b]
+            if not rs:
+                continue
+            ms = [r["ms"] for r in rs]
+            gaps = [r["gap"] for r in rs if r["gap"] is not None]
+            s = {"gpus": g, "live": n, "backend": b, "p50": statistics.median(ms),
+                 "p99": float(np.percentile(ms, 99)), "gap": float(np.mean(gaps)) if gaps else None}
+            summary.append(s)
+            t.add_row(str(g), str(n), b, str(rs[0]["horizon"]), str(len(rs)), f"{s['p50']:.1f}",
+                      f"{s['p99']:.1f}", f"{sum(r['status'] == 'optimal' for r in rs)}/{len(rs)}",
+                      "-" if s["gap"] is None else f"{s['gap']:.2%}",
+                      "-" if not gaps else f"{max(gaps):.2%}")
+    Console(width=160).print(t)
+    for (g, n), target in TARGETS.items():
+        s = next((x for x in summary if x["gpus"] == g and x["live"] == n and x["backend"] == "cpsat"), None)
+        if s:
+            print(f"target cpsat p99 <= {target:.0f} ms at {g} GPUs / {n} live: measured {s['p99']:.1f} ms "
+                  f"({'met' if s['p99'] <= target else 'NOT met'})")
+    return summary
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = sorted({(s["gpus"], s["live"]) for s in summary})
+    labels = [f"{g}/{n}" for g, n in cells]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    backends = sorted({s["backend"] for s in summary})
+    width = 0.8 / len(backends)
+    for i, b in enumerate(backends):
+        xs = [j + (i - (len(backends) - 1) / 2) * width for j in range(len(cells))]
+        get = {(s["gpus"], s["live"]): s for s in summary if s["backend"] == b}
+        a1.bar(xs, [get[c]["p99"] if c in get else 0 for c in cells], width, label=b)
+        a2.bar(xs, [100 * (get[c]["gap"] or 0) if c in get else 0 for c in cells], width, label=b)
+    a1.set_yscale("log")
+    a1.set(title="solve time p99 (ms)", xlabel="GPUs / live requests")
+    a2.set(title="mean gap to best bound (%)", xlabel="GPUs / live requests")
+    for ax in (a1, a2):
+        ax.set_xticks(range(len(cells)), labels, rotation=30)
+        ax.grid(alpha=0.3, axis="y")
+    a1.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
