@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_POLICIES = ["fcfs-sp1", "fcfs-sp2", "fcfs-sp4", "fcfs-sp8", "rssp", "edf", "tetriserve-dp"]
+SMALL_SCALES = [1.25, 1.5, 2.0]
 DEFAULT_WORKLOADS = ["tetriserve-uniform", "tetriserve-skewed"]
 SCALES = [1.0, 1.1, 1.25, 1.5, 2.0, 3.0]
 RATE_FACTORS = [0.5, 0.75, 1.0, 1.25, 1.5]  # x the workload's default rate
@@ -55,7 +56,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--csv", type=Path, default=Path("out/sweep.csv"))
     ap.add_argument("--png", type=Path, default=Path("out/sweep.png"))
+    ap.add_argument("--small-n", type=int, default=0,
+                    help="also compare with offline-bound on small traces of this many requests (e.g. 40)")
+    ap.add_argument("--small-workloads", nargs="+", default=["tetriserve-skewed", "genserve-mixed"])
+    ap.add_argument("--offline-limit", type=float, default=20.0, help="offline-bound CP-SAT limit, s")
     args = ap.parse_args(argv)
+    if args.policies == ["all"]:
+        from planner.policies.base import policy_names
+
+        args.policies = policy_names()
 
     jobs = []
     for wl in args.workloads:
@@ -75,7 +84,59 @@ def main(argv: list[str] | None = None) -> list[dict]:
         w.writerows(rows)
     report(rows, args)
     plot(rows, args)
+    if args.small_n:
+        small(args)
     return rows
+
+
+def small_one(job: tuple) -> dict:
+    """Every policy and the offline bound on one small trace."""
+    workload, scale, n, seed, cluster_spec, policies, limit = job
+    from models.cost import CostModel
+    from planner.cluster import parse_cluster
+    from planner.offline import solve_offline
+    from planner.simulator import SimConfig
+    from planner.whatif import run_policies, to_requests
+    from planner.workloads import WORKLOADS, generate
+
+    cluster = parse_cluster(cluster_spec)
+    cost = CostModel(cluster.kind)
+    # Same mean load as the big sweep: the workload's default rate.
+    reqs = to_requests(generate(workload, n=n, rate=WORKLOADS[workload].default_rate, seed=seed),
+                       cost, cluster, scale)
+    runs = run_policies(reqs, cluster, cost, policies, SimConfig(seed=seed))
+    off = solve_offline(reqs, cluster, cost, time_limit_s=limit, num_workers=1, seed=seed)
+    row = {"workload": workload, "slo_scale": scale, "seed": seed, "n": n,
+           "offline_best": off.attainment, "offline_upper_bound": off.upper_bound, "offline_status": off.status}
+    row.update({p: r.summary["slo_attainment"] for p, r in runs.items()})
+    return row
+
+
+def small(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    jobs = [(wl, sc, args.small_n, seed, args.cluster, args.policies, args.offline_limit)
+            for wl in args.small_workloads for sc in SMALL_SCALES for seed in args.seeds]
+    with ProcessPoolExecutor(args.workers) as pool:
+        rows = list(pool.map(small_one, jobs))
+    path = args.csv.with_name(args.csv.stem + "-small.csv")
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    t = Table(title=f"small traces ({args.small_n} requests, {args.cluster}): SLO attainment, mean of seeds "
+                    f"{args.seeds}; offline = best schedule found / proven upper bound")
+    for c in ("workload", "scale", *args.policies, "offline best", "upper bound"):
+        t.add_column(c, justify="right")
+    for wl in args.small_workloads:
+        for sc in SMALL_SCALES:
+            rs = [r for r in rows if r["workload"] == wl and r["slo_scale"] == sc]
+            mean = lambda k: float(np.mean([r[k] for r in rs]))  # noqa: E731
+            t.add_row(wl, str(sc), *(f"{mean(p):.3f}" for p in args.policies),
+                      f"{mean('offline_best'):.3f}", f"{mean('offline_upper_bound'):.3f}")
+    Console(width=200).print(t)
+    print(f"wrote {path}")
 
 
 def _mean(rows, **match) -> float:
