@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from models.catalog import get_model
-from planner.request import RequestStatus
+from planner.request import RequestState, RequestStatus
 from planner.state import PlannerState
 
 FORMAT = "ditplan.round-problem/1"
@@ -42,6 +42,10 @@ class ProblemRequest:
     was_running: bool  # just finished a diffuse segment: not continuing it is a preemption
     act_bytes: dict[int, int]  # SP degree -> activation bytes per GPU
     latent_bytes: int
+    # Seconds until the request can take new work: 0 for a waiting request; for
+    # one in ``RoundProblem.in_flight``, when its running segment ends (its
+    # stage and remaining steps are those after that segment).
+    ready_in: float = 0.0
 
     @property
     def fastest_step_s(self) -> float:
@@ -70,6 +74,10 @@ class RoundProblem:
     gpus: tuple[ProblemGpu, ...]
     nodes: tuple[tuple[int, ...], ...]
     meta: dict = field(default_factory=dict, compare=False)
+    # Requests with work running now (not assignable this round); a
+    # receding-horizon backend plans their later rounds so that future
+    # capacity is not overestimated. Decoding requests are left out.
+    in_flight: tuple[ProblemRequest, ...] = ()
 
     @property
     def idle(self) -> tuple[int, ...]:
@@ -78,7 +86,7 @@ class RoundProblem:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["format"] = FORMAT
-        for r in d["requests"]:  # JSON object keys are strings
+        for r in (*d["requests"], *d["in_flight"]):  # JSON object keys are strings
             for key in _INT_KEYED:
                 r[key] = {str(k): v for k, v in r[key].items()}
         return d
@@ -87,45 +95,55 @@ class RoundProblem:
     def from_dict(cls, d: dict) -> "RoundProblem":
         if d.get("format") != FORMAT:
             raise ValueError(f"not a round problem: format {d.get('format')!r}, expected {FORMAT!r}")
-        reqs = []
-        for r in d["requests"]:
+        def request(r: dict) -> ProblemRequest:
             r = dict(r)
             for key in _INT_KEYED:
                 r[key] = {int(k): v for k, v in r[key].items()}
             r["latent_gpus"] = tuple(r["latent_gpus"])
-            reqs.append(ProblemRequest(**r))
-        return cls(now=d["now"], round_s=d["round_s"], horizon=d["horizon"], requests=tuple(reqs),
+            return ProblemRequest(**r)
+
+        return cls(now=d["now"], round_s=d["round_s"], horizon=d["horizon"],
+                   requests=tuple(request(r) for r in d["requests"]),
                    gpus=tuple(ProblemGpu(**g) for g in d["gpus"]),
-                   nodes=tuple(tuple(n) for n in d["nodes"]), meta=d.get("meta", {}))
+                   nodes=tuple(tuple(n) for n in d["nodes"]), meta=d.get("meta", {}),
+                   in_flight=tuple(request(r) for r in d.get("in_flight", ())))
 
 
 def build_problem(state: PlannerState, horizon: int = 1) -> RoundProblem:
-    """The round problem of ``state``: its waiting requests and its GPUs."""
+    """The round problem of ``state``: its waiting requests, its GPUs, and its in-flight requests."""
     cluster, cost = state.cluster, state.cost
     resident = state.resident_bytes()
     weights = state.weight_bytes()
-    reqs = []
-    for st in state.waiting():
-        r = st.request
-        spec = get_model(r.model)
-        degrees = spec.sp_degrees(cluster.max_node_gpus)
-        mb = cost.max_batch(spec, r.shape)
-        bw = {k: (cluster.block_bandwidth(cluster.blocks(k)[0]) if k > 1 else None) for k in degrees}
-        reqs.append(ProblemRequest(
-            id=r.id, model=r.model, kind=r.kind, stage=st.next_stage.value,
-            remaining_steps=st.remaining_steps, deadline=r.deadline - state.now,
-            batch_key=f"{r.model}|{r.shape}|{r.steps}", max_batch=mb,
-            encode_s=cost.encode_time(spec, r.shape), decode_s=cost.decode_time(spec, r.shape),
-            step_s={k: cost.step_time(spec, r.shape, k, 1, bw[k]) for k in degrees},
-            batch_step_s={k: cost.step_time(spec, r.shape, k, mb, bw[k]) for k in degrees},
-            latent_gpus=tuple(st.latent_gpus),
-            move_s={n: _move_s(state, st, node) for n, node in enumerate(cluster.nodes)},
-            sp_prev=st.sp, was_running=st.id in state.just_paused,
-            act_bytes={k: spec.activation_bytes(r.shape, k) for k in degrees},
-            latent_bytes=spec.latent_bytes(r.shape)))
+    reqs = tuple(_problem_request(state, st) for st in state.waiting())
+    in_flight = tuple(_problem_request(state, st) for st in state.requests
+                      if st.in_flight and st.next_stage is not None and st.state is not RequestState.DECODING)
     gpus = tuple(ProblemGpu(g.index, g.node, max(0.0, state.gpu_free_at[g.index] - state.now),
                             g.memory - weights - resident[g.index]) for g in cluster.gpus)
-    return RoundProblem(state.now, state.round_s, horizon, tuple(reqs), gpus, cluster.nodes)
+    return RoundProblem(state.now, state.round_s, horizon, reqs, gpus, cluster.nodes, in_flight=in_flight)
+
+
+def _problem_request(state: PlannerState, st: RequestStatus) -> ProblemRequest:
+    cluster, cost = state.cluster, state.cost
+    r = st.request
+    spec = get_model(r.model)
+    degrees = spec.sp_degrees(cluster.max_node_gpus)
+    mb = cost.max_batch(spec, r.shape)
+    bw = {k: (cluster.block_bandwidth(cluster.blocks(k)[0]) if k > 1 else None) for k in degrees}
+    ready_in = 0.0
+    if st.in_flight and st.latent_gpus:
+        ready_in = max(0.0, max(state.gpu_free_at[g] for g in st.latent_gpus) - state.now)
+    return ProblemRequest(
+        id=r.id, model=r.model, kind=r.kind, stage=st.next_stage.value,
+        remaining_steps=st.remaining_steps, deadline=r.deadline - state.now,
+        batch_key=f"{r.model}|{r.shape}|{r.steps}", max_batch=mb,
+        encode_s=cost.encode_time(spec, r.shape), decode_s=cost.decode_time(spec, r.shape),
+        step_s={k: cost.step_time(spec, r.shape, k, 1, bw[k]) for k in degrees},
+        batch_step_s={k: cost.step_time(spec, r.shape, k, mb, bw[k]) for k in degrees},
+        latent_gpus=tuple(st.latent_gpus),
+        move_s={n: _move_s(state, st, node) for n, node in enumerate(cluster.nodes)},
+        sp_prev=st.sp, was_running=st.id in state.just_paused,
+        act_bytes={k: spec.activation_bytes(r.shape, k) for k in degrees},
+        latent_bytes=spec.latent_bytes(r.shape), ready_in=ready_in)
 
 
 def _move_s(state: PlannerState, st: RequestStatus, node: tuple[int, ...]) -> float:

@@ -10,3 +10,5 @@ from planner.policies.base import Policy, make_policy, policy_names, register
 
 __all__ = ["Policy", "make_policy", "policy_names", "register"]
 from planner.policies import genserve  # noqa: E402,F401  (register: genserve)
+from planner.policies import solver  # noqa: F401,E402  (registers cpsat, milp, milp-highs)
+from planner.policies import hetu_ilp  # noqa: E402,F401  (register: hetu-ilp)

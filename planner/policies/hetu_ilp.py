@@ -52,6 +52,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 
+import planner.solvers  # noqa: F401  (loads ortools' libhighs before pulp's highspy)
 import pulp
 
 from planner.plan import Assignment, RoundPlan
@@ -60,6 +61,7 @@ from planner.policies.blocks import BlockAllocator
 from planner.policies.edf import ShapeTimes, deadline_order
 from planner.policies.genserve import BatchTimes, free_chunk, packing_fits
 from planner.request import RequestState, RequestStatus, Stage
+from planner.solvers.pulp_vars import new_var
 from planner.state import PlannerState
 
 EFFICIENCY_THRESHOLD = 0.8
@@ -69,12 +71,6 @@ SOLVE_INTERVAL_S = 0.5
 CBC_TIME_LIMIT_S = 5.0
 MAX_TASKS = 64
 _EPS = 1e-9
-
-
-def _binary(prob: pulp.LpProblem, name: str) -> pulp.LpVariable:
-    if hasattr(prob, "add_variable"):  # PuLP >= 3.3
-        return prob.add_variable(name, cat=pulp.LpBinary)
-    return pulp.LpVariable(name, cat=pulp.LpBinary)
 
 
 def _cbc() -> pulp.LpSolver:
@@ -268,7 +264,7 @@ class HetuIlpPolicy:
         gain = {}
         for i, opts in options.items():
             for k, n, r in opts:
-                v = _binary(prob, f"x_{i}_{k}_{n}")
+                v = new_var(prob, f"x_{i}_{k}_{n}", cat=pulp.LpBinary)
                 x[i, k, n], gain[i, k, n] = v, r
         if not x:
             return [], False, {"ilp_vars": 0, "status": "no options"}
