@@ -1,0 +1,166 @@
+"""Offline bound (planner/offline.py): a checkable schedule and a valid upper bound."""
+import itertools
+
+import pytest
+
+from models.catalog import Shape
+from models.cost import CostModel
+from planner import offline
+from planner.checker import check_timeline
+from planner.cluster import parse_cluster
+from planner.metrics import summarize, timeline_records
+from planner.offline import solve_offline
+from planner.request import Request, RequestState, Stage
+from planner.simulator import SimConfig, Simulator
+from planner.whatif import to_requests
+from planner.workloads import generate
+
+COST = CostModel("H100")
+C4 = parse_cluster("4xH100")
+C8 = parse_cluster("8xH100")
+BASELINES = ("fcfs-sp1", "fcfs-sp8", "edf", "tetriserve-dp")
+
+
+def check(reqs, cluster, res):
+    recs = timeline_records(res.result)
+    segs = [r for r in recs if r["type"] == "segment"]
+    outcomes = {r["id"]: r for r in recs if r["type"] == "request"}
+    return check_timeline(reqs, cluster, segs, outcomes)
+
+
+def flux(rid, side, arrival, scale, cluster=C4):
+    shape = Shape(side, side)
+    ideal = COST.ideal_latency(Request(rid, "flux-dev", shape, 28, 0, 1).spec, shape, 28, cluster.max_node_gpus)
+    return Request(rid, "flux-dev", shape, 28, arrival, arrival + scale * ideal)
+
+
+@pytest.fixture(scope="module")
+def small():
+    reqs = to_requests(generate("tetriserve-uniform", n=10, seed=0, rate=4.0), COST, C4, 1.5)
+    return reqs, solve_offline(reqs, C4, COST, time_limit_s=30, deterministic_time=0.4)
+
+
+def test_schedule_passes_the_checker_and_summarizes(small):
+    reqs, res = small
+    assert check(reqs, C4, res) == []
+    assert res.result.policy == "offline-bound"
+    summary = summarize(res.result)
+    assert summary["requests"] == 10
+    assert summary["slo_attainment"] == pytest.approx(res.attainment, abs=1e-6)
+    assert res.met == round(res.attainment * 10)
+    assert all(st.state in (RequestState.DONE, RequestState.FAILED) for st in res.result.requests)
+    for st in res.result.requests:  # every request's stages in order, all its steps
+        segs = sorted((s for s in res.result.segments if st.id in s.request_ids), key=lambda s: s.start)
+        if st.state is RequestState.DONE:
+            assert segs[0].stage is Stage.ENCODE and segs[-1].stage is Stage.DECODE
+            assert sum(s.steps for s in segs if s.stage is Stage.DIFFUSE) == st.request.steps
+            assert st.finish == pytest.approx(segs[-1].end)
+
+
+def test_attainment_never_exceeds_the_bound(small):
+    reqs, res = small
+    assert 0.0 <= res.attainment <= res.upper_bound <= 1.0
+    assert "bound_below_schedule" not in res.stats
+    assert res.bound_status == "OPTIMAL"
+
+
+def test_bound_is_at_least_every_baseline(small):
+    reqs, res = small
+    ran = 0
+    for name in BASELINES:
+        try:
+            from planner.policies.base import make_policy
+            policy = make_policy(name)
+        except (ImportError, KeyError):  # a policy still in progress
+            continue
+        result = Simulator(C4, COST, policy, SimConfig()).run(reqs)
+        assert summarize(result)["slo_attainment"] <= res.upper_bound + 1e-9, name
+        ran += 1
+    assert ran >= 1
+
+
+def test_easy_trace_is_solved_to_the_bound():
+    reqs = [flux("a", 1024, 0.0, 10), flux("b", 512, 1.0, 10), flux("c", 256, 2.0, 10)]
+    res = solve_offline(reqs, C8, COST, time_limit_s=10)
+    assert check(reqs, C8, res) == []
+    assert res.attainment == res.upper_bound == 1.0
+    assert res.status == "schedule=OPTIMAL bound=OPTIMAL"
+    assert res.wall_s < 5
+
+
+def test_overloaded_trace_has_a_bound_below_one():
+    # Eight 2048^2 images at once on 4 GPUs, deadlines 1.2x their k=4 latency:
+    # each needs about the whole node for most of its window.
+    reqs = [flux(f"r{i}", 2048, 0.0, 1.2) for i in range(8)]
+    res = solve_offline(reqs, C4, COST, time_limit_s=30, deterministic_time=0.3)
+    assert check(reqs, C4, res) == []
+    assert res.upper_bound < 1.0
+    assert 1 / 8 <= res.attainment <= res.upper_bound
+    assert res.upper_bound <= 2 / 8  # two of them already need 34 GPU-s in a 22 GPU-s window
+
+
+def brute_force(reqs, cluster):
+    """Most requests on time over every order, option and subset, each run contiguous on its block."""
+    opts = [offline._options(r, cluster, COST, offline._served_weight_bytes(reqs)) for r in reqs]
+    best = 0
+    for order in itertools.permutations(range(len(reqs))):
+        for choice in itertools.product(*[[None, *opts[i]] for i in order]):
+            free_at = [0.0] * cluster.size
+            met = 0
+            for i, o in zip(order, choice):
+                if o is None:
+                    continue
+                start = max([reqs[i].arrival] + [free_at[g] for g in o.block])
+                end = start + o.enc + o.diff + o.dec
+                for g in o.block:
+                    free_at[g] = end
+                met += end <= reqs[i].deadline
+            best = max(best, met)
+    return best
+
+
+def test_three_requests_against_brute_force():
+    # A 2048^2 image and two 1024^2 images that each need the whole node for
+    # about their window: A fits after one of them, never with both.
+    reqs = [flux("A", 2048, 0.0, 1.3), flux("B", 1024, 0.1, 1.3), flux("C", 1024, 0.2, 1.3)]
+    exact = brute_force(reqs, C4)
+    assert exact == 2
+    res = solve_offline(reqs, C4, COST, time_limit_s=30, deterministic_time=0.3)
+    assert check(reqs, C4, res) == []
+    assert res.met >= exact
+    assert res.bound_met == res.met == exact  # the bound is tight here
+
+
+def test_deterministic_for_a_seed():
+    reqs = to_requests(generate("genserve-mixed", n=8, seed=2, rate=4.0), COST, C4, 1.5)
+    runs = [solve_offline(reqs, C4, COST, time_limit_s=30, deterministic_time=0.2, seed=3) for _ in range(2)]
+    assert timeline_records(runs[0].result) == timeline_records(runs[1].result)
+    assert runs[0].upper_bound == runs[1].upper_bound
+    assert check(reqs, C4, runs[0]) == []
+
+
+def test_empty_trace():
+    res = solve_offline([], C8, COST)
+    assert res.attainment == res.upper_bound == 1.0 and res.result.segments == []
+
+
+def test_envelope_is_the_cheapest_mix():
+    hull = offline._envelope([(1.0, 4.0), (2.0, 3.0), (3.0, 2.9), (4.0, 1.0), (5.0, 1.5)])
+    assert hull == [(1.0, 4.0), (4.0, 1.0)]  # (2, 3) and (3, 2.9) lie above the chord; (5, 1.5) is dominated
+    assert offline._phi(hull, 2.5) == pytest.approx(2.5)
+    assert offline._phi(hull, 9.0) == 1.0
+
+
+def test_relaxed_request_inside_whole_window_costs_its_cheapest_work():
+    req = flux("a", 1024, 0.0, 3.0)
+    (q,) = offline._relaxed([req], C4, COST)
+    assert q.feasible
+    whole = q.inside(req.arrival, req.deadline)
+    slack = req.deadline - req.arrival - q.e_t - q.d_t
+    assert whole == pytest.approx(q.e_g + q.d_g + 28 * offline._phi(q.hull, slack / 28))
+    assert q.inside(req.deadline, req.deadline + 5) == 0.0
+    # Loose: all of it may happen in the second half. Tight: part must happen in the first.
+    assert q.inside(req.arrival, (req.arrival + req.deadline) / 2) == 0.0
+    tight = flux("b", 1024, 0.0, 1.5)
+    (q,) = offline._relaxed([tight], C4, COST)
+    assert 0.0 < q.inside(0.0, tight.deadline / 2) < q.inside(0.0, tight.deadline)
