@@ -34,7 +34,7 @@ from planner.policies.base import make_policy
 from planner.policies.solver import SolverPolicy
 from planner.problem import RoundProblem, build_problem, load_problems, save_problems
 from planner.simulator import SimConfig, Simulator
-from planner.solvers import build_options, evaluate, milp
+from planner.solvers import evaluate, milp
 from planner.solvers.cpsat import solve as cpsat_solve
 from planner.solvers.greedy import greedy
 from planner.whatif import to_requests
@@ -83,17 +83,18 @@ def draw_problems(gpus: int, live: int, count: int) -> list[RoundProblem]:
 
 
 def run_backends(p: RoundProblem, args) -> list[dict]:
-    horizon = SolverPolicy().horizon_for(len(p.requests))
+    policy = SolverPolicy()
     t0 = time.perf_counter()
-    ro = build_options(p, horizon)
+    ro = policy.options_for(p)  # exactly what the cpsat policy would solve
     options_ms = (time.perf_counter() - t0) * 1e3
+    horizon = ro.horizon
     rows = []
 
     def record(name, sol_status, objective, bound, ms):
         rows.append({"backend": name, "status": sol_status, "objective": objective, "bound": bound,
                      "ms": ms, "horizon": horizon, "options": len(ro.options)})
 
-    s = cpsat_solve(ro, args.cpsat_limit, 1, seed=0)
+    s = cpsat_solve(ro, args.cpsat_limit, policy.num_workers, seed=policy.seed)
     record("cpsat", s.status.value, s.objective, s.bound, s.wall_ms + options_ms)
     s = cpsat_solve(ro, args.ref_limit, 1, seed=0)
     record("cpsat-ref", s.status.value, s.objective, s.bound, s.wall_ms + options_ms)

@@ -37,12 +37,12 @@ def fail(message: str) -> "typer.Exit":
 def _policies(requested: list[str]) -> list[str]:
     from planner.policies.base import policy_names
 
-    known = policy_names()
+    known = policy_names() + ["offline-bound"]
     if not requested:
         return [p for p in BASELINES if p in known]
     chosen: list[str] = []
     for p in requested:
-        names = known if p == "all" else [p]
+        names = [k for k in known if k != "offline-bound"] if p == "all" else [p]
         for n in names:
             if n not in known:
                 raise InputError(f"--policy {n!r} is unknown; known: {', '.join(known)} (or 'all')")
@@ -58,13 +58,15 @@ def whatif(
     n: Optional[int] = typer.Option(None, min=1, help="Requests to generate with --workload."),
     rate: Optional[float] = typer.Option(None, min=1e-9, help="Arrival rate, req/s, with --workload."),
     cluster: str = typer.Option(DEFAULT_CLUSTER, help="8xH100, 2x8xL20, ... or a cluster JSON file."),
-    policy: List[str] = typer.Option([], "--policy", "-p", help="Policy (repeatable, or 'all'). Default: the baselines."),
+    policy: List[str] = typer.Option([], "--policy", "-p", help="Policy (repeatable, or 'all'). Default: the baselines. "
+                                     "'offline-bound' solves the whole trace offline and reports a proven upper bound."),
     slo_scale: float = typer.Option(DEFAULT_SLO_SCALE, min=1e-9,
                                     help="Deadline = arrival + scale x ideal latency, for requests without one."),
     seed: int = typer.Option(0, help="Seed of the workload and of step-time noise."),
     model: Optional[str] = typer.Option(None, help="Model for Hetu-DiT traces, which name none."),
     noise: float = typer.Option(0.0, min=0.0, help="Sigma of lognormal step-time noise."),
     round_s: float = typer.Option(2.0, min=1e-3, help="Planning round length, seconds."),
+    offline_budget: float = typer.Option(4.0, min=0.01, help="offline-bound: CP-SAT deterministic seconds."),
     profile: List[Path] = typer.Option([], help="Extra profile JSON (e.g. from `ditplan profile`)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics per policy (DESIGN 3.3)."),
     timeline: Optional[Path] = typer.Option(None, help="Write the timeline JSONL (one policy only)."),
@@ -113,7 +115,8 @@ def whatif(
                   console=console, transient=True, disable=not console.is_terminal) as bar:
         tasks = {p: bar.add_task(p, total=len(requests)) for p in names}
         runs = run_policies(requests, topo, cost, names, config,
-                            progress=lambda p, done, total: bar.update(tasks[p], completed=done))
+                            progress=lambda p, done, total: bar.update(tasks[p], completed=done),
+                            offline_budget_s=offline_budget)
     summaries = {name: run.summary for name, run in runs.items()}
     out.print(_table(summaries, f"{source} on {topo.name}, slo-scale {slo_scale}"))
     if json_out is not None:
@@ -142,13 +145,15 @@ def _fmt(x, spec: str) -> str:
 
 def _table(summaries: dict[str, dict], title: str) -> Table:
     t = Table(title=title)
-    for col in ("policy", "SLO", "image", "video", "p50 s", "p99 s", "GPU-s", "preempt", "sp chg",
-                "finished", "solver p99 ms"):
+    bounded = any("slo_attainment_upper_bound" in s for s in summaries.values())
+    for col in ("policy", "SLO", *(("bound",) if bounded else ()), "image", "video", "p50 s", "p99 s", "GPU-s",
+                "preempt", "sp chg", "finished", "solver p99 ms"):
         t.add_column(col, justify="left" if col == "policy" else "right")
     best = max((s["slo_attainment"] or 0) for s in summaries.values())
     for name, s in summaries.items():
         slo = _fmt(s["slo_attainment"], ".3f")
         t.add_row(name, f"[bold green]{slo}[/]" if s["slo_attainment"] == best else slo,
+                  *((_fmt(s.get("slo_attainment_upper_bound"), ".3f"),) if bounded else ()),
                   _fmt(s["slo_attainment_by_kind"]["image"], ".3f"),
                   _fmt(s["slo_attainment_by_kind"]["video"], ".3f"),
                   _fmt(s["latency_s"]["p50"], ".2f"), _fmt(s["latency_s"]["p99"], ".2f"),
@@ -196,6 +201,155 @@ def trace_list() -> None:
     for name, wl in WORKLOADS.items():
         t.add_row(name, wl.description)
     out.print(t)
+
+
+# --- the planning service (planner/service) -------------------------------------------
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+@app.command()
+def serve(
+    port: int = typer.Option(50051, min=0, max=65535, help="gRPC port (0: any free port, printed at start)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (default: loopback only)."),
+    cluster: str = typer.Option(DEFAULT_CLUSTER, help="8xH100, 2x8xL20, ... or a cluster JSON file."),
+    policy: Optional[str] = typer.Option(None, help="Planning policy (default: cpsat if available, else tetriserve-dp)."),
+    simulate: bool = typer.Option(False, "--simulate", help="Run plans on a built-in simulated executor (no GPU)."),
+    speed: float = typer.Option(1.0, min=1e-6, help="With --simulate: simulated seconds per wall second."),
+    noise: float = typer.Option(0.0, min=0.0, help="With --simulate: sigma of lognormal step-time noise."),
+    seed: int = typer.Option(0, help="With --simulate: noise seed."),
+    state_dir: Path = typer.Option(Path("ditplan-state"), help="Journal directory (SQLite, WAL); reused on restart."),
+    journal_sync: str = typer.Option("full", help="SQLite synchronous mode: full (survives power loss) or normal."),
+    slo_scale: float = typer.Option(DEFAULT_SLO_SCALE, min=1e-9, help="Deadline scale for requests without one."),
+    round_s: float = typer.Option(2.0, min=1e-3, help="Planning round length, seconds."),
+    offline_budget: float = typer.Option(4.0, min=0.01, help="offline-bound: CP-SAT deterministic seconds."),
+    max_queue: int = typer.Option(10_000, min=1, help="Unfinished requests at most; beyond: RESOURCE_EXHAUSTED."),
+    heartbeat_timeout: float = typer.Option(10.0, min=0.01, help="Executor declared lost after this silence, s."),
+    metrics_port: Optional[int] = typer.Option(None, min=0, max=65535, help="Serve Prometheus /metrics here."),
+    tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate chain: serve TLS (with --tls-key)."),
+    tls_key: Optional[Path] = typer.Option(None, help="PEM private key of --tls-cert."),
+    token: Optional[str] = typer.Option(None, envvar="DITPLAN_TOKEN", show_default=False,
+                                        help="Require 'authorization: Bearer TOKEN' (health stays open)."),
+    max_workers: int = typer.Option(64, min=4, help="gRPC worker threads (each executor holds two)."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+) -> None:
+    """Run the gRPC planning service."""
+    import logging
+
+    from planner.service.server import ServeConfig, serve as run_server
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if journal_sync not in ("full", "normal"):
+        raise fail(f"--journal-sync {journal_sync!r} must be full or normal")
+    config = ServeConfig(host=host, port=port, cluster=cluster, policy=policy, simulate=simulate, speed=speed,
+                         noise=noise, seed=seed, state_dir=str(state_dir), journal_sync=journal_sync,
+                         slo_scale=slo_scale, round_s=round_s, max_queue=max_queue,
+                         heartbeat_timeout_s=heartbeat_timeout, metrics_port=metrics_port,
+                         tls_cert=str(tls_cert) if tls_cert else None, tls_key=str(tls_key) if tls_key else None,
+                         token=token or None, max_workers=max_workers)
+    try:
+        run_server(config, announce=lambda line: print(line, flush=True))
+    except (InputError, KeyError, ValueError, OSError) as exc:
+        raise fail(str(exc).strip('"')) from None
+
+
+def _client(server: str, token: Optional[str], tls_ca: Optional[Path], timeout: float):
+    from planner.service.client import PlannerClient
+
+    return PlannerClient(server, token=token or None, tls_ca=str(tls_ca) if tls_ca else None, timeout=timeout)
+
+
+_SERVER_OPT = typer.Option(DEFAULT_SERVER, envvar="DITPLAN_SERVER", help="Service address host:port.")
+_TOKEN_OPT = typer.Option(None, envvar="DITPLAN_TOKEN", show_default=False, help="Bearer token.")
+_TLS_CA_OPT = typer.Option(None, help="PEM CA certificate: connect with TLS.")
+_TIMEOUT_OPT = typer.Option(30.0, min=0.1, help="Per-call deadline, seconds.")
+
+
+def _refused(exc) -> "typer.Exit":
+    console.print(f"[bold red]error:[/] {exc.code.name}: {exc.details}", highlight=False)
+    return typer.Exit(1)
+
+
+@app.command()
+def submit(
+    trace: Path = typer.Option(..., help="Trace file (JSON Lines, or Hetu-DiT Request(...) lines)."),
+    server: str = _SERVER_OPT,
+    replay: bool = typer.Option(False, "--replay", help="Keep the trace's inter-arrival times (server clock)."),
+    model: Optional[str] = typer.Option(None, help="Model for Hetu-DiT traces, which name none."),
+    slo_scale: Optional[float] = typer.Option(None, min=1e-9, help="For lines without deadline or slo_scale "
+                                              "(default: the server's --slo-scale)."),
+    token: Optional[str] = _TOKEN_OPT,
+    tls_ca: Optional[Path] = _TLS_CA_OPT,
+    timeout: float = _TIMEOUT_OPT,
+) -> None:
+    """Send a trace's requests to a running service (all at once, arrival = now, unless --replay)."""
+    from planner.service.commands import submit_trace
+    from planner.traces import read_trace
+
+    try:
+        records = read_trace(trace, model=model)
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    with _client(server, token, tls_ca, timeout) as client:
+        summary = submit_trace(client, records, replay=replay, slo_scale=slo_scale)
+    if summary.error is not None:
+        console.print(f"submitted {summary.accepted} of {len(records)} requests before the refusal", highlight=False)
+        raise _refused(summary.error)
+    console.print(f"submitted {summary.accepted} requests to {server}", highlight=False)
+
+
+@app.command()
+def status(
+    server: str = _SERVER_OPT,
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON list (id, state, progress, times)."),
+    state: List[str] = typer.Option([], help="Only requests in this state (repeatable)."),
+    token: Optional[str] = _TOKEN_OPT,
+    tls_ca: Optional[Path] = _TLS_CA_OPT,
+    timeout: float = _TIMEOUT_OPT,
+) -> None:
+    """List the service's requests and their state."""
+    from planner.service.client import PlannerError
+    from planner.service.commands import status_json, status_rows
+    from planner.service.messages import STATES
+
+    for s in state:
+        if s not in STATES:
+            raise fail(f"--state {s!r} is unknown; known: {', '.join(STATES)}")
+    try:
+        with _client(server, token, tls_ca, timeout) as client:
+            views = client.list(states=state)
+            now = client.info().now
+    except PlannerError as exc:
+        raise _refused(exc) from None
+    if json_out:
+        print(status_json(views))
+        return
+    t = Table(title=f"{len(views)} requests on {server}")
+    for col in ("id", "state", "steps", "deadline in s", "predicted finish in s", "finish"):
+        t.add_column(col, justify="left" if col in ("id", "state") else "right")
+    for row in status_rows(views, now):
+        t.add_row(*row)
+    out.print(t)
+
+
+@app.command()
+def cancel(
+    request_id: str = typer.Argument(..., metavar="ID", help="Request id."),
+    server: str = _SERVER_OPT,
+    token: Optional[str] = _TOKEN_OPT,
+    tls_ca: Optional[Path] = _TLS_CA_OPT,
+    timeout: float = _TIMEOUT_OPT,
+) -> None:
+    """Cancel a request on a running service."""
+    from planner.service.client import PlannerError
+
+    try:
+        with _client(server, token, tls_ca, timeout) as client:
+            view = client.cancel(request_id)
+    except PlannerError as exc:
+        raise _refused(exc) from None
+    console.print(f"cancelled {view.id} at step {view.steps_done}/{view.steps}", highlight=False)
 
 
 def main() -> None:

@@ -120,3 +120,16 @@ def test_hetu_trace_needs_a_model(tmp_path):
     assert r.exit_code == 2 and "--model" in r.output
     r = invoke("whatif", "--trace", t, "--model", "flux-dev", "--no-plot", "--policy", "edf")
     assert r.exit_code == 0, r.output
+
+
+def test_offline_bound_reports_a_bound_no_policy_beats(tmp_path):
+    out = tmp_path / "m.json"
+    r = invoke("whatif", "--workload", "tetriserve-uniform", "--n", 8, "--seed", 2, "--policy", "edf",
+               "--policy", "tetriserve-dp", "--policy", "offline-bound", "--offline-budget", 0.3,
+               "--no-plot", "--json", out)
+    assert r.exit_code == 0, r.output
+    m = json.loads(out.read_text())
+    bound = m["offline-bound"]["slo_attainment_upper_bound"]
+    assert m["offline-bound"]["slo_attainment"] <= bound <= 1.0
+    assert all(m[p]["slo_attainment"] <= bound + 1e-9 for p in ("edf", "tetriserve-dp"))
+    assert "slo_attainment_upper_bound" not in m["edf"]  # only the offline solve proves a bound

@@ -46,7 +46,7 @@ import time
 from planner.checker import check_plan
 from planner.plan import RoundPlan
 from planner.policies.base import make_policy, register
-from planner.problem import build_problem
+from planner.problem import RoundProblem, build_problem
 from planner.solvers import milp
 from planner.solvers.convert import to_plan
 from planner.solvers.cpsat import solve as cpsat_solve
@@ -83,6 +83,14 @@ class SolverPolicy:
         if self.horizon > 1 and n_requests * self.horizon > self.large_threshold:
             return 1
         return self.horizon
+
+    def options_for(self, problem: RoundProblem) -> RoundOptions:
+        """The options this policy solves: H rounds, or one round on large instances."""
+        H = self.horizon_for(len(problem.requests) + len(problem.in_flight))
+        ro = build_options(problem, H, self.weights)
+        if H > 1 and len(ro.options) > self.max_options:
+            ro = build_options(problem, 1, self.weights)
+        return ro
 
     def solve(self, ro: RoundOptions, hint: list[int]) -> Solution:
         return cpsat_solve(ro, self.time_limit_s, self.num_workers, hint, seed=self.seed)
@@ -128,11 +136,8 @@ class SolverPolicy:
         stats: dict = {}
         try:
             problem = build_problem(state, self.horizon)
-            H = self.horizon_for(len(problem.requests) + len(problem.in_flight))
-            ro = build_options(problem, H, self.weights)
-            if H > 1 and len(ro.options) > self.max_options:
-                H = 1
-                ro = build_options(problem, H, self.weights)
+            ro = self.options_for(problem)
+            H = ro.horizon
             sol = self.solve(ro, self.hint(ro))
             stats = {"status": sol.status.value, "objective": sol.objective, "bound": sol.bound,
                      "solve_ms": sol.wall_ms, "horizon": H, "options": len(ro.options)}
@@ -167,6 +172,14 @@ class MilpPolicy(SolverPolicy):
 
     def __init__(self, horizon: int = 3, time_limit_s: float = 2.0, **kw) -> None:
         super().__init__(horizon=horizon, time_limit_s=time_limit_s, **kw)
+
+    def options_for(self, problem: RoundProblem) -> RoundOptions:
+        """The options this policy solves: H rounds, or one round on large instances."""
+        H = self.horizon_for(len(problem.requests) + len(problem.in_flight))
+        ro = build_options(problem, H, self.weights)
+        if H > 1 and len(ro.options) > self.max_options:
+            ro = build_options(problem, 1, self.weights)
+        return ro
 
     def solve(self, ro: RoundOptions, hint: list[int]) -> Solution:
         return milp.solve(ro, self.time_limit_s, self.num_workers, hint, solver=self.milp_solver)
