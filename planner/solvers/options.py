@@ -359,10 +359,7 @@ class _Builder:
         tmin = shp["tmin"]
         ttail = tmin
         energy = enc + dec
-        # Every duration above is ceiled to a tick, per step: credit that rounding back
-        # (one tick per rounded quantity), so a request with zero real slack is not
-        # judged late by the tick grid alone. The simulator decides real outcomes.
-        dl = ticks_down(pr.deadline) + rem + 3
+        dl = ticks_down(pr.deadline)
         if rem and shp["step"]:
             # the smallest degree that finishes every step left by the deadline from now (EDF's
             # on-track degree); the fastest when none does
