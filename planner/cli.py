@@ -222,9 +222,13 @@ def serve(
     journal_sync: str = typer.Option("full", help="SQLite synchronous mode: full (survives power loss) or normal."),
     slo_scale: float = typer.Option(DEFAULT_SLO_SCALE, min=1e-9, help="Deadline scale for requests without one."),
     round_s: float = typer.Option(2.0, min=1e-3, help="Planning round length, seconds."),
-    offline_budget: float = typer.Option(4.0, min=0.01, help="offline-bound: CP-SAT deterministic seconds."),
     max_queue: int = typer.Option(10_000, min=1, help="Unfinished requests at most; beyond: RESOURCE_EXHAUSTED."),
     heartbeat_timeout: float = typer.Option(10.0, min=0.01, help="Executor declared lost after this silence, s."),
+    min_plan_gap: float = typer.Option(0.005, min=0.0, help="Wall seconds between plans at least (coalesces bursts)."),
+    plan_window: int = typer.Option(512, min=0, help="Not-yet-started requests a plan sees at most, earliest "
+                                    "deadlines first (0: all)."),
+    planner_process: bool = typer.Option(True, "--planner-process/--no-planner-process",
+                                         help="Solve in a child process, off the RPC threads' GIL."),
     metrics_port: Optional[int] = typer.Option(None, min=0, max=65535, help="Serve Prometheus /metrics here."),
     tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate chain: serve TLS (with --tls-key)."),
     tls_key: Optional[Path] = typer.Option(None, help="PEM private key of --tls-cert."),
@@ -245,7 +249,8 @@ def serve(
     config = ServeConfig(host=host, port=port, cluster=cluster, policy=policy, simulate=simulate, speed=speed,
                          noise=noise, seed=seed, state_dir=str(state_dir), journal_sync=journal_sync,
                          slo_scale=slo_scale, round_s=round_s, max_queue=max_queue,
-                         heartbeat_timeout_s=heartbeat_timeout, metrics_port=metrics_port,
+                         heartbeat_timeout_s=heartbeat_timeout, min_plan_gap_s=min_plan_gap,
+                         plan_window=plan_window, planner_process=planner_process, metrics_port=metrics_port,
                          tls_cert=str(tls_cert) if tls_cert else None, tls_key=str(tls_key) if tls_key else None,
                          token=token or None, max_workers=max_workers)
     try:

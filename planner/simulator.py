@@ -15,7 +15,7 @@ import heapq
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -123,17 +123,11 @@ class Simulator:
                     live[payload] = statuses[payload]
                     arrivals_left -= 1
                 elif kind == _COMPLETE:
-                    seg: Segment = payload
-                    for rid in seg.request_ids:
-                        st = statuses[rid]
-                        if seg.stage is Stage.DECODE:
-                            st.state, st.finish = RequestState.DONE, seg.end
-                            del live[rid]
-                            done += 1
-                        else:
-                            st.state = RequestState.PAUSED
-                            if seg.stage is Stage.DIFFUSE and st.remaining_steps > 0:
-                                just_paused.append(st)
+                    finished, paused = end_segment(payload, statuses)
+                    for st in finished:
+                        del live[st.id]
+                    done += len(finished)
+                    just_paused.extend(paused)
                 else:
                     wake_pending.discard(payload)
             if progress is not None:
@@ -155,16 +149,11 @@ class Simulator:
                 problems = check_plan(state, plan)
                 if problems:
                     raise PlanViolation(f"policy {self.policy.name!r} at t={now:.3f}s: " + "; ".join(problems))
-            assigned_diffuse = set()
             for a in plan.assignments:
                 seg = self._start(a, now, statuses, gpu_free_at, rng)
                 segments.append(seg)
                 push(seg.end, _COMPLETE, seg)
-                if a.stage is Stage.DIFFUSE:
-                    assigned_diffuse.update(a.request_ids)
-            for st in just_paused:
-                if st.id not in assigned_diffuse:
-                    st.preemptions += 1
+            count_preemptions(just_paused, plan.assignments)
             # Stop if the policy keeps refusing work on an idle cluster with
             # nothing left to arrive: nothing can ever change.
             in_flight = any(st.in_flight for st in live.values())
@@ -175,12 +164,7 @@ class Simulator:
                 if idle_plans > MAX_IDLE_PLANS:
                     break
             # Re-plan on a timer while work waits and no sooner event will.
-            if plan.wake_at is not None and plan.wake_at > now + EPS:
-                wake = plan.wake_at
-            elif any(not st.in_flight for st in live.values()):
-                wake = now + cfg.round_s
-            else:
-                wake = None
+            wake = next_wake(plan, now, live.values(), cfg.round_s)
             if wake is not None and wake not in wake_pending and (not events or events[0][0] > wake + EPS):
                 wake_pending.add(wake)
                 push(wake, _WAKE, wake)
@@ -191,39 +175,100 @@ class Simulator:
 
     def _start(self, a: Assignment, now: float, statuses: dict[str, RequestStatus],
                gpu_free_at: list[float], rng: np.random.Generator) -> Segment:
-        members = [statuses[rid] for rid in a.request_ids]
-        lead = members[0].request
-        batch = len(members)
-        if a.stage is Stage.DIFFUSE:
-            bw = self.cluster.block_bandwidth(a.gpus) if a.sp > 1 else None
-            step = self.cost.step_time(lead.spec, lead.shape, a.sp, batch, link_bw=bw)
-            if self.config.noise > 0:
-                work = float(np.sum(step * rng.lognormal(0.0, self.config.noise, a.steps)))
-            else:
-                work = step * a.steps
-            move = 0.0
-            for st in members:
-                if st.steps_done > 0 and st.latent_gpus and set(st.latent_gpus) != set(a.gpus):
-                    bwm = self.cluster.transfer_bandwidth(st.latent_gpus, a.gpus)
-                    move = max(move, self.cost.transfer_time(lead.spec.latent_bytes(lead.shape), bwm))
-                    st.migrations += 1
-                if st.sp and st.sp != a.sp:
-                    st.sp_changes += 1
-                st.sp = a.sp
-                st.steps_done += a.steps
-                st.state = RequestState.RUNNING
-            duration = move + work
-        elif a.stage is Stage.ENCODE:
-            duration = self.cost.encode_time(lead.spec, lead.shape, batch)
-            for st in members:
-                st.encoded, st.state = True, RequestState.RUNNING
+        return start_segment(self.cluster, self.cost, a, now, statuses, gpu_free_at, rng, self.config.noise)
+
+
+# --- execution semantics shared with the planning service (planner/service) ---
+
+def diffuse_costs(cluster: Cluster, cost: CostModel, a: Assignment,
+                  members: Sequence[RequestStatus]) -> tuple[float, float]:
+    """(seconds to move the latents onto ``a.gpus``, seconds per step) of a diffuse assignment."""
+    lead = members[0].request
+    bw = cluster.block_bandwidth(a.gpus) if a.sp > 1 else None
+    step = cost.step_time(lead.spec, lead.shape, a.sp, len(members), link_bw=bw)
+    move = 0.0
+    for st in members:
+        if st.steps_done > 0 and st.latent_gpus and set(st.latent_gpus) != set(a.gpus):
+            bwm = cluster.transfer_bandwidth(st.latent_gpus, a.gpus)
+            move = max(move, cost.transfer_time(lead.spec.latent_bytes(lead.shape), bwm))
+    return move, step
+
+
+def start_segment(cluster: Cluster, cost: CostModel, a: Assignment, now: float,
+                  statuses: dict[str, RequestStatus], gpu_free_at: list[float],
+                  rng: np.random.Generator | None = None, noise: float = 0.0) -> Segment:
+    """Start ``a`` at ``now``: update its requests and GPUs; the segment's end is predicted.
+
+    Progress counts at the start (the planner's view): ``steps_done`` grows by
+    ``a.steps``, the latent moves to ``a.gpus``. With ``noise > 0`` each step's
+    time is scaled by a lognormal draw from ``rng``.
+    """
+    members = [statuses[rid] for rid in a.request_ids]
+    lead = members[0].request
+    batch = len(members)
+    if a.stage is Stage.DIFFUSE:
+        move, step = diffuse_costs(cluster, cost, a, members)
+        if noise > 0:
+            work = float(np.sum(step * rng.lognormal(0.0, noise, a.steps)))
         else:
-            duration = self.cost.decode_time(lead.spec, lead.shape, batch)
-            for st in members:
-                st.state = RequestState.DECODING
+            work = step * a.steps
         for st in members:
-            st.latent_gpus = a.gpus
-        end = now + duration
-        for g in a.gpus:
-            gpu_free_at[g] = end
-        return Segment(a.request_ids, a.stage, a.gpus, a.steps, now, end)
+            if st.steps_done > 0 and st.latent_gpus and set(st.latent_gpus) != set(a.gpus):
+                st.migrations += 1
+            if st.sp and st.sp != a.sp:
+                st.sp_changes += 1
+            st.sp = a.sp
+            st.steps_done += a.steps
+            st.state = RequestState.RUNNING
+        duration = move + work
+    elif a.stage is Stage.ENCODE:
+        duration = cost.encode_time(lead.spec, lead.shape, batch)
+        for st in members:
+            st.encoded, st.state = True, RequestState.RUNNING
+    else:
+        duration = cost.decode_time(lead.spec, lead.shape, batch)
+        for st in members:
+            st.state = RequestState.DECODING
+    for st in members:
+        st.latent_gpus = a.gpus
+    end = now + duration
+    for g in a.gpus:
+        gpu_free_at[g] = end
+    return Segment(a.request_ids, a.stage, a.gpus, a.steps, now, end)
+
+
+def end_segment(seg: Segment, statuses: dict[str, RequestStatus]
+                ) -> tuple[list[RequestStatus], list[RequestStatus]]:
+    """Apply the end of ``seg`` at ``seg.end``: (requests finished, requests paused at a step boundary)."""
+    finished: list[RequestStatus] = []
+    paused: list[RequestStatus] = []
+    for rid in seg.request_ids:
+        st = statuses[rid]
+        if seg.stage is Stage.DECODE:
+            st.state, st.finish = RequestState.DONE, seg.end
+            finished.append(st)
+        else:
+            st.state = RequestState.PAUSED
+            if seg.stage is Stage.DIFFUSE and st.remaining_steps > 0:
+                paused.append(st)
+    return finished, paused
+
+
+def count_preemptions(just_paused: Iterable[RequestStatus], assignments: Iterable[Assignment]) -> int:
+    """Charge a preemption to each request paused at this instant that the plan does not continue."""
+    continued = {rid for a in assignments if a.stage is Stage.DIFFUSE for rid in a.request_ids}
+    n = 0
+    for st in just_paused:
+        if st.id not in continued:
+            st.preemptions += 1
+            n += 1
+    return n
+
+
+def next_wake(plan: RoundPlan, now: float, live: Iterable[RequestStatus], round_s: float) -> float | None:
+    """When to plan again if nothing else happens: the plan's ``wake_at``, else one round while work waits."""
+    if plan.wake_at is not None and plan.wake_at > now + EPS:
+        return plan.wake_at
+    if any(not st.in_flight for st in live):
+        return now + round_s
+    return None

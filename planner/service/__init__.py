@@ -1,0 +1,1 @@
+"""The ditplan gRPC planning service (``ditplan serve``), its client, and the executor contract."""

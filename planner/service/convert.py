@@ -1,0 +1,201 @@
+"""Protobuf messages <-> the service's dataclasses."""
+from __future__ import annotations
+
+import json
+import math
+
+from planner.plan import Assignment, RoundPlan
+from planner.request import Stage
+from planner.service.admission import RequestSpec
+from planner.service.gen import planner_pb2 as pb
+from planner.service.messages import (ExecutorView, PlanDelta, RequestView, ServerInfoView, StepReport,
+                                      SubmitOutcome)
+from planner.service.stateless import PlanIn, PlanOut, ProgressIn
+
+STAGE_TO_PB = {Stage.ENCODE: pb.STAGE_ENCODE, Stage.DIFFUSE: pb.STAGE_DIFFUSE, Stage.DECODE: pb.STAGE_DECODE}
+PB_TO_STAGE = {v: k for k, v in STAGE_TO_PB.items()}
+STATE_TO_PB = {
+    "queued": pb.REQUEST_STATE_QUEUED, "running": pb.REQUEST_STATE_RUNNING, "paused": pb.REQUEST_STATE_PAUSED,
+    "decoding": pb.REQUEST_STATE_DECODING, "done": pb.REQUEST_STATE_DONE, "failed": pb.REQUEST_STATE_FAILED,
+    "cancelled": pb.REQUEST_STATE_CANCELLED,
+}
+PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
+
+
+def state_name(value: int) -> str:
+    """'queued', ... for a RequestState enum value; the raw number for unknown ones."""
+    return PB_TO_STATE.get(value, str(value))
+
+
+# --- admission ------------------------------------------------------------
+def spec_from_pb(m: pb.RequestSpec) -> RequestSpec:
+    which = m.WhichOneof("deadline_spec")
+    return RequestSpec(id=m.id, model=m.model, height=m.height, width=m.width, frames=m.frames, steps=m.steps,
+                       deadline=m.deadline if which == "deadline" else None,
+                       deadline_in_s=m.deadline_in_s if which == "deadline_in_s" else None,
+                       slo_scale=m.slo_scale if which == "slo_scale" else None)
+
+
+def spec_to_pb(s: RequestSpec) -> pb.RequestSpec:
+    m = pb.RequestSpec(id=s.id, model=s.model, height=s.height, width=s.width, frames=s.frames, steps=s.steps)
+    if s.deadline is not None:
+        m.deadline = s.deadline
+    elif s.deadline_in_s is not None:
+        m.deadline_in_s = s.deadline_in_s
+    elif s.slo_scale is not None:
+        m.slo_scale = s.slo_scale
+    return m
+
+
+def outcome_to_pb(o: SubmitOutcome) -> pb.SubmitResult:
+    return pb.SubmitResult(id=o.id, accepted=o.accepted, arrival=o.arrival, deadline=o.deadline,
+                           predicted_finish=o.predicted_finish, error_code=o.error_code, error=o.error)
+
+
+def outcome_from_pb(m: pb.SubmitResult) -> SubmitOutcome:
+    return SubmitOutcome(m.id, m.accepted, m.arrival, m.deadline, m.predicted_finish, m.error_code, m.error)
+
+
+# --- status ---------------------------------------------------------------
+def view_to_pb(v: RequestView) -> pb.RequestInfo:
+    m = pb.RequestInfo(id=v.id, model=v.model, height=v.height, width=v.width, frames=v.frames, steps=v.steps,
+                       state=STATE_TO_PB[v.state], steps_done=v.steps_done, encoded=v.encoded, arrival=v.arrival,
+                       deadline=v.deadline, sp=v.sp, gpus=list(v.gpus), preemptions=v.preemptions,
+                       sp_changes=v.sp_changes, migrations=v.migrations, plan_epoch=v.plan_epoch)
+    if v.predicted_finish is not None and math.isfinite(v.predicted_finish):
+        m.predicted_finish = v.predicted_finish
+    if v.finish is not None:
+        m.finish = v.finish
+    if v.measured_step_s is not None:
+        m.measured_step_s = v.measured_step_s
+    return m
+
+
+def view_from_pb(m: pb.RequestInfo) -> RequestView:
+    return RequestView(
+        id=m.id, model=m.model, height=m.height, width=m.width, frames=m.frames, steps=m.steps,
+        state=state_name(m.state), steps_done=m.steps_done, encoded=m.encoded, arrival=m.arrival,
+        deadline=m.deadline,
+        predicted_finish=m.predicted_finish if m.HasField("predicted_finish") else None,
+        finish=m.finish if m.HasField("finish") else None, sp=m.sp, gpus=tuple(m.gpus),
+        preemptions=m.preemptions, sp_changes=m.sp_changes, migrations=m.migrations,
+        measured_step_s=m.measured_step_s if m.HasField("measured_step_s") else None, plan_epoch=m.plan_epoch)
+
+
+def info_to_pb(i: ServerInfoView) -> pb.ServerInfo:
+    return pb.ServerInfo(
+        now=i.now, speed=i.speed, simulate=i.simulate, cluster=i.cluster, gpus=i.gpus, policy=i.policy,
+        plan_epoch=i.plan_epoch, version=i.version, slo_scale=i.slo_scale, max_queue=i.max_queue,
+        executors=[pb.ExecutorInfo(executor_id=e.executor_id, gpus=list(e.gpus), last_seen=e.last_seen)
+                   for e in i.executors],
+        requests_by_state=i.requests_by_state)
+
+
+def info_from_pb(m: pb.ServerInfo) -> ServerInfoView:
+    return ServerInfoView(
+        now=m.now, speed=m.speed, simulate=m.simulate, cluster=m.cluster, gpus=m.gpus, policy=m.policy,
+        plan_epoch=m.plan_epoch,
+        executors=tuple(ExecutorView(e.executor_id, tuple(e.gpus), e.last_seen) for e in m.executors),
+        requests_by_state=dict(m.requests_by_state), version=m.version, slo_scale=m.slo_scale,
+        max_queue=m.max_queue)
+
+
+# --- executors ------------------------------------------------------------
+def delta_to_pb(d: PlanDelta) -> pb.PlanUpdate:
+    return pb.PlanUpdate(
+        plan_epoch=d.plan_epoch, server_time=d.server_time,
+        requests=[pb.RequestData(id=r.id, model=r.model, height=r.height, width=r.width, frames=r.frames,
+                                 steps=r.steps, deadline=r.deadline, steps_done=r.steps_done, encoded=r.encoded)
+                  for r in d.requests],
+        assignments=[pb.Assignment(request_ids=list(a.request_ids), stage=STAGE_TO_PB[a.stage], gpus=list(a.gpus),
+                                   steps=a.steps, start_step=a.start_step, predicted_s=a.predicted_s,
+                                   predicted_step_s=a.predicted_step_s, predicted_move_s=a.predicted_move_s,
+                                   lead=a.lead)
+                     for a in d.assignments],
+        pauses=[pb.Pause(request_id=p.request_id, gpus=list(p.gpus)) for p in d.pauses],
+        migrations=[pb.Migration(request_id=m.request_id, from_gpus=list(m.from_gpus), to_gpus=list(m.to_gpus))
+                    for m in d.migrations],
+        released=list(d.released))
+
+
+def report_from_pb(m: pb.StepReport) -> StepReport:
+    return StepReport(executor_id=m.executor_id, plan_epoch=m.plan_epoch, request_ids=tuple(m.request_ids),
+                      stage=PB_TO_STAGE.get(m.stage), steps=m.steps, step_seconds=tuple(m.step_seconds),
+                      done=m.done)
+
+
+def report_to_pb(r: StepReport) -> pb.StepReport:
+    return pb.StepReport(executor_id=r.executor_id, plan_epoch=r.plan_epoch, request_ids=list(r.request_ids),
+                         stage=STAGE_TO_PB.get(r.stage, pb.STAGE_UNSPECIFIED), steps=r.steps,
+                         step_seconds=list(r.step_seconds), done=r.done)
+
+
+# --- plans and what-if ----------------------------------------------------
+def plan_in_to_pb(p: PlanIn) -> pb.PlanRequest:
+    return pb.PlanRequest(
+        now=p.now, cluster=p.cluster, gpu_kind=p.gpu_kind, policy=p.policy, round_s=p.round_s,
+        requests=[pb.RequestProgress(id=r.id, model=r.model, height=r.height, width=r.width, frames=r.frames,
+                                     steps=r.steps, arrival=r.arrival, deadline=r.deadline,
+                                     state=STATE_TO_PB.get(r.state, pb.REQUEST_STATE_UNSPECIFIED),
+                                     encoded=r.encoded, steps_done=r.steps_done, latent_gpus=list(r.latent_gpus),
+                                     sp=r.sp) for r in p.requests],
+        gpu_free_at=list(p.gpu_free_at), just_paused=list(p.just_paused), served_models=list(p.served_models))
+
+
+def plan_in_from_pb(m: pb.PlanRequest, default_cluster: str = "", default_policy: str = "") -> PlanIn:
+    reqs = [ProgressIn(id=r.id, model=r.model, height=r.height, width=r.width, frames=r.frames, steps=r.steps,
+                       arrival=r.arrival, deadline=r.deadline,
+                       state=None if r.state == pb.REQUEST_STATE_UNSPECIFIED else state_name(r.state),
+                       encoded=r.encoded, steps_done=r.steps_done, latent_gpus=tuple(r.latent_gpus), sp=r.sp)
+            for r in m.requests]
+    return PlanIn(now=m.now, cluster=m.cluster or default_cluster, gpu_kind=m.gpu_kind,
+                  policy=m.policy or default_policy, round_s=m.round_s, requests=reqs,
+                  gpu_free_at=list(m.gpu_free_at), just_paused=list(m.just_paused),
+                  served_models=list(m.served_models))
+
+
+def plan_out_to_pb(out: PlanOut) -> pb.PlanReply:
+    return pb.PlanReply(plan=plan_to_pb(out.plan), problems=out.problems, solver_ms=out.solver_ms)
+
+
+def plan_out_from_pb(m: pb.PlanReply) -> PlanOut:
+    return PlanOut(plan_from_pb(m.plan), list(m.problems), m.solver_ms)
+
+
+def plan_to_pb(plan: RoundPlan) -> pb.RoundPlan:
+    m = pb.RoundPlan(
+        assignments=[pb.Assignment(request_ids=list(a.request_ids), stage=STAGE_TO_PB[a.stage], gpus=list(a.gpus),
+                                   steps=a.steps) for a in plan.assignments],
+        solver=plan.solver, fallback=plan.fallback, stats_json=json.dumps(plan.stats, default=str, sort_keys=True))
+    if plan.wake_at is not None:
+        m.wake_at = plan.wake_at
+    return m
+
+
+def plan_from_pb(m: pb.RoundPlan) -> RoundPlan:
+    return RoundPlan(
+        assignments=tuple(Assignment(tuple(a.request_ids), PB_TO_STAGE[a.stage], tuple(a.gpus), a.steps)
+                          for a in m.assignments),
+        wake_at=m.wake_at if m.HasField("wake_at") else None, solver=m.solver, fallback=m.fallback,
+        stats=json.loads(m.stats_json) if m.stats_json else {})
+
+
+def _pct(d: dict) -> pb.Percentiles:
+    m = pb.Percentiles()
+    for key in ("p50", "p95", "p99", "mean", "max"):
+        if d.get(key) is not None:
+            setattr(m, key, d[key])
+    return m
+
+
+def metrics_to_pb(s: dict) -> pb.PolicyMetrics:
+    m = pb.PolicyMetrics(latency_s=_pct(s["latency_s"]), gpu_seconds=s["gpu_seconds"] or 0.0,
+                         preemptions=s["preemptions"], sp_changes=s["sp_changes"], migrations=s["migrations"],
+                         requests=s["requests"], finished=s["finished"], solver_ms=_pct(s["solver_ms"]),
+                         plans=s["plans"], fallbacks=s["fallbacks"], makespan_s=s["makespan_s"] or 0.0)
+    if s["slo_attainment"] is not None:
+        m.slo_attainment = s["slo_attainment"]
+    for kind in ("image", "video"):
+        if s["slo_attainment_by_kind"].get(kind) is not None:
+            setattr(m, f"slo_attainment_{kind}", s["slo_attainment_by_kind"][kind])
+    return m

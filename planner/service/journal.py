@@ -1,0 +1,255 @@
+"""Durable request journal: SQLite in WAL mode under the service's state directory.
+
+What is written, and when:
+
+* an accepted request, before the Submit reply (one transaction per Submit
+  call: the whole batch commits or none of it);
+* each executor-reported progress (steps done, encoded) and each outcome
+  (done, cancelled, failed), in the order the service applied them.
+
+A single writer thread owns the connection and commits whatever is queued
+in one transaction (group commit), so concurrent Submits share one fsync.
+Durability: ``synchronous=FULL`` by default, so an acknowledged request
+survives a power loss or an OS crash, not only a killed process; WAL keeps
+that to one fsync of the log per commit. ``NORMAL`` (``--journal-sync
+normal``) skips that fsync: in WAL mode it still survives ``kill -9`` (the
+log is in the OS page cache) but may lose the last commits on power loss.
+
+After a restart :meth:`Journal.open` returns every row: unfinished requests
+come back with their last reported progress, finished ones keep their outcome.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+DB_NAME = "journal.sqlite3"
+SYNC_MODES = ("full", "normal")
+MAX_GROUP = 512  # operations per transaction at most
+IDLE_TICK_S = 1.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY,            -- admission order
+    id TEXT NOT NULL UNIQUE,
+    model TEXT NOT NULL,
+    height INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    frames INTEGER NOT NULL,
+    steps INTEGER NOT NULL,
+    arrival REAL NOT NULL,
+    deadline REAL NOT NULL,
+    encoded INTEGER NOT NULL DEFAULT 0, -- last reported progress
+    steps_done INTEGER NOT NULL DEFAULT 0,
+    outcome TEXT,                       -- NULL while live; done | cancelled | failed
+    finish REAL,
+    preemptions INTEGER NOT NULL DEFAULT 0,
+    sp_changes INTEGER NOT NULL DEFAULT 0,
+    migrations INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+_INSERT = ("INSERT INTO requests (id, model, height, width, frames, steps, arrival, deadline) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_PROGRESS = "UPDATE requests SET steps_done = ?, encoded = ? WHERE id = ? AND outcome IS NULL"
+_OUTCOME = ("UPDATE requests SET outcome = ?, finish = ?, steps_done = ?, encoded = ?, preemptions = ?, "
+            "sp_changes = ?, migrations = ? WHERE id = ? AND outcome IS NULL")
+_META = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+
+
+class JournalError(RuntimeError):
+    """The journal could not commit."""
+
+
+@dataclass(frozen=True)
+class JournalRow:
+    """One request as recovered from the journal."""
+
+    seq: int
+    id: str
+    model: str
+    height: int
+    width: int
+    frames: int
+    steps: int
+    arrival: float
+    deadline: float
+    encoded: bool
+    steps_done: int
+    outcome: str | None
+    finish: float | None
+    preemptions: int
+    sp_changes: int
+    migrations: int
+
+
+@dataclass(frozen=True)
+class Recovered:
+    rows: list[JournalRow]
+    meta: dict[str, str]
+    generation: int  # starts of this state directory, this one included
+
+
+@dataclass
+class _Op:
+    sql: str
+    params: Sequence[tuple]
+    future: Future | None
+
+
+class Journal:
+    """Append-and-update journal with a group-committing writer thread."""
+
+    def __init__(self, path: Path, sync: str, meta_source: Callable[[], dict[str, str]] | None) -> None:
+        self.path = path
+        self._meta_source = meta_source
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._conn = _connect(path, sync)
+        self._closed = False
+        self.commits = 0
+        self._thread = threading.Thread(target=self._run, name="ditplan-journal", daemon=True)
+
+    @classmethod
+    def open(cls, state_dir: str | Path, sync: str = "full",
+             meta_source: Callable[[], dict[str, str]] | None = None) -> tuple["Journal", Recovered]:
+        """Open (or create) the journal in ``state_dir``; return it and what it holds."""
+        if sync not in SYNC_MODES:
+            raise ValueError(f"journal sync {sync!r} is not one of {SYNC_MODES}")
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / DB_NAME
+        j = cls(path, sync, meta_source)
+        rec = j._recover()
+        j._thread.start()
+        return j, rec
+
+    # --- writes (called with the service lock held: order = apply order) ----
+    def append_requests(self, rows: Iterable[tuple]) -> Future:
+        """Queue admitted requests ``(id, model, height, width, frames, steps, arrival, deadline)``."""
+        return self._put(_INSERT, list(rows), wait=True)
+
+    def record_progress(self, rid: str, steps_done: int, encoded: bool, wait: bool = False) -> Future | None:
+        return self._put(_PROGRESS, [(steps_done, int(encoded), rid)], wait)
+
+    def record_outcome(self, rid: str, outcome: str, finish: float | None, steps_done: int, encoded: bool,
+                       preemptions: int, sp_changes: int, migrations: int, wait: bool = False) -> Future | None:
+        return self._put(_OUTCOME, [(outcome, finish, steps_done, int(encoded), preemptions, sp_changes,
+                                     migrations, rid)], wait)
+
+    def set_meta(self, key: str, value: str, wait: bool = False) -> Future | None:
+        return self._put(_META, [(key, value)], wait)
+
+    def flush(self, timeout: float | None = 10.0) -> None:
+        """Wait until everything queued so far is committed."""
+        fut = self._put("SELECT 1", [()], wait=True)
+        fut.result(timeout)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _put(self, sql: str, params: Sequence[tuple], wait: bool) -> Future | None:
+        fut: Future | None = Future() if wait else None
+        if self._closed:
+            if fut is not None:
+                fut.set_exception(JournalError("journal is closed"))
+            return fut
+        self._queue.put(_Op(sql, params, fut))
+        return fut
+
+    # --- the writer thread --------------------------------------------------
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            try:
+                first = self._queue.get(timeout=IDLE_TICK_S)
+            except queue.Empty:
+                if self._meta_source is not None:
+                    self._commit([])  # keep the persisted clock fresh while idle
+                continue
+            ops: list[_Op] = []
+            if first is None:
+                stop = True
+            else:
+                ops.append(first)
+            while len(ops) < MAX_GROUP:
+                try:
+                    op = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    stop = True
+                    break
+                ops.append(op)
+            self._commit(ops)
+        self._conn.close()
+
+    def _commit(self, ops: list[_Op]) -> None:
+        try:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                if op.sql == "SELECT 1":
+                    continue
+                cur.executemany(op.sql, op.params)
+            if self._meta_source is not None:
+                cur.executemany(_META, list(self._meta_source().items()))
+            cur.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:
+            log.error("journal commit of %d operations failed: %s", len(ops), exc)
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            err = JournalError(f"journal write failed: {exc}")
+            for op in ops:
+                if op.future is not None:
+                    op.future.set_exception(err)
+            return
+        for op in ops:
+            if op.future is not None:
+                op.future.set_result(None)
+
+    # --- recovery -----------------------------------------------------------
+    def _recover(self) -> Recovered:
+        conn = self._conn
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        version = meta.get("schema_version")
+        if version is not None and version != SCHEMA_VERSION:
+            raise JournalError(f"{self.path}: schema version {version}, this ditplan reads {SCHEMA_VERSION}")
+        generation = int(meta.get("generation", "0")) + 1
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(_META, [("schema_version", SCHEMA_VERSION), ("generation", str(generation))])
+        rows = [JournalRow(seq=r[0], id=r[1], model=r[2], height=r[3], width=r[4], frames=r[5], steps=r[6],
+                           arrival=r[7], deadline=r[8], encoded=bool(r[9]), steps_done=r[10], outcome=r[11],
+                           finish=r[12], preemptions=r[13], sp_changes=r[14], migrations=r[15])
+                for r in conn.execute("SELECT seq, id, model, height, width, frames, steps, arrival, deadline, "
+                                      "encoded, steps_done, outcome, finish, preemptions, sp_changes, migrations "
+                                      "FROM requests ORDER BY seq")]
+        meta["generation"] = str(generation)
+        return Recovered(rows, meta, generation)
+
+
+def _connect(path: Path, sync: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise JournalError(f"{path}: cannot switch to WAL mode (got {mode!r})")
+    conn.execute(f"PRAGMA synchronous={sync.upper()}")
+    conn.executescript(_SCHEMA)
+    return conn

@@ -1,0 +1,150 @@
+"""Dataclasses at the service's boundaries: what the core takes and returns.
+
+The gRPC layer (``servicer.py``) converts protobuf messages to and from
+these (``convert.py``); the in-process simulated executor uses them directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planner.request import Stage
+
+# Request states as the service reports them: RequestState values plus "cancelled".
+STATES = ("queued", "running", "paused", "decoding", "done", "failed", "cancelled")
+TERMINAL = ("done", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """A request's status as GetRequest / ListRequests report it."""
+
+    id: str
+    model: str
+    height: int
+    width: int
+    frames: int
+    steps: int
+    state: str  # one of STATES
+    steps_done: int  # last reported by an executor
+    encoded: bool
+    arrival: float
+    deadline: float
+    predicted_finish: float | None = None
+    finish: float | None = None
+    sp: int = 0
+    gpus: tuple[int, ...] = ()
+    preemptions: int = 0
+    sp_changes: int = 0
+    migrations: int = 0
+    measured_step_s: float | None = None
+    plan_epoch: int = 0
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+        d = asdict(self)
+        d["gpus"] = list(self.gpus)
+        return d
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    id: str
+    accepted: bool
+    arrival: float = 0.0
+    deadline: float = 0.0
+    predicted_finish: float = 0.0
+    error_code: int = 0  # grpc.StatusCode value[0] when refused
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class RequestData:
+    """A request's data as an executor needs it (sent once per executor)."""
+
+    id: str
+    model: str
+    height: int
+    width: int
+    frames: int
+    steps: int
+    deadline: float
+    steps_done: int
+    encoded: bool
+
+
+@dataclass(frozen=True)
+class AssignmentMsg:
+    request_ids: tuple[str, ...]
+    stage: Stage
+    gpus: tuple[int, ...]
+    steps: int
+    start_step: int
+    predicted_s: float
+    predicted_step_s: float
+    predicted_move_s: float
+    lead: bool
+
+
+@dataclass(frozen=True)
+class PauseMsg:
+    request_id: str
+    gpus: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MigrationMsg:
+    request_id: str
+    from_gpus: tuple[int, ...]
+    to_gpus: tuple[int, ...]
+
+
+@dataclass
+class PlanDelta:
+    """One plan update for one executor."""
+
+    plan_epoch: int
+    server_time: float
+    requests: list[RequestData] = field(default_factory=list)
+    assignments: list[AssignmentMsg] = field(default_factory=list)
+    pauses: list[PauseMsg] = field(default_factory=list)
+    migrations: list[MigrationMsg] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.requests or self.assignments or self.pauses or self.migrations or self.released)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """An executor's report on one assignment; no request ids: a heartbeat."""
+
+    executor_id: str
+    plan_epoch: int = 0
+    request_ids: tuple[str, ...] = ()
+    stage: Stage | None = None
+    steps: int = 0
+    step_seconds: tuple[float, ...] = ()
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class ExecutorView:
+    executor_id: str
+    gpus: tuple[int, ...]
+    last_seen: float  # service clock
+
+
+@dataclass(frozen=True)
+class ServerInfoView:
+    now: float
+    speed: float
+    simulate: bool
+    cluster: str
+    gpus: int
+    policy: str
+    plan_epoch: int
+    executors: tuple[ExecutorView, ...]
+    requests_by_state: dict[str, int]
+    version: str
+    slo_scale: float
+    max_queue: int

@@ -1,0 +1,210 @@
+"""Assemble and run the service: journal, core, executor, gRPC server, health, reflection, metrics.
+
+``PlannerServer(ServeConfig(...)).start()`` is what ``ditplan serve`` runs and
+what the tests start on a loopback port (``port=0`` picks a free one).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from models.cost import CostModel
+from planner.cluster import parse_cluster
+from planner.policies.base import make_policy, policy_names
+from planner.service.auth import TokenAuthInterceptor
+from planner.service.clock import SimClock, WallClock
+from planner.service.core import CoreConfig, PlannerCore
+from planner.service.gen import planner_pb2 as pb
+from planner.service.gen import planner_pb2_grpc as pb_grpc
+from planner.service.journal import Journal
+from planner.service.servicer import PlannerServicer
+from planner.service.sim_executor import SimulatedExecutor
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Planner"].full_name  # "ditplan.v1.Planner"
+TOKEN_ENV = "DITPLAN_TOKEN"
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+
+def default_policy() -> str:
+    """``cpsat`` where registered, else ``tetriserve-dp``."""
+    return "cpsat" if "cpsat" in policy_names() else "tetriserve-dp"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("ditplan")
+    except Exception:  # running from a checkout that is not installed
+        return "dev"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    cluster: str = "8xH100"
+    policy: str | None = None  # None: default_policy()
+    simulate: bool = False
+    speed: float = 1.0  # --simulate: service-clock seconds per wall second
+    noise: float = 0.0  # --simulate: lognormal step-time noise
+    seed: int = 0
+    state_dir: str = "ditplan-state"
+    journal_sync: str = "full"
+    slo_scale: float = 1.5
+    round_s: float = 2.0
+    max_queue: int = 10_000
+    heartbeat_timeout_s: float = 10.0
+    min_plan_gap_s: float = 0.005  # wall seconds between plans at least (coalesces bursts)
+    plan_window: int = 512  # not-yet-started requests a plan sees at most (earliest deadlines); 0: all
+    planner_process: bool = False  # solve in a child process (the CLI's default), off the RPC threads' GIL
+    metrics_port: int | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token: str | None = None
+    max_workers: int = 64
+    grace_s: float = 2.0
+
+
+class PlannerServer:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.core: PlannerCore | None = None
+        self._grpc: grpc.Server | None = None
+        self._health: health.HealthServicer | None = None
+        self._sim: SimulatedExecutor | None = None
+        self._metrics_http = None
+        self._journal: Journal | None = None
+        self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> "PlannerServer":
+        cfg = self.config
+        policy = cfg.policy or default_policy()
+        make_policy(policy)  # fail fast on an unknown name
+        if not cfg.speed > 0:
+            raise ValueError(f"--speed must be > 0, got {cfg.speed}")
+        cluster = parse_cluster(cfg.cluster)
+        cost = CostModel(cluster.kind)
+        clock_box: dict = {}
+
+        def meta() -> dict[str, str]:  # persisted with every commit: the virtual clock resumes from it
+            return {"clock": repr(clock_box["clock"].now())}
+
+        self._journal, recovered = Journal.open(cfg.state_dir, cfg.journal_sync,
+                                                meta_source=meta if cfg.simulate else None)
+        if cfg.simulate:
+            clock = SimClock(float(recovered.meta.get("clock", "0")), cfg.speed)
+        else:
+            clock = WallClock()
+        clock_box["clock"] = clock
+        core_cfg = CoreConfig(cluster=cluster, cost=cost, policy=policy, slo_scale=cfg.slo_scale,
+                              round_s=cfg.round_s, max_queue=cfg.max_queue,
+                              heartbeat_timeout_s=cfg.heartbeat_timeout_s, min_plan_gap_s=cfg.min_plan_gap_s,
+                              plan_window=cfg.plan_window, planner_process=cfg.planner_process,
+                              cluster_spec=cfg.cluster, version=_version())
+        self.core = PlannerCore(core_cfg, self._journal, recovered, clock)
+        self.core.start()
+        if cfg.simulate:
+            self._sim = SimulatedExecutor(self.core, clock, noise=cfg.noise, seed=cfg.seed)
+            self._sim.start()
+
+        interceptors = []
+        token = cfg.token
+        if token:
+            interceptors.append(TokenAuthInterceptor(token))
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="ditplan-rpc"),
+                             interceptors=interceptors,
+                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.so_reuseport", 0)])
+        pb_grpc.add_PlannerServicer_to_server(PlannerServicer(self.core, policy, cfg.cluster), server)
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        target = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert or cfg.tls_key:
+            if not (cfg.tls_cert and cfg.tls_key):
+                raise ValueError("TLS needs both --tls-cert and --tls-key")
+            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            self.port = server.add_secure_port(target, creds)
+        else:
+            self.port = server.add_insecure_port(target)
+        if not self.port:
+            raise OSError(f"cannot bind {target}")
+        server.start()
+        self._grpc = server
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.metrics_port is not None:
+            from planner.service.metrics import start_metrics_server
+            self._metrics_http, self.metrics_port = start_metrics_server(self.core, cfg.metrics_port, cfg.host)
+        log.info("ditplan serving on %s (cluster %s, policy %s%s)", self.address, cluster.name, policy,
+                 f", simulated x{cfg.speed:g}" if cfg.simulate else "")
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, finish in-flight ones (``grace`` seconds), flush the journal."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        if self.core is not None:
+            self.core.stop()  # closes executor sessions, so plan streams end
+        if self._grpc is not None:
+            self._grpc.stop(self.config.grace_s if grace is None else grace).wait()
+        if self._sim is not None:
+            self._sim.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        if self._journal is not None:
+            self._journal.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> "PlannerServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(grace=0)
+
+
+def serve(config: ServeConfig, announce=print) -> None:
+    """Run until SIGINT or SIGTERM; ``announce`` gets the listening line (with the bound port)."""
+    server = PlannerServer(config).start()
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    mode = f"simulated executor x{config.speed:g}" if config.simulate else "waiting for executors"
+    metrics = f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    tls = " (TLS)" if config.tls_cert else ""
+    announce(f"ditplan serve: listening on {server.address}{tls}; cluster {config.cluster}, "
+             f"policy {server.core.config.policy}, {mode}, state {os.path.abspath(config.state_dir)}{metrics}")
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
