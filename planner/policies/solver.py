@@ -177,14 +177,6 @@ class MilpPolicy(SolverPolicy):
     def __init__(self, horizon: int = 3, time_limit_s: float = 2.0, **kw) -> None:
         super().__init__(horizon=horizon, time_limit_s=time_limit_s, **kw)
 
-    def options_for(self, problem: RoundProblem) -> RoundOptions:
-        """The options this policy solves: H rounds, or one round on large instances."""
-        H = self.horizon_for(len(problem.requests) + len(problem.in_flight))
-        ro = build_options(problem, H, self.weights)
-        if H > 1 and len(ro.options) > self.max_options:
-            ro = build_options(problem, 1, self.weights)
-        return ro
-
     def solve(self, ro: RoundOptions, hint: list[int]) -> Solution:
         return milp.solve(ro, self.time_limit_s, self.num_workers, hint, solver=self.milp_solver)
 

@@ -33,7 +33,7 @@ import pulp
 
 from planner.problem import RoundProblem
 from planner.solvers.cpsat.objective import objective_terms
-from planner.solvers.options import RoundOptions, Weights, build_options
+from planner.solvers.options import RoundOptions, Weights, build_options, capacity_rows
 from planner.solvers.pulp_vars import new_var
 from planner.solvers.solution import Solution, SolveStatus
 
@@ -121,34 +121,9 @@ class _Model:
                 self.add(_lin(before) <= ri.rem)
         for g in ro.groups:
             self.add(g.max_batch * self.y[g.index] - pulp.lpSum(x[i] for i in g.members) >= 0)
-        # capacity
-        for h in range(ro.horizon):
-            terms = {L: [] for L in ro.levels}
-            most = {L: 0 for L in ro.levels}
-            for o in opts:
-                if o.group >= 0 or o.short or not (o.round <= h < o.round + o.span):
-                    continue
-                for L in ro.levels:
-                    if o.k >= L:
-                        terms[L].append((x[o.index], o.k // L))
-                        most[L] += o.k // L
-            for g in ro.groups:
-                if not (g.round <= h < g.round + g.span):
-                    continue
-                for L in ro.levels:
-                    if g.k >= L:
-                        terms[L].append((self.y[g.index], g.k // L))
-                        most[L] += g.max_count * (g.k // L)
-            if h == 0:
-                for (L, _p), zv in self.z.items():
-                    terms[L].append((zv, 1))
-                    most[L] += 1
-            for L in ro.levels:
-                if terms[L] and most[L] > ro.blocks[h][L]:
-                    self.add(_lin(terms[L]) <= ro.blocks[h][L])
-        short = [x[o.index] for o in opts if o.short]
-        if len(short) > ro.blocks[0].get(1, 0):
-            self.add(pulp.lpSum(short) <= ro.blocks[0].get(1, 0))
+        var = {"x": x.__getitem__, "y": self.y.__getitem__, "z": self.z.__getitem__}
+        for terms, rhs in capacity_rows(ro):
+            self.add(_lin([(var[kind](key), c) for kind, key, c in terms]) <= rhs)
         # pins
 
         def var(kind: str, j: int):

@@ -893,3 +893,43 @@ def build_options(problem: RoundProblem, horizon: int | None = None,
     ro.stats = {"requests": len(problem.requests), "in_flight": len(problem.in_flight) if H > 1 else 0,
                 "options": len(b.opts), "pruned": n_before - len(b.opts), "groups": len(groups), "horizon": H, "planned_ahead": ahead}
     return ro
+
+
+def capacity_rows(ro: RoundOptions):
+    """Buddy capacity rows shared by every backend: ``([(kind, key, coef)], rhs)``.
+
+    Per round h and block level L, the aligned L-blocks the chosen options and
+    batch groups occupy (``k // L`` each) plus, in round 0, the blocked parents
+    of pinned blocks, must fit the free L-blocks. Rows that cannot bind are
+    left out. ``kind`` is ``x`` (option), ``y`` (batch group count) or ``z``
+    (pinned parent, keyed by ``(L, parent)``). A last row caps round 0's short
+    stages by the free single GPUs.
+    """
+    opts = ro.options
+    for h in range(ro.horizon):
+        terms: dict[int, list] = {L: [] for L in ro.levels}
+        most = {L: 0 for L in ro.levels}  # the terms' largest value
+        for o in opts:
+            if o.group >= 0 or o.short or not (o.round <= h < o.round + o.span):
+                continue
+            for L in ro.levels:
+                if o.k >= L:
+                    terms[L].append(("x", o.index, o.k // L))
+                    most[L] += o.k // L
+        for g in ro.groups:
+            if not (g.round <= h < g.round + g.span):
+                continue
+            for L in ro.levels:
+                if g.k >= L:
+                    terms[L].append(("y", g.index, g.k // L))
+                    most[L] += g.max_count * (g.k // L)
+        if h == 0:
+            for key in ro.pin_parents:
+                terms[key[0]].append(("z", key, 1))
+                most[key[0]] += 1
+        for L in ro.levels:
+            if terms[L] and most[L] > ro.blocks[h][L]:
+                yield terms[L], ro.blocks[h][L]
+    short = [("x", o.index, 1) for o in opts if o.short]
+    if len(short) > ro.blocks[0].get(1, 0):
+        yield short, ro.blocks[0].get(1, 0)

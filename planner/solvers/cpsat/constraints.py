@@ -32,7 +32,7 @@ from __future__ import annotations
 from ortools.sat.python import cp_model
 
 from planner.solvers.cpsat.variables import Variables
-from planner.solvers.options import RoundOptions
+from planner.solvers.options import RoundOptions, capacity_rows
 
 
 def _sum(model, terms):
@@ -95,34 +95,9 @@ def groups(model: cp_model.CpModel, ro: RoundOptions, v: Variables) -> None:
 
 
 def capacity(model: cp_model.CpModel, ro: RoundOptions, v: Variables) -> None:
-    opts = ro.options
-    for h in range(ro.horizon):
-        terms = {L: [] for L in ro.levels}
-        most = {L: 0 for L in ro.levels}  # the terms' largest value: skip rows that cannot bind
-        for o in opts:
-            if o.group >= 0 or o.short or not (o.round <= h < o.round + o.span):
-                continue
-            for L in ro.levels:
-                if o.k >= L:
-                    terms[L].append((v.x[o.index], o.k // L))
-                    most[L] += o.k // L
-        for g in ro.groups:
-            if not (g.round <= h < g.round + g.span):
-                continue
-            for L in ro.levels:
-                if g.k >= L:
-                    terms[L].append((v.y[g.index], g.k // L))
-                    most[L] += g.max_count * (g.k // L)
-        if h == 0:
-            for (L, _parent), zv in v.z.items():
-                terms[L].append((zv, 1))
-                most[L] += 1
-        for L in ro.levels:
-            if terms[L] and most[L] > ro.blocks[h][L]:
-                model.add(_sum(model, terms[L]) <= ro.blocks[h][L])
-    short = [v.x[o.index] for o in opts if o.short]
-    if len(short) > ro.blocks[0].get(1, 0):
-        model.add(sum(short) <= ro.blocks[0].get(1, 0))
+    var = {"x": v.x.__getitem__, "y": v.y.__getitem__, "z": v.z.__getitem__}
+    for terms, rhs in capacity_rows(ro):
+        model.add(_sum(model, [(var[kind](key), c) for kind, key, c in terms]) <= rhs)
 
 
 def pins(model: cp_model.CpModel, ro: RoundOptions, v: Variables) -> None:
