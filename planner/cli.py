@@ -27,6 +27,7 @@ DEFAULT_WORKLOAD = "tetriserve-skewed"
 DEFAULT_CLUSTER = "8xH100"
 DEFAULT_SLO_SCALE = 1.5
 BASELINES = ["fcfs-sp1", "fcfs-sp2", "fcfs-sp4", "fcfs-sp8", "rssp", "edf", "tetriserve-dp"]
+DEFAULT_POLICIES = BASELINES + ["genserve", "cpsat"]  # what `whatif` compares unless told otherwise
 
 
 def fail(message: str) -> "typer.Exit":
@@ -39,7 +40,7 @@ def _policies(requested: list[str]) -> list[str]:
 
     known = policy_names() + ["offline-bound"]
     if not requested:
-        return [p for p in BASELINES if p in known]
+        return [p for p in DEFAULT_POLICIES if p in known]
     chosen: list[str] = []
     for p in requested:
         names = [k for k in known if k != "offline-bound"] if p == "all" else [p]
@@ -58,7 +59,7 @@ def whatif(
     n: Optional[int] = typer.Option(None, min=1, help="Requests to generate with --workload."),
     rate: Optional[float] = typer.Option(None, min=1e-9, help="Arrival rate, req/s, with --workload."),
     cluster: str = typer.Option(DEFAULT_CLUSTER, help="8xH100, 2x8xL20, ... or a cluster JSON file."),
-    policy: List[str] = typer.Option([], "--policy", "-p", help="Policy (repeatable, or 'all'). Default: the baselines. "
+    policy: List[str] = typer.Option([], "--policy", "-p", help="Policy (repeatable, or 'all'). Default: the baselines, genserve and cpsat. "
                                      "'offline-bound' solves the whole trace offline and reports a proven upper bound."),
     slo_scale: float = typer.Option(DEFAULT_SLO_SCALE, min=1e-9,
                                     help="Deadline = arrival + scale x ideal latency, for requests without one."),
