@@ -358,6 +358,36 @@ def cancel(
     console.print(f"cancelled {view.id} at step {view.steps_done}/{view.steps}", highlight=False)
 
 
+@app.command()
+def executor(
+    server: str = _SERVER_OPT,
+    devices: int = typer.Option(1, min=1, max=8, help="Worker processes, one per device (GPU, or CPU rank)."),
+    executor_id: str = typer.Option("executor0", help="Name this executor gives the service."),
+    first_gpu: int = typer.Option(0, min=0, help="Global index of this executor's first GPU."),
+    downscale: int = typer.Option(64, min=1, help="Latent side = pixels / this (8 = real VAE; 64 keeps tiny CPU "
+                                  "models fast)."),
+    checkpoint: list[str] = typer.Option([], help="FAMILY=PATH: a local diffusers checkpoint (flux, sd3); "
+                                         "default: tiny seeded models."),
+    token: Optional[str] = _TOKEN_OPT,
+    max_idle: Optional[float] = typer.Option(None, min=0.0, help="Exit after this many seconds without a plan "
+                                             "update."),
+) -> None:
+    """Run torch workers that execute the service's plans and report measured step times."""
+    try:
+        from executor.service import run_executor
+    except ImportError as exc:
+        raise fail(f"the executor needs the 'executor' extra (torch, yunchang, diffusers): {exc}") from None
+    ckpts = {}
+    for item in checkpoint:
+        fam, sep, path = item.partition("=")
+        if not sep or not path:
+            raise fail(f"--checkpoint {item!r} must be FAMILY=PATH")
+        ckpts[fam] = path
+    n = run_executor(server, devices, executor_id=executor_id, first_gpu=first_gpu, downscale=downscale,
+                     checkpoints=ckpts, token=token, max_idle_s=max_idle)
+    console.print(f"executor {executor_id}: {n} assignment(s) run", highlight=False)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,70 @@
+"""Executor overhead: per-step time of the Worker runtime vs a bare diffusers denoising loop.
+
+Both run in this one process, on the same tiny seeded model and request, interleaved repetition by
+repetition so machine noise hits both alike; the ratio is of the medians from the same run. The Worker
+path (degree 1) adds the runtime's bookkeeping, the SP hooks in pass-through and the SP processor.
+Usage: python -m bench.executor [--family flux] [--side 32] [--steps 8] [--repeats 5] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from executor.runtime import Worker
+from models.torch import RequestSpec, make_request_tensors, make_scheduler, predict, set_timesteps, tiny_transformer
+
+
+def bare_loop(model, spec: RequestSpec) -> list[float]:
+    t = make_request_tensors(model, spec)
+    s = make_scheduler(spec.family)
+    set_timesteps(s, spec)
+    x, times = t.latent, []
+    with torch.no_grad():
+        for ts in s.timesteps:
+            t0 = time.perf_counter()
+            x = s.step(predict(model, spec, x, t.cond, ts), ts, x).prev_sample
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", default="flux", choices=["flux", "sd3"])
+    ap.add_argument("--side", type=int, default=32, help="latent side (tokens = side^2)")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'init')}", rank=0, world_size=1)
+        bare_model = tiny_transformer(args.family)
+        worker = Worker(0, 1, {args.family: tiny_transformer(args.family)})
+        bare, ours = [], []
+        for i in range(args.repeats + 1):  # the first repetition warms up and is dropped
+            spec = RequestSpec(f"r{i}", args.family, args.side, args.side, args.steps, seed=i)
+            b = bare_loop(bare_model, spec)
+            worker.handle({"op": "create", "spec": spec, "ranks": (0,)})
+            o = worker.handle({"op": "run", "rids": [spec.rid], "steps": args.steps})
+            worker.handle({"op": "release", "rid": spec.rid})
+            if i:
+                bare += b
+                ours += o
+        dist.destroy_process_group()
+    mb, mo = statistics.median(bare), statistics.median(ours)
+    print(f"{args.family} tiny, {args.side}x{args.side} latent ({args.side ** 2} tokens), {args.steps} steps x "
+          f"{args.repeats} repeats, {args.threads} thread(s)")
+    print(f"{'path':<22}{'median step ms':>16}")
+    print(f"{'bare diffusers loop':<22}{mb * 1e3:>16.3f}")
+    print(f"{'executor Worker (k=1)':<22}{mo * 1e3:>16.3f}")
+    print(f"ratio {mo / mb:.3f} (overhead {(mo - mb) * 1e3:+.3f} ms/step)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Start a world of worker processes (torch.distributed: gloo on CPU, NCCL with CUDA) and collect results.
+
+``spawn_world(fn, world, *args, timeout=60)`` runs ``fn(rank, world, *args)`` in ``world`` spawned
+processes after ``init_process_group``; returns the per-rank return values (via ``torch.save`` files).
+A world that does not finish within ``timeout`` seconds is killed and ``TimeoutError`` raised; a rank
+that fails raises ``RuntimeError`` with its traceback.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+
+def _entry(rank, fn, world, init_file, outdir, args, threads):
+    torch.set_num_threads(threads)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    try:
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+        result = fn(rank, world, *args)
+        torch.save({"ok": result}, Path(outdir) / f"{rank}.pt")
+    except BaseException:  # noqa: BLE001 - report any failure to the parent
+        torch.save({"error": traceback.format_exc()}, Path(outdir) / f"{rank}.pt")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_world(fn, world: int, *args, timeout: float = 60.0, threads: int = 1) -> list:
+    with tempfile.TemporaryDirectory(prefix="ditplan-world-") as tmp:
+        init_file = os.path.join(tmp, "init")
+        ctx = mp.start_processes(_entry, args=(fn, world, init_file, tmp, args, threads), nprocs=world,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=min(5.0, max(0.1, deadline - time.monotonic()))):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"world of {world} did not finish within {timeout:g} s")
+        except ProcessException as exc:
+            errors = [torch.load(p, weights_only=False).get("error") for p in sorted(Path(tmp).glob("*.pt"))]
+            raise RuntimeError("\n".join(e for e in errors if e) or str(exc)) from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        return [torch.load(Path(tmp) / f"{r}.pt", weights_only=False)["ok"] for r in range(world)]

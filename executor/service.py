@@ -1,0 +1,309 @@
+"""``ditplan executor``: torch workers that take plans from ``ditplan serve`` and report measured steps.
+
+Process layout: the command's process is the controller (plan stream in, step reports out); it spawns
+N worker processes (one per device, one torch.distributed world: gloo on CPU, NCCL with CUDA). Every
+command goes, in one global order, to every worker's own queue; a worker outside the command's group
+skips it at once, so groups run concurrently and collectives never deadlock (each rank runs a
+subsequence of one global order). The lead of a group puts each step's measured time on a result queue;
+a controller thread turns them into ``ReportProgress`` calls (one per step, ``done`` on the last).
+Ranks map to the executor's GPUs in order (``--first-gpu`` offsets them).
+
+What runs: tiny seeded models of the request's family (``flux``/``sd3``; SP as planned), unless
+``--checkpoint FAMILY=PATH`` names a local diffusers checkpoint. Latent sizes are the request's pixel
+size divided by ``--downscale`` (default 64 with tiny models, so CPU steps stay short). Encode and decode
+assignments are stand-ins: encode materialises the request (seeded noise and conditioning) on the
+assignment's group, decode drops it; both report done at once. Families without a torch model (sdxl,
+video) sleep their predicted step time, reported as measured, and are logged as such.
+
+A run stops at its next step boundary when its request is released (cancelled, requeued) or a report
+for it is refused: the controller marks it in a shared stop table, the group's lead reads the mark before
+each step and broadcasts the decision to its group, and the assignment ends with an early ``done``.
+
+Limits of this first version: latents are not checkpointed, so a request requeued
+elsewhere restarts from fresh noise at its last reported step.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import zlib
+
+import torch
+
+from executor.runtime import Worker
+from models.torch import RequestSpec, load_transformer, set_timesteps, tiny_transformer
+
+log = logging.getLogger("ditplan.executor")
+TORCH_FAMILIES = ("flux", "sd3")
+
+
+def _models(checkpoints: dict[str, str], world: int = 4) -> dict:
+    """Checkpoints where given, else tiny models with enough heads for every degree up to ``world``."""
+    out = {}
+    for fam in TORCH_FAMILIES:
+        if fam in checkpoints:
+            out[fam] = load_transformer(fam, checkpoints[fam], dtype=torch.float32)
+        else:
+            out[fam] = tiny_transformer(fam, num_attention_heads=max(4, min(8, world)))
+    return out
+
+
+STOP_SLOTS = 256  # shared stop table: slot cid % STOP_SLOTS holds cid + 1 when run cid must stop
+
+
+def worker_main(rank: int, world: int, commands, results, checkpoints: dict[str, str], stops=None) -> int:
+    """One device: execute commands from this rank's queue until ``stop``; returns commands executed."""
+    worker = Worker(rank, world, _models(checkpoints, world))
+    worker.on_step = lambda cmd, i, n, s: results.put(("step", cmd["id"], i, n, s))
+    if stops is not None:
+        worker.should_stop = lambda cmd, k: stops[cmd["id"] % STOP_SLOTS] == cmd["id"] + 1
+    results.put(("ready", rank))
+    done = 0
+    parent = os.getppid()
+    while True:
+        try:
+            cmd = commands.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the controller died without saying stop: do not linger
+                return done
+            continue
+        if cmd["op"] == "stop":
+            return done
+        try:
+            if cmd["op"] == "setstep":
+                st = worker.states.get(cmd["rid"])
+                if st is not None and st.step != cmd["step"]:
+                    st.step = cmd["step"]
+                    set_timesteps(st.scheduler, st.spec, begin=st.step)
+            else:
+                times = worker.handle(cmd)
+                lead = cmd["op"] == "run" and rank == worker.where[cmd["rids"][0]][0]
+                if lead and (times == [] or worker.stopped):
+                    results.put(("nothing", cmd["id"]))  # stopped early or nothing left: the assignment ends
+        except Exception as exc:  # noqa: BLE001 - report and go on; the controller fails the assignment
+            log.exception("rank %d: %s failed", rank, cmd["op"])
+            results.put(("error", cmd.get("id"), rank, repr(exc)))
+        done += 1
+
+
+class Controller:
+    """Turns plan updates into worker commands and step results into reports (runs in the parent)."""
+
+    def __init__(self, link, world: int, first_gpu: int, downscale: int, commands, results, stops=None) -> None:
+        self.link, self.world, self.first_gpu, self.downscale = link, world, first_gpu, downscale
+        self.commands, self.results, self.stops = commands, results, stops
+        self.running: dict[int, tuple[str, ...]] = {}  # run command id -> request ids, until its done report
+        self.where: dict[str, tuple[int, ...]] = {}  # the workers' view, mirrored
+        self.runs: dict[int, tuple] = {}  # command id -> (epoch, ids, stage)
+        self._ids = itertools.count()
+        self.assignments_run = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read_results, name="executor-results", daemon=True)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        ready = 0
+        deadline = time.monotonic() + timeout
+        while ready < self.world:
+            kind, *rest = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
+            if kind == "ready":
+                ready += 1
+            elif kind == "error":
+                raise RuntimeError(f"executor workers failed to start: {rest}")
+        self._reader.start()
+
+    def send(self, cmd: dict, cid: int | None = None) -> int:
+        cmd = dict(cmd, id=next(self._ids) if cid is None else cid)
+        for q in self.commands:
+            q.put(cmd)
+        return cmd["id"]
+
+    def ranks(self, gpus) -> tuple[int, ...]:
+        return tuple(g - self.first_gpu for g in gpus)
+
+    def spec(self, rid: str) -> RequestSpec | None:
+        from models.catalog import get_model
+        data = self.link.requests[rid]
+        family = get_model(data.model).family
+        if family not in TORCH_FAMILIES:
+            return None
+        # multiples of 4: h*w divides by 16, so every SP degree up to 8 splits the image tokens evenly
+        h, w = (-(-max(1, data.height // self.downscale) // 4) * 4, -(-max(1, data.width // self.downscale) // 4) * 4)
+        return RequestSpec(rid, family, h, w, data.steps, seed=zlib.crc32(rid.encode()), frames=data.frames)
+
+    def ensure(self, rid: str, ranks: tuple[int, ...], start_step: int) -> bool:
+        """The request's state on ``ranks`` at ``start_step``; False if it has no torch model."""
+        spec = self.spec(rid)
+        if spec is None:
+            return False
+        if rid not in self.where:
+            self.send({"op": "create", "spec": spec, "ranks": ranks})
+        elif self.where[rid] != ranks:
+            self.send({"op": "migrate", "rid": rid, "ranks": ranks})
+        self.where[rid] = ranks
+        self.send({"op": "setstep", "rid": rid, "step": start_step})
+        return True
+
+    def _report(self, *args) -> bool:
+        from planner.service.client import PlannerError
+        from planner.service.messages import StepReport
+        try:
+            self.link.report(StepReport(self.link.executor_id, *args))
+            return True
+        except PlannerError as exc:  # cancelled or re-planned meanwhile
+            log.info("report for %s refused: %s", args[1], exc.details)
+            return False
+
+    def stop_run(self, cid: int) -> None:
+        """Ask run ``cid`` to stop at its next step boundary (its lead decides, its group follows)."""
+        if self.stops is not None:
+            self.stops[cid % STOP_SLOTS] = cid + 1
+
+    def _read_results(self) -> None:
+        while not self._stop.is_set():
+            try:
+                kind, *rest = self.results.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if kind == "step":
+                cid, i, n, seconds = rest
+                epoch, ids, stage = self.runs[cid]
+                if i == n - 1:
+                    self.running.pop(cid, None)
+                if not self._report(epoch, ids, stage, 1, (seconds,), i == n - 1) and i < n - 1:
+                    self.stop_run(cid)  # the service no longer wants this work
+            elif kind == "nothing" or (kind == "error" and rest[0] in self.runs):
+                # stopped before any step (only reported steps count; the service replans the rest)
+                epoch, ids, stage = self.runs[rest[0]]
+                self.running.pop(rest[0], None)
+                self._report(epoch, ids, stage, 0, (), True)
+                if kind == "error":
+                    self.errors.append(str(rest))
+            elif kind == "error":
+                self.errors.append(str(rest))
+
+    def _sleep_steps(self, epoch, ids, stage, steps: int, step_s: float) -> None:
+        def go():
+            for i in range(steps):
+                time.sleep(step_s)
+                self._report(epoch, ids, stage, 1, (step_s,), i == steps - 1)
+        threading.Thread(target=go, daemon=True).start()
+
+    def handle(self, delta) -> None:
+        from planner.request import Stage
+        for cid, ids in list(self.running.items()):  # cancelled or requeued while running: stop at a boundary
+            if set(ids) & set(delta.released):
+                self.stop_run(cid)
+        for rid in delta.released:
+            if self.where.pop(rid, None) is not None:
+                self.send({"op": "release", "rid": rid})
+        for m in delta.migrations:
+            if m.request_id in self.where:
+                self.where[m.request_id] = self.ranks(m.to_gpus)
+                self.send({"op": "migrate", "rid": m.request_id, "ranks": self.ranks(m.to_gpus)})
+        for p in delta.pauses:
+            if p.request_id in self.where:
+                self.send({"op": "pause", "rid": p.request_id})
+        epoch = delta.plan_epoch
+        for a in delta.assignments:
+            if not a.lead:
+                continue
+            self.assignments_run += 1
+            ranks, ids = self.ranks(a.gpus), tuple(a.request_ids)
+            if a.stage is Stage.ENCODE:
+                for rid in ids:
+                    self.ensure(rid, ranks, 0)
+                self._report(epoch, ids, a.stage, 0, (), True)
+            elif a.stage is Stage.DECODE:
+                for rid in ids:
+                    if self.where.pop(rid, None) is not None:
+                        self.send({"op": "release", "rid": rid})
+                self._report(epoch, ids, a.stage, 0, (), True)
+            elif a.steps > 0:
+                if all([self.ensure(rid, ranks, a.start_step) for rid in ids]):
+                    cid = next(self._ids)
+                    self.runs[cid] = (epoch, ids, a.stage)  # before the workers can answer
+                    self.running[cid] = ids
+                    self.send({"op": "run", "rids": list(ids), "steps": a.steps}, cid)
+                else:
+                    log.info("%s: no torch model for this family; sleeping the predicted step time", ids)
+                    self._sleep_steps(epoch, ids, a.stage, a.steps, a.predicted_step_s)
+
+    def close(self) -> None:
+        for q in self.commands:
+            q.put({"op": "stop"})
+        self._stop.set()
+        if self._reader.is_alive():
+            self._reader.join(5)
+
+
+def run_executor(server: str, devices: int, executor_id: str = "executor0", first_gpu: int = 0,
+                 downscale: int = 64, checkpoints: dict[str, str] | None = None, token: str | None = None,
+                 heartbeat_s: float = 1.0, max_idle_s: float | None = None) -> int:
+    """Serve plans with ``devices`` workers until the plan stream ends (or ``max_idle_s`` without updates)."""
+    import torch.multiprocessing as mp
+
+    from executor.launch import spawn_world
+    from planner.service.client import PlannerClient, PlannerError
+    from planner.service.executor_link import ExecutorLink
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mpctx = mp.get_context("spawn")
+    commands = [mpctx.Queue() for _ in range(devices)]
+    results = mpctx.Queue()
+    stops = mpctx.Array("q", STOP_SLOTS, lock=False)
+    failure: list[BaseException] = []
+
+    def world():
+        try:
+            spawn_world(_worker_entry, devices, commands, results, dict(checkpoints or {}), stops,
+                        timeout=float("inf"))
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the controller
+            failure.append(exc)
+            results.put(("error", None, -1, repr(exc)))
+
+    runner = threading.Thread(target=world, name="executor-world", daemon=True)
+    runner.start()
+    client = PlannerClient(server, token=token, timeout=30)
+    link = None
+    try:
+        ctl = Controller(None, devices, first_gpu, downscale, commands, results, stops)
+        ctl.wait_ready()
+        if failure:
+            raise failure[0]
+        link = ExecutorLink(client, executor_id, range(first_gpu, first_gpu + devices), heartbeat_s=heartbeat_s)
+        ctl.link = link
+        print(f"ditplan executor {executor_id}: {devices} worker(s) on GPUs {first_gpu}..{first_gpu + devices - 1},"
+              f" server {server}", flush=True)
+        idle_since = time.monotonic()
+        try:
+            while not failure:
+                try:
+                    delta = link.next_update(timeout=1.0)
+                except TimeoutError:
+                    if max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
+                        break
+                    continue
+                except PlannerError as exc:
+                    log.warning("plan stream ended: %s", exc.details)
+                    break
+                ctl.handle(delta)
+                idle_since = time.monotonic()
+        finally:
+            ctl.close()
+        runner.join(60)
+        if failure:
+            raise failure[0]
+        return ctl.assignments_run
+    finally:
+        if link is not None:
+            link.close()
+        client.close()
+
+
+def _worker_entry(rank, world, commands, results, checkpoints, stops):
+    return worker_main(rank, world, commands[rank], results, checkpoints, stops)
