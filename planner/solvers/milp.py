@@ -33,7 +33,7 @@ import pulp
 
 from planner.problem import RoundProblem
 from planner.solvers.cpsat.objective import objective_terms
-from planner.solvers.options import RoundOptions, Weights, build_options, capacity_rows
+from planner.solvers.options import RoundOptions, Weights, build_options, capacity_rows, step_rows
 from planner.solvers.pulp_vars import new_var
 from planner.solvers.solution import Solution, SolveStatus
 
@@ -101,24 +101,13 @@ class _Model:
         for i, q in self.qv.items():
             self.add(q - x[i] >= 0)
             self.add(q - opts[i].q * x[i] <= 0)
-        for ri in ro.reqs:
-            if ri.stage == "decode":
-                continue
-            before = []
-            for h in range(ri.first, ro.horizon):
-                here = []
-                for i in ri.options[h]:
-                    o = opts[i]
-                    if o.stage != "diffuse":
-                        continue
-                    if o.var_q:
-                        self.add(_lin(before + [(self.qv[i], 1), (x[i], -ri.rem)]) >= 0)
-                        here.append((self.qv[i], 1))
-                    else:
-                        here.append((x[i], o.q))
-                before += here
-            if ri.steps_cap_needed and before:
-                self.add(_lin(before) <= ri.rem)
+        var = {"x": x.__getitem__, "q": self.qv.__getitem__}
+        for kind, terms, i, rem in step_rows(ro):
+            done = [(var[k](j), c) for k, j, c in terms]
+            if kind == "complete":  # linear form of: x_i -> done + q_i >= rem
+                self.add(_lin(done + [(self.qv[i], 1), (x[i], -rem)]) >= 0)
+            else:
+                self.add(_lin(done) <= rem)
         for g in ro.groups:
             self.add(g.max_batch * self.y[g.index] - pulp.lpSum(x[i] for i in g.members) >= 0)
         var = {"x": x.__getitem__, "y": self.y.__getitem__, "z": self.z.__getitem__}

@@ -933,3 +933,33 @@ def capacity_rows(ro: RoundOptions):
     short = [("x", o.index, 1) for o in opts if o.short]
     if len(short) > ro.blocks[0].get(1, 0):
         yield short, ro.blocks[0].get(1, 0)
+
+
+def step_rows(ro: RoundOptions):
+    """Step bookkeeping shared by every backend: ``(kind, terms, option, rem)``.
+
+    ``terms`` are ``(kind, index, coef)``: ``x`` (a fixed-q option, coef = its
+    steps) or ``q`` (a final option's step count), the steps a request runs in
+    the rounds before. ``("complete", terms, i, rem)``: final option ``i``, if
+    chosen, runs exactly the steps left (terms + q_i >= rem; the cap gives <=).
+    ``("cap", terms, None, rem)``: over the horizon, never more than remains.
+    """
+    opts = ro.options
+    for ri in ro.reqs:
+        if ri.stage == "decode":
+            continue
+        before: list = []
+        for h in range(ri.first, ro.horizon):
+            here = []
+            for i in ri.options[h]:
+                o = opts[i]
+                if o.stage != "diffuse":
+                    continue
+                if o.var_q:
+                    yield "complete", list(before), i, ri.rem
+                    here.append(("q", i, 1))
+                else:
+                    here.append(("x", i, o.q))
+            before += here
+        if ri.steps_cap_needed and before:
+            yield "cap", before, None, ri.rem

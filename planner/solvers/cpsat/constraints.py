@@ -32,7 +32,7 @@ from __future__ import annotations
 from ortools.sat.python import cp_model
 
 from planner.solvers.cpsat.variables import Variables
-from planner.solvers.options import RoundOptions, capacity_rows
+from planner.solvers.options import RoundOptions, capacity_rows, step_rows
 
 
 def _sum(model, terms):
@@ -68,25 +68,13 @@ def steps(model: cp_model.CpModel, ro: RoundOptions, v: Variables) -> None:
     for i, q in v.qv.items():
         model.add(q >= v.x[i])
         model.add(q <= opts[i].q * v.x[i])
-    for ri in ro.reqs:
-        if ri.stage == "decode":
-            continue
-        before: list = []  # terms of the steps run in earlier rounds
-        for h in range(ri.first, ro.horizon):
-            here = []
-            for i in ri.options[h]:
-                o = opts[i]
-                if o.stage != "diffuse":
-                    continue
-                if o.var_q:
-                    # completes the request: S_before + q = rem (<= rem by the cap)
-                    model.add(_sum(model, before) + v.qv[i] >= ri.rem).only_enforce_if(v.x[i])
-                    here.append((v.qv[i], 1))
-                else:
-                    here.append((v.x[i], o.q))
-            before += here
-        if ri.steps_cap_needed and before:
-            model.add(_sum(model, before) <= ri.rem)
+    var = {"x": v.x.__getitem__, "q": v.qv.__getitem__}
+    for kind, terms, i, rem in step_rows(ro):
+        done = _sum(model, [(var[k](j), c) for k, j, c in terms])
+        if kind == "complete":
+            model.add(done + v.qv[i] >= rem).only_enforce_if(v.x[i])
+        else:
+            model.add(done <= rem)
 
 
 def groups(model: cp_model.CpModel, ro: RoundOptions, v: Variables) -> None:
