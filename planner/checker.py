@@ -26,6 +26,17 @@ def check_plan(state: PlannerState, plan: RoundPlan) -> list[str]:
     used_reqs: set[str] = set()
     resident = state.resident_bytes()
     weights = state.weight_bytes()
+    for rid, reason in plan.rejections:
+        st = by_id.get(rid)
+        if st is None:
+            problems.append(f"rejection of {rid!r}: not a live request")
+        elif st.in_flight:
+            problems.append(f"rejection of {rid!r}: it has work in flight")
+        elif not reason:
+            problems.append(f"rejection of {rid!r}: no reason given")
+        if rid in used_reqs:
+            problems.append(f"rejection of {rid!r}: rejected twice")
+        used_reqs.add(rid)
     for i, a in enumerate(plan.assignments):
         tag = f"assignment {i} ({a.stage.value} {list(a.request_ids)} on {list(a.gpus)})"
         if not a.request_ids:

@@ -51,6 +51,9 @@ def summarize(result: SimResult) -> dict:
         "migrations": sum(s.migrations for s in reqs),
         "requests": len(reqs),
         "finished": len(finished),
+        "late_finished": sum(not met(s) for s in finished),
+        "rejected": sum(s.state is RequestState.FAILED and s.rejected is not None
+                        and not s.rejected.startswith("unfinished") for s in reqs),
         "solver_ms": solver,
         "plans": result.plans,
         "fallbacks": result.fallbacks,
@@ -66,8 +69,11 @@ def timeline_records(result: SimResult) -> list[dict]:
                     "gpus": list(seg.gpus), "sp": seg.sp, "steps": seg.steps,
                     "start": _r(seg.start), "end": _r(seg.end)})
     for s in result.requests:
-        out.append({"type": "request", "id": s.id, "arrival": _r(s.request.arrival),
-                    "deadline": _r(s.request.deadline), "finish": _r(s.finish), "met": met(s)})
+        rec = {"type": "request", "id": s.id, "arrival": _r(s.request.arrival),
+               "deadline": _r(s.request.deadline), "finish": _r(s.finish), "met": met(s)}
+        if s.rejected is not None:
+            rec["rejected"] = s.rejected
+        out.append(rec)
     return out
 
 

@@ -34,3 +34,5 @@ class RoundPlan:
     solver: str = ""
     fallback: bool = False
     stats: dict = field(default_factory=dict, compare=False)
+    # Requests ended now, with the reason (``--late reject``: they cannot meet their deadline).
+    rejections: tuple[tuple[str, str], ...] = ()

@@ -18,8 +18,9 @@ from models.catalog import get_model
 from planner.request import RequestState, RequestStatus
 from planner.state import PlannerState
 
-FORMAT = "ditplan.round-problem/1"
-_INT_KEYED = ("step_s", "batch_step_s", "move_s", "act_bytes")
+FORMAT = "ditplan.round-problem/2"
+_INT_KEYED = ("step_s", "move_s", "act_bytes", "batch_encode_s", "batch_decode_s")
+_INT_KEYED2 = ("batch_step_s",)  # batch size -> SP degree -> seconds
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class ProblemRequest:
     encode_s: float
     decode_s: float
     step_s: dict[int, float]  # legal SP degree -> seconds per step (batch 1)
-    batch_step_s: dict[int, float]  # legal SP degree -> seconds per step at max_batch
+    batch_step_s: dict[int, dict[int, float]]  # batch size 2..max_batch -> SP degree -> seconds per step
+    batch_encode_s: dict[int, float]  # batch size 2..max_batch -> seconds of a batched encode
+    batch_decode_s: dict[int, float]  # ... of a batched decode
     latent_gpus: tuple[int, ...]  # where its latent lives (empty: nowhere yet)
     move_s: dict[int, float]  # node -> seconds to move the latent onto another block there
     sp_prev: int  # degree of its last diffuse segment (0: none)
@@ -46,6 +49,7 @@ class ProblemRequest:
     # one in ``RoundProblem.in_flight``, when its running segment ends (its
     # stage and remaining steps are those after that segment).
     ready_in: float = 0.0
+    steps_done: int = 0
 
     @property
     def fastest_step_s(self) -> float:
@@ -69,14 +73,13 @@ class ProblemGpu:
 class RoundProblem:
     now: float
     round_s: float
-    horizon: int  # rounds a receding-horizon backend looks ahead
     requests: tuple[ProblemRequest, ...]
     gpus: tuple[ProblemGpu, ...]
     nodes: tuple[tuple[int, ...], ...]
     meta: dict = field(default_factory=dict, compare=False)
-    # Requests with work running now (not assignable this round); a
-    # receding-horizon backend plans their later rounds so that future
-    # capacity is not overestimated. Decoding requests are left out.
+    # Requests with work running now (not assignable now); the schedule
+    # plans their remaining work from when it ends (``ready_in``), so that
+    # future capacity is not overestimated. Decoding requests are left out.
     in_flight: tuple[ProblemRequest, ...] = ()
 
     @property
@@ -89,6 +92,8 @@ class RoundProblem:
         for r in (*d["requests"], *d["in_flight"]):  # JSON object keys are strings
             for key in _INT_KEYED:
                 r[key] = {str(k): v for k, v in r[key].items()}
+            for key in _INT_KEYED2:
+                r[key] = {str(b): {str(k): v for k, v in row.items()} for b, row in r[key].items()}
         return d
 
     @classmethod
@@ -99,17 +104,19 @@ class RoundProblem:
             r = dict(r)
             for key in _INT_KEYED:
                 r[key] = {int(k): v for k, v in r[key].items()}
+            for key in _INT_KEYED2:
+                r[key] = {int(b): {int(k): v for k, v in row.items()} for b, row in r[key].items()}
             r["latent_gpus"] = tuple(r["latent_gpus"])
             return ProblemRequest(**r)
 
-        return cls(now=d["now"], round_s=d["round_s"], horizon=d["horizon"],
+        return cls(now=d["now"], round_s=d["round_s"],
                    requests=tuple(request(r) for r in d["requests"]),
                    gpus=tuple(ProblemGpu(**g) for g in d["gpus"]),
                    nodes=tuple(tuple(n) for n in d["nodes"]), meta=d.get("meta", {}),
                    in_flight=tuple(request(r) for r in d.get("in_flight", ())))
 
 
-def build_problem(state: PlannerState, horizon: int = 1) -> RoundProblem:
+def build_problem(state: PlannerState) -> RoundProblem:
     """The round problem of ``state``: its waiting requests, its GPUs, and its in-flight requests."""
     cluster, cost = state.cluster, state.cost
     resident = state.resident_bytes()
@@ -119,7 +126,7 @@ def build_problem(state: PlannerState, horizon: int = 1) -> RoundProblem:
                       if st.in_flight and st.next_stage is not None and st.state is not RequestState.DECODING)
     gpus = tuple(ProblemGpu(g.index, g.node, max(0.0, state.gpu_free_at[g.index] - state.now),
                             g.memory - weights - resident[g.index]) for g in cluster.gpus)
-    return RoundProblem(state.now, state.round_s, horizon, reqs, gpus, cluster.nodes, in_flight=in_flight)
+    return RoundProblem(state.now, state.round_s, reqs, gpus, cluster.nodes, in_flight=in_flight)
 
 
 def _problem_request(state: PlannerState, st: RequestStatus) -> ProblemRequest:
@@ -138,12 +145,14 @@ def _problem_request(state: PlannerState, st: RequestStatus) -> ProblemRequest:
         batch_key=f"{r.model}|{r.shape}|{r.steps}", max_batch=mb,
         encode_s=cost.encode_time(spec, r.shape), decode_s=cost.decode_time(spec, r.shape),
         step_s={k: cost.step_time(spec, r.shape, k, 1, bw[k]) for k in degrees},
-        batch_step_s={k: cost.step_time(spec, r.shape, k, mb, bw[k]) for k in degrees},
+        batch_step_s={b: {k: cost.step_time(spec, r.shape, k, b, bw[k]) for k in degrees} for b in range(2, mb + 1)},
+        batch_encode_s={b: cost.encode_time(spec, r.shape, b) for b in range(2, mb + 1)},
+        batch_decode_s={b: cost.decode_time(spec, r.shape, b) for b in range(2, mb + 1)},
         latent_gpus=tuple(st.latent_gpus),
         move_s={n: _move_s(state, st, node) for n, node in enumerate(cluster.nodes)},
         sp_prev=st.sp, was_running=st.id in state.just_paused,
         act_bytes={k: spec.activation_bytes(r.shape, k) for k in degrees},
-        latent_bytes=spec.latent_bytes(r.shape), ready_in=ready_in)
+        latent_bytes=spec.latent_bytes(r.shape), ready_in=ready_in, steps_done=st.steps_done)
 
 
 def _move_s(state: PlannerState, st: RequestStatus, node: tuple[int, ...]) -> float:

@@ -13,7 +13,7 @@ class RequestState(str, enum.Enum):
     PAUSED = "paused"  # has progress (embeddings/latent resident on a GPU), not in flight
     DECODING = "decoding"  # VAE decode in flight
     DONE = "done"
-    FAILED = "failed"
+    FAILED = "failed"  # rejected (see RequestStatus.rejected) or unfinished when a run ended
 
 
 class Stage(str, enum.Enum):
@@ -60,6 +60,7 @@ class RequestStatus:
     preemptions: int = 0
     sp_changes: int = 0
     migrations: int = 0
+    rejected: str | None = None  # why the planner ended it unfinished
     history: list = field(default_factory=list, repr=False)
 
     @property

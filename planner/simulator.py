@@ -149,6 +149,10 @@ class Simulator:
                 problems = check_plan(state, plan)
                 if problems:
                     raise PlanViolation(f"policy {self.policy.name!r} at t={now:.3f}s: " + "; ".join(problems))
+            for rid, reason in plan.rejections:
+                st = live.pop(rid)
+                st.state, st.rejected = RequestState.FAILED, reason
+                done += 1
             for a in plan.assignments:
                 seg = self._start(a, now, statuses, gpu_free_at, rng)
                 segments.append(seg)
@@ -171,6 +175,7 @@ class Simulator:
         for st in order:
             if st.live:  # unfinished when the run ended: a miss
                 st.state = RequestState.FAILED
+                st.rejected = "unfinished when the simulation ended"
         return SimResult(self.policy.name, order, segments, solver_ms, fallbacks, plans, now, round_problems)
 
     def _start(self, a: Assignment, now: float, statuses: dict[str, RequestStatus],

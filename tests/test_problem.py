@@ -13,7 +13,7 @@ def test_round_problem_captures_state_and_round_trips_through_json(tmp_path):
                           encoded=True, steps_done=10, latent_gpus=(0, 1), sp=2)
     state = PlannerState(5.0, cluster, cost, [fresh, moved], [0.0] * 4 + [9.0] * 4,
                          ("flux-dev", "cogvideox-5b"), 2.0, frozenset({"b"}))
-    p = build_problem(state, horizon=3)
+    p = build_problem(state)
     a, b = p.requests
     assert (a.stage, b.stage) == ("encode", "diffuse")
     assert a.deadline == 25.0 and b.remaining_steps == 40 and b.was_running and not a.was_running

@@ -1,4 +1,4 @@
-"""The round formulation and its backends: brute force, cross-backend optima, plans, fallbacks.
+"""The schedule model and its backends: brute force, cross-backend optima, plans, on-time claims.
 
 No timed assertions: solver time limits are only set where a test wants
 the time-out path.
@@ -15,15 +15,16 @@ from models.catalog import Shape, get_model
 from models.cost import CostModel
 from planner.checker import check_plan, check_timeline
 from planner.cluster import parse_cluster
-from planner.metrics import summarize, timeline_records
+from planner.metrics import met, summarize, timeline_records
 from planner.policies import make_policy, policy_names
 from planner.policies.solver import CpSatPolicy
 from planner.problem import RoundProblem, build_problem
 from planner.request import Request, RequestState, RequestStatus
 from planner.simulator import SimConfig, Simulator
-from planner.solvers import SolveStatus, build_options, evaluate, milp, to_plan
-from planner.solvers.cpsat import solve as cpsat_solve
+from planner.solvers import cpsat, milp
+from planner.solvers.data import Alt, Job, ScheduleData, ScheduleParams, Weights, build_schedule
 from planner.solvers.greedy import greedy
+from planner.solvers.solution import SolveStatus, evaluate
 from planner.state import PlannerState
 from planner.whatif import to_requests
 from planner.workloads import generate
@@ -31,6 +32,8 @@ from planner.workloads import generate
 COST = CostModel("H100")
 KINDS = [("sd3-medium", Shape(1024, 1024), 28), ("flux-dev", Shape(512, 512), 28),
          ("cogvideox-5b", Shape(480, 720, 17), 50), ("sdxl", Shape(1024, 1024), 30)]
+# Tiers close together keep the MILP's floating-point objective exact on small instances.
+SMALL = Weights(on_time=10_000_000, preemption=100_000, migration=100_000, gpu_ms=1, finish_ms=1)
 
 
 # --- tiny random states -----------------------------------------------------------------
@@ -73,71 +76,100 @@ def random_state(seed: int) -> PlannerState:
     return PlannerState(now, cluster, COST, statuses, free, served, rng.choice([1.0, 2.0]), frozenset(paused))
 
 
-def brute_force(ro, limit: int = 20_000) -> int | None:
-    """Best objective over every choice of at most one option per request per round (None: too many)."""
-    per = []
-    for ri in ro.reqs:
-        combos = [()]
-        for h in range(ro.horizon):
-            combos = [c + (o,) for c in combos for o in [None, *ri.options[h]]]
-        per.append([tuple(i for i in c if i is not None) for c in combos])
-    total = 1
-    for p in per:
-        total *= len(p)
-    if total > limit:
-        return None
+
+# --- hand-made schedule data, brute force -------------------------------------------------------
+def _alt(block, span, latest, lead=0, diff=None, migrate=False):
+    diff = span if diff is None else diff
+    return Alt(tuple(block), lead, diff if len(block) > 1 else 0, span, latest,
+               span + (len(block) - 1) * (diff if len(block) > 1 else 0), migrate, 0.1, 0.0)
+
+
+def random_data(seed: int) -> ScheduleData:
+    """2-3 jobs on 2 GPUs with tiny integer durations, a batch sharing a member, a busy GPU."""
+    rng = random.Random(seed)
+    n = rng.randint(2, 3)
+    jobs = []
+    for j in range(n):
+        alts = []
+        for blk in rng.sample([(0,), (1,), (0, 1)], rng.randint(1, 3)):
+            span = rng.randint(2, 5) if len(blk) == 1 else rng.randint(1, 3)
+            alts.append(_alt(blk, span + 1, rng.randint(0, 7), lead=1 if len(blk) > 1 else 0,
+                             diff=span, migrate=rng.random() < 0.2))
+        jobs.append(Job(j, (f"r{j}",), "diffuse", 5, rng.choice([0, 0, 1]), 1.0, tuple(alts),
+                        int(rng.random() < 0.4), False))
+    if rng.random() < 0.5:  # a batch of r0 and r1
+        jobs.append(Job(n, ("r0", "r1"), "diffuse", 5, 0, 1.0, (_alt((0,), 4, rng.randint(0, 6)),), 0, False))
+    members: dict[str, list[int]] = {}
+    for job in jobs:
+        for rid in job.ids:
+            members.setdefault(rid, []).append(job.index)
+    busy = {0: 0, 1: rng.choice([0, 0, 2])}
+    return ScheduleData((0, 1), busy, tuple(jobs), {k: tuple(v) for k, v in members.items()}, SMALL, 16)
+
+
+def brute_force(data: ScheduleData) -> int:
+    """Best objective over every choice of absent / (alternative, start tick) per job."""
+    choices = []
+    for job in data.jobs:
+        opts = [None] + [(a, s) for a, alt in enumerate(job.alts) for s in range(job.release, alt.latest + 1)]
+        choices.append(opts)
     best = None
-    for pick in itertools.product(*per):
-        ev = evaluate(ro, [i for c in pick for i in c])
+    for combo in itertools.product(*choices):
+        placed = {j: c for j, c in enumerate(combo) if c is not None}
+        ev = evaluate(data, placed)
         if ev.feasible and (best is None or ev.objective > best):
             best = ev.objective
     return best
 
 
-# Limits for solves whose optimum is asserted: these tests check optima, not speed,
-# and a loaded 2-core CI machine must not turn a time limit into a failure.
-EXACT_LIMIT_S = 120.0
+@pytest.mark.parametrize("seed", range(12))
+def test_cpsat_and_cbc_optimum_equals_brute_force(seed):
+    data = random_data(seed)
+    want = brute_force(data)
+    sol = cpsat.solve(data, 5.0)
+    assert sol.status is SolveStatus.OPTIMAL and sol.objective == want
+    assert evaluate(data, sol.placed).objective == want  # the model and the evaluation agree
+    cbc = milp.solve(data, 20.0, solver="cbc")
+    assert cbc.status is SolveStatus.OPTIMAL and cbc.objective == want
+    assert evaluate(data, cbc.placed).feasible
 
 
-# --- the formulation against brute force ---------------------------------------------------
-@pytest.mark.parametrize("horizon,seeds", [(1, range(0, 24)), (2, range(100, 110))])
-def test_cpsat_and_cbc_optimum_equals_brute_force_on_tiny_instances(horizon, seeds):
-    checked = 0
-    for seed in seeds:
-        ro = build_options(build_problem(random_state(seed), horizon))
-        best = brute_force(ro)
-        if best is None:
-            continue
-        sol = cpsat_solve(ro, time_limit_s=10.0)
-        assert sol.status is SolveStatus.OPTIMAL, seed
-        assert sol.objective == best, seed
-        ev = evaluate(ro, sol.chosen, sol.q)
-        assert ev.feasible and ev.objective == best, (seed, ev.problems)
-        cbc = milp.solve(ro, EXACT_LIMIT_S, solver="cbc")
-        assert cbc.status is SolveStatus.OPTIMAL and cbc.objective == best, seed
-        checked += 1
-    assert checked >= len(seeds) // 2
+def _small(seed: int) -> list[ScheduleData]:
+    state = random_state(seed)
+    p = build_problem(state)
+    return [build_schedule(p, gpus=node, params=ScheduleParams(weights=SMALL))[0] for node in p.nodes
+            ] if len(p.nodes) > 1 else [build_schedule(p, params=ScheduleParams(weights=SMALL))[0]]
 
 
 def test_cpsat_cbc_and_highs_agree_on_small_instances():
-    for seed in (3, 7, 104):
-        ro = build_options(build_problem(random_state(seed), 2))
-        a = cpsat_solve(ro, time_limit_s=10.0)
-        b = milp.solve(ro, EXACT_LIMIT_S, solver="cbc")
-        c = milp.solve(ro, EXACT_LIMIT_S, solver="highs")
-        assert {a.status, b.status, c.status} == {SolveStatus.OPTIMAL}, seed
-        assert a.objective == b.objective == c.objective, seed
+    checked = 0
+    for seed in range(8):
+        for data in _small(seed):
+            if not data.jobs or sum(len(j.alts) for j in data.jobs) > 12:
+                continue
+            a = cpsat.solve(data, 10.0)
+            b = milp.solve(data, 30.0, solver="cbc")
+            c = milp.solve(data, 30.0, solver="highs")
+            assert a.status is SolveStatus.OPTIMAL, seed
+            for other in (b, c):
+                assert other.status is SolveStatus.OPTIMAL, (seed, other.backend)
+                assert other.objective == a.objective, (seed, other.backend)
+                assert evaluate(data, other.placed).objective == a.objective
+            checked += 1
+    assert checked >= 4
 
 
-def test_greedy_warm_start_is_feasible_in_the_model():
-    for seed in range(30):
-        ro = build_options(build_problem(random_state(seed), 3))
-        chosen, q = greedy(ro)
-        ev = evaluate(ro, chosen, q)
-        assert ev.feasible, (seed, ev.problems)
+def test_greedy_warm_start_is_feasible_and_never_beats_the_optimum():
+    for seed in range(20):
+        for data in _small(seed):
+            g = greedy(data)
+            ev = evaluate(data, g.placed)
+            assert ev.feasible, (seed, ev.problems)
+            assert ev.objective == g.objective
+            opt = cpsat.solve(data, 5.0, g)
+            assert opt.status is SolveStatus.OPTIMAL and opt.objective >= g.objective
 
 
-# --- plans ----------------------------------------------------------------------------------
 def test_every_plan_passes_the_checker_for_each_backend():
     policies = [make_policy(n) for n in ("cpsat", "milp")]
     for seed in range(25):
@@ -145,7 +177,7 @@ def test_every_plan_passes_the_checker_for_each_backend():
         for pol in policies:
             plan = pol.plan(state)
             assert check_plan(state, plan) == [], (seed, pol.name, plan)
-            assert not plan.fallback, (seed, pol.name, plan.stats)
+            assert "fallback_reason" not in plan.stats, (seed, pol.name, plan.stats)
 
 
 def test_a_running_request_keeps_its_block_and_an_urgent_image_gets_a_free_one():
@@ -163,37 +195,48 @@ def test_a_running_request_keeps_its_block_and_an_urgent_image_gets_a_free_one()
     assert set(by_id["i"].gpus) <= {0, 1}
 
 
-def test_idle_gpus_always_get_best_effort_work():
-    """A request that can no longer make it still runs on an idle cluster: on its own block
-    (moving it would be a migration), though its block's degree is not its most efficient one."""
-    cluster = parse_cluster("8xH100")
+def test_a_late_request_runs_only_in_capacity_no_on_time_request_needs():
+    """On a busy cluster the late video gets nothing while an on-time image needs the GPUs; on an
+    idle one it runs one step at a time (preemptible at the next step boundary) on its own block."""
+    cluster = parse_cluster("2xH100")
     late = RequestStatus(Request("v", "cogvideox-5b", Shape(480, 720, 49), 50, 0.0, 1.0),
-                         state=RequestState.PAUSED, encoded=True, steps_done=16, latent_gpus=(4, 5), sp=2)
-    fresh = RequestStatus(Request("i", "sd3-medium", Shape(1024, 1024), 28, 0.0, 2.0),
-                          state=RequestState.PAUSED, encoded=True, latent_gpus=(0,))
-    state = PlannerState(60.0, cluster, COST, [late, fresh], [0.0] * 8, ("cogvideox-5b", "sd3-medium"), 2.0)
+                         state=RequestState.PAUSED, encoded=True, steps_done=16, latent_gpus=(0, 1), sp=2)
+    ideal = COST.ideal_latency(get_model("sd3-medium"), Shape(1024, 1024), 28, 2)
+    urgent = RequestStatus(Request("i", "sd3-medium", Shape(1024, 1024), 28, 60.0, 60.0 + ideal))
+    state = PlannerState(60.0, cluster, COST, [late, urgent], [0.0] * 2, ("cogvideox-5b", "sd3-medium"), 2.0)
     plan = make_policy("cpsat").plan(state)
     assert check_plan(state, plan) == []
-    assert {a.request_ids[0] for a in plan.assignments} == {"v", "i"}
-    assert next(a for a in plan.assignments if a.request_ids == ("v",)).gpus == (4, 5)
-
-
-def test_problem_with_in_flight_requests_round_trips_through_json():
-    state = random_state(1)
-    p = build_problem(state, 3)
-    assert RoundProblem.from_dict(p.to_dict()) == p
-    running = [s for s in state.requests if s.in_flight]
-    assert [r.id for r in p.in_flight] == [s.id for s in running]
-    assert all(r.ready_in > 0 for r in p.in_flight)
+    assert [a.request_ids for a in plan.assignments] == [("i",)]  # the image's encode; its block stays free
+    alone = PlannerState(60.0, cluster, COST, [late], [0.0] * 2, ("cogvideox-5b",), 2.0)
+    plan = make_policy("cpsat").plan(alone)
+    (a,) = plan.assignments
+    assert a.request_ids == ("v",) and a.gpus == (0, 1) and a.steps == 1
 
 
 def test_nothing_to_plan_is_optimal_and_empty():
+    data = ScheduleData((0, 1), {0: 0, 1: 0}, (), {})
+    sol = cpsat.solve(data)
+    assert sol.status is SolveStatus.OPTIMAL and sol.placed == {}
     cluster = parse_cluster("2xH100")
     state = PlannerState(0.0, cluster, COST, [], [0.0, 0.0], ("flux-dev",), 2.0)
-    ro = build_options(build_problem(state, 3))
-    sol = cpsat_solve(ro)
-    assert sol.status is SolveStatus.OPTIMAL and sol.chosen == ()
-    assert to_plan(ro, sol, "cpsat").assignments == ()
+    assert make_policy("cpsat").plan(state).assignments == ()
+
+
+def test_batching_shares_one_forward_pass_when_it_keeps_more_requests_on_time():
+    """Four identical images, one GPU, deadlines that one batch meets and one-by-one does not."""
+    cluster = parse_cluster("1xH100")
+    shape = Shape(512, 512)
+    spec = get_model("sd3-medium")
+    alone = COST.ideal_latency(spec, shape, 28, 1)
+    batch = COST.encode_time(spec, shape, 4) + 28 * COST.step_time(spec, shape, 1, 4) + COST.decode_time(spec, shape, 4)
+    assert batch < 2 * alone  # so four in one batch beat four in a row
+    reqs = [RequestStatus(Request(f"r{i}", "sd3-medium", shape, 28, 0.0, 1.05 * batch)) for i in range(4)]
+    state = PlannerState(0.0, cluster, COST, reqs, [0.0], ("sd3-medium",), 2.0)
+    plan = make_policy("cpsat").plan(state)
+    assert check_plan(state, plan) == []
+    assert [sorted(a.request_ids) for a in plan.assignments] == [["r0", "r1", "r2", "r3"]]
+    result = Simulator(cluster, COST, make_policy("cpsat")).run([r.request for r in reqs])
+    assert summarize(result)["slo_attainment"] == 1.0
 
 
 # --- simulations -------------------------------------------------------------------------------
@@ -207,24 +250,56 @@ def _timeline_ok(requests, cluster, result) -> list[str]:
 def test_cpsat_simulation_over_a_random_trace_passes_the_timeline_checker():
     cluster = parse_cluster("8xH100")
     requests = to_requests(generate("genserve-mixed", n=40, rate=1.0, seed=3), COST, cluster, 2.5)
-    result = Simulator(cluster, COST, exact_cpsat(), SimConfig(seed=3)).run(requests)
+    result = Simulator(cluster, COST, make_policy("cpsat"), SimConfig(seed=3)).run(requests)
     assert _timeline_ok(requests, cluster, result) == []
     assert result.fallbacks == 0
-    assert sum(st.finish is not None for st in result.requests) == len(requests)
+    assert all(st.state is RequestState.DONE for st in result.requests)  # every request terminal: done
 
 
-def exact_cpsat() -> CpSatPolicy:
-    """The default cpsat policy, but only its deterministic budget may stop a solve:
-    a loaded test machine must not trip the wall-clock net and change outcomes."""
-    return CpSatPolicy(wall_safety=1000.0)
+@pytest.mark.parametrize("model,shape,steps", [("flux-dev", Shape(2048, 2048), 28), ("flux-dev", Shape(256, 256), 28),
+                                               ("sd3-medium", Shape(1024, 1024), 28),
+                                               ("cogvideox-5b", Shape(480, 720, 49), 50)])
+def test_a_zero_slack_request_is_served_on_time_on_an_idle_cluster(model, shape, steps):
+    cluster = parse_cluster("8xH100")
+    ideal = COST.ideal_latency(get_model(model), shape, steps, 8)
+    req = Request("z", model, shape, steps, 3.217, 3.217 + ideal)  # slo scale 1.0: exactly zero slack
+    result = Simulator(cluster, COST, make_policy("cpsat")).run([req])
+    (st,) = result.requests
+    assert met(st), (st.finish, req.deadline)
 
 
-def test_a_tiny_time_limit_still_plans_every_round_by_falling_back():
+def test_on_time_claims_hold_in_seconds():
+    """All requests known at t = 0, no noise: what the first plan claims on time is met."""
+    cluster = parse_cluster("4xH100")
+    records = generate("genserve-mixed", n=14, rate=1e6, seed=5)  # everything arrives at once
+    requests = to_requests(records, COST, cluster, 1.6)
+    claims = []
+    policy = make_policy("cpsat")
+    result = Simulator(cluster, COST, policy, on_plan=lambda s, p: claims.append(p.stats.get("on_time"))).run(requests)
+    met_n = sum(met(st) for st in result.requests)
+    assert 0 < claims[0] <= met_n < len(requests)  # a loaded instance, and no claim was broken
+
+
+def test_late_reject_ends_lost_requests_with_a_reason():
+    cluster = parse_cluster("2xH100")
+    requests = to_requests(generate("tetriserve-skewed", n=30, rate=3.0, seed=2), COST, cluster, 1.2)
+    result = Simulator(cluster, COST, CpSatPolicy(late="reject")).run(requests)
+    rejected = [st for st in result.requests if st.state is RequestState.FAILED]
+    assert rejected and all(st.rejected and "deadline" in st.rejected for st in rejected)
+    assert all(st.state is RequestState.DONE for st in result.requests if st not in rejected)
+    s = summarize(result)
+    assert s["rejected"] == len(rejected) and s["finished"] + s["rejected"] == len(requests)
+    served = summarize(Simulator(cluster, COST, CpSatPolicy()).run(requests))
+    assert served["rejected"] == 0 and served["finished"] == len(requests) and served["late_finished"] > 0
+    with pytest.raises(ValueError, match="late"):
+        CpSatPolicy(late="drop")
+
+
+def test_a_tiny_time_limit_still_gives_valid_plans():
     cluster = parse_cluster("4xH100")
     requests = to_requests(generate("tetriserve-uniform", n=15, rate=2.0, seed=1), COST, cluster, 3.0)
-    policy = CpSatPolicy(time_limit_s=1e-4)
+    policy = CpSatPolicy(time_limit_s=1e-6)
     result = Simulator(cluster, COST, policy, SimConfig(seed=1)).run(requests)  # checks every plan
-    assert result.fallbacks > 0
     assert _timeline_ok(requests, cluster, result) == []
     assert all(st.finish is not None for st in result.requests)
 
@@ -246,7 +321,7 @@ def test_genserve_figure_1_cpsat_pauses_videos_for_urgent_images():
     fcfs = summarize(Simulator(cluster, COST, make_policy("fcfs-sp1")).run(requests))
     assert fcfs["slo_attainment_by_kind"] == {"image": 0.0, "video": 1.0}
 
-    result = Simulator(cluster, COST, exact_cpsat()).run(requests)
+    result = Simulator(cluster, COST, make_policy("cpsat")).run(requests)
     s = summarize(result)
     assert s["slo_attainment"] == 1.0 and s["finished"] == 7
     assert s["preemptions"] > 0
@@ -256,3 +331,17 @@ def test_genserve_figure_1_cpsat_pauses_videos_for_urgent_images():
 
 def test_solver_policies_are_registered():
     assert {"cpsat", "milp", "milp-highs"} <= set(policy_names())
+
+
+def test_scopes_keep_latents_on_their_node_and_balance_fresh_work():
+    from planner.policies.solver import scopes
+
+    cluster = parse_cluster("2x4xH100")
+    pinned = RequestStatus(Request("p", "flux-dev", Shape(1024, 1024), 28, 0.0, 50.0), state=RequestState.PAUSED,
+                           encoded=True, steps_done=3, latent_gpus=(4, 5), sp=2)
+    fresh = [RequestStatus(Request(f"f{i}", "flux-dev", Shape(1024, 1024), 28, 0.0, 50.0 + i)) for i in range(4)]
+    state = PlannerState(1.0, cluster, COST, [pinned, *fresh], [0.0] * 8, ("flux-dev",), 2.0)
+    out = dict(scopes(build_problem(state)))
+    assert {r.id for r in out[(4, 5, 6, 7)]} >= {"p"}
+    sizes = sorted(len(v) for v in out.values())
+    assert sizes == [2, 3]  # the fresh requests split around the pinned one

@@ -1,184 +1,201 @@
-"""Solver policies: ``cpsat`` (receding horizon, CP-SAT), ``milp`` / ``milp-highs`` (PuLP).
+"""Solver policies: ``cpsat`` (the schedule model on CP-SAT), ``milp`` / ``milp-highs`` (PuLP).
 
-Each plan: build the RoundProblem of the state (requests just paused at a
-step boundary are marked, so not continuing them counts as a preemption),
-enumerate options, solve with a time limit, place the committed round on
-aligned blocks, and check the plan with the independent checker. If the
-solver finds no solution in time, raises, or the plan would not pass the
-checker, the round falls back to the ``tetriserve-dp`` plan with
-``RoundPlan.fallback = True`` (the simulator counts fallbacks), so no round
-is ever missed.
+Every plan call solves the schedule of *all remaining work of every live
+request* (``planner/solvers/data.py``) and commits only what starts now
+(``planner/solvers/commit.py``):
 
-Warm start: the previous solve's plan for round h+1 of each request is a
-candidate hint for round h now; CP-SAT gets the better of it and a greedy
-solution (``solvers/greedy.py``) as a complete hint (``add_hint``).
+1. build the RoundProblem of the state;
+2. split it into scopes: one per node. A request whose latent lives on a
+   node stays there; a fresh one goes to the node with the least work per
+   GPU (earliest deadline first). A one-node cluster is one scope. Only
+   scopes with an idle GPU are solved: nothing else can start now;
+3. per scope: build the schedule data, warm-start from the better of the EDF
+   list schedule and the list schedule that follows the previous plan, solve
+   within a deterministic limit, commit the on-time work that starts now;
+4. fill the GPUs the schedule leaves idle with best-effort work, and reject
+   lost requests when ``late="reject"``;
+5. check the plan with the independent checker.
 
-Time limit and reproducibility: ``time_limit_s`` (default 0.01) is CP-SAT's
-*deterministic* time with one worker and a fixed seed, so a simulation
-replays exactly for a seed (``whatif``'s same-seed, same-output promise);
-the wall clock (4x the limit) is only a safety net, and
-``RoundPlan.stats['wall_limited']`` says when it fired. On the 2-core
-development machine 0.01 deterministic units are about 40-60 ms of search
-at most; most rounds are proven optimal well before.
+A solve with no solution uses the list schedule (``RoundPlan.fallback``, and
+the simulator counts it); an exception or a plan the checker rejects falls
+back to the ``tetriserve-dp`` plan. No round is ever missed.
 
-Large instances: the model grows with requests x options x rounds. The
-policy builds the horizon model, and when it has more than ``max_options``
-options (or ``requests x horizon`` passes ``large_threshold``, which skips
-the attempt) it plans with ``H = 1`` instead: TetriServe's one-round view,
-still solved exactly with batching, pinning, the buddy constraint and the
-demand bounds, and near-optimal within a few ms at 8 GPUs / 64 requests and
-within ~100-200 ms at 128 GPUs / 1,000 requests on a 2-core machine
-(whole plan calls: p99 8-45 ms at 8 GPUs / 50-80 live requests, 157-189 ms
-at 128 GPUs / 900-950 live requests). Options
-are enumerated once (exact dominance pruning; best effort near its most
-efficient degree), so the one-round model stays small even when most
-requests are waiting (see ``planner/solvers/options.py``).
-
-``RoundPlan.stats``: ``status``, ``objective``, ``bound``, ``wall_ms``
-(whole plan call), ``solve_ms``, ``horizon``, ``options``, ``wall_limited``,
-``deferred_for_short_stages`` (see ``solvers/convert.py``), and
-``fallback_reason`` when it fell back.
+Determinism: CP-SAT runs on its deterministic time with one worker and a
+fixed seed, so a simulation repeats byte for byte for a seed whatever the
+machine's load. ``wall_limit_s`` (off by default) adds a wall-clock cap for
+the service, where real time rules; ``stats['wall_limited']`` says when it
+fired.
 """
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 from planner.checker import check_plan
 from planner.plan import RoundPlan
 from planner.policies.base import make_policy, register
-from planner.problem import RoundProblem, build_problem
-from planner.solvers import milp
-from planner.solvers.convert import to_plan
-from planner.solvers.cpsat import solve as cpsat_solve
-from planner.solvers.options import RoundOptions, Weights, build_options
-from planner.solvers.solution import Solution
+from planner.problem import ProblemRequest, RoundProblem, build_problem
+from planner.solvers import cpsat, milp
+from planner.solvers.commit import LATE_MODES, commit_on_time, fill_best_effort, idle_gaps, rejections
+from planner.solvers.data import TICK_S, ScheduleData, ScheduleParams, build_schedule, has_latent, kept_degrees
+from planner.solvers.greedy import greedy
+from planner.solvers.solution import Schedule, evaluate
 from planner.state import PlannerState
 
 
-def _signature(ro: RoundOptions, i: int) -> tuple:
-    o = ro.options[i]
-    return (o.stage, o.k, o.pin is not None, o.group >= 0, o.var_q)
+def _work_s(pr: ProblemRequest) -> float:
+    """GPU-seconds of the request's remaining work at its most GPU-efficient degree."""
+    step = min(k * s for k, s in pr.step_s.items() if k in kept_degrees(pr.step_s))
+    enc = pr.encode_s if pr.stage == "encode" else 0.0
+    return enc + (pr.remaining_steps * step if pr.stage != "decode" else 0.0) + pr.decode_s
 
 
-class SolverPolicy:
+def scopes(problem: RoundProblem, skip: set[str] = frozenset()) -> list[tuple[tuple[int, ...], list[ProblemRequest]]]:
+    """(GPUs, requests) per node: latents stay on their node, fresh requests balance the work per GPU."""
+    nodes = problem.nodes
+    everyone = [r for r in (*problem.requests, *problem.in_flight) if r.id not in skip]
+    if len(nodes) == 1:
+        return [(tuple(nodes[0]), everyone)]
+    node_of = {g: n for n, node in enumerate(nodes) for g in node}
+    free_in = {g.index: g.free_in for g in problem.gpus}
+    load = [sum(free_in[g] for g in node) for node in nodes]
+    out: list[list[ProblemRequest]] = [[] for _ in nodes]
+    fresh = []
+    for r in everyone:
+        bound = has_latent(r) or r.stage == "decode" or r.id not in {q.id for q in problem.requests}
+        if bound and r.latent_gpus:
+            n = node_of[r.latent_gpus[0]]
+            out[n].append(r)
+            load[n] += _work_s(r)
+        else:
+            fresh.append(r)
+    for r in sorted(fresh, key=lambda r: (r.deadline, r.id)):
+        n = min(range(len(nodes)), key=lambda n: (load[n] / len(nodes[n]), n))
+        out[n].append(r)
+        load[n] += _work_s(r)
+    return [(tuple(nodes[n]), out[n]) for n in range(len(nodes)) if out[n]]
+
+
+class SchedulePolicy:
+    """The schedule model solved at every planning instant (see the module doc)."""
+
     name = "cpsat"
-    backend = "cpsat"
 
-    def __init__(self, horizon: int = 3, time_limit_s: float = 0.01, num_workers: int = 1, seed: int = 0,
-                 weights: Weights = Weights(), large_threshold: int = 600, max_options: int = 120,
-                 check: bool = True, wall_safety: float = 4.0) -> None:
-        self.horizon = horizon
-        self.max_options = max_options
-        # The wall-clock net is wall_safety x the deterministic budget: it bounds a round's
-        # latency on a loaded machine at the price of reproducibility when it fires.
-        self.wall_safety = wall_safety
+    def __init__(self, time_limit_s: float = 0.05, piece_s: float = 0.5, late: str = "serve",
+                 batching: bool = True, max_jobs: int = 48, seed: int = 0, num_workers: int = 1,
+                 wall_limit_s: float | None = None, check: bool = True, late_piece_s: float = 0.0) -> None:
+        if late not in LATE_MODES:
+            raise ValueError(f"late must be one of {', '.join(LATE_MODES)}, not {late!r}")
+        if piece_s <= 0:
+            raise ValueError(f"piece_s must be positive, got {piece_s!r}")
         self.time_limit_s = time_limit_s
-        self.num_workers = num_workers
+        self.piece_s = piece_s
+        self.late_piece_s = late_piece_s  # 0: one step at a time, preemptible at the next step boundary
+        self.late = late
+        self.params = ScheduleParams(batching=batching, max_jobs=max_jobs)
         self.seed = seed
-        self.weights = weights
-        self.large_threshold = large_threshold
+        self.num_workers = num_workers
+        self.wall_limit_s = wall_limit_s
         self.check = check
         self._fallback = None
-        self._prev: dict[str, dict[int, tuple]] = {}  # request id -> round -> signature
+        self.reset()
 
-    # -- pieces --------------------------------------------------------------------
-    def horizon_for(self, n_requests: int) -> int:
-        if self.horizon > 1 and n_requests * self.horizon > self.large_threshold:
-            return 1
-        return self.horizon
+    def reset(self) -> None:
+        """Forget the previous plan (a new run)."""
+        self._prev: dict[tuple[str, ...], tuple[tuple[int, ...], float]] = {}
 
-    def options_for(self, problem: RoundProblem) -> RoundOptions:
-        """The options this policy solves: H rounds, or one round on large instances."""
-        H = self.horizon_for(len(problem.requests) + len(problem.in_flight))
-        ro = build_options(problem, H, self.weights)
-        if H > 1 and len(ro.options) > self.max_options:
-            ro = build_options(problem, 1, self.weights)
-        return ro
+    # -- one scope -----------------------------------------------------------------
+    def solve(self, data: ScheduleData, hint: Schedule) -> Schedule:
+        return cpsat.solve(data, self.time_limit_s, hint, seed=self.seed, num_workers=self.num_workers,
+                           wall_limit_s=self.wall_limit_s)
 
-    def solve(self, ro: RoundOptions, hint: list[int]) -> Solution:
-        return cpsat_solve(ro, self.time_limit_s, self.num_workers, hint, seed=self.seed,
-                           safety_factor=self.wall_safety)
-
-    def hint(self, ro: RoundOptions) -> list[int]:
-        if not self._prev:
-            return []
-        out = []
-        for ri in ro.reqs:
-            prev = self._prev.get(ri.id)
-            if not prev:
-                continue
-            for h in range(ro.horizon):
-                sig = prev.get(h + 1)
-                if sig is None:
-                    continue
-                for i in ri.options[h]:
-                    if _signature(ro, i) == sig:
-                        out.append(i)
-                        break
-        return out
-
-    def remember(self, ro: RoundOptions, sol: Solution) -> None:
-        prev: dict[str, dict[int, tuple]] = {}
-        for i in sol.chosen:
-            o = ro.options[i]
-            prev.setdefault(ro.reqs[o.req].id, {})[o.round] = _signature(ro, i)
-        self._prev = prev
-
-    def fallback(self, state: PlannerState, t0: float, reason: str, stats: dict) -> RoundPlan:
-        if self._fallback is None:
-            self._fallback = make_policy("tetriserve-dp")
-        plan = self._fallback.plan(state)
-        self._prev = {}
-        st = {**stats, "fallback_reason": reason, "wall_ms": (time.perf_counter() - t0) * 1e3}
-        return RoundPlan(plan.assignments, plan.wake_at, solver=self.name, fallback=True, stats=st)
+    def schedule(self, data: ScheduleData, now: float) -> tuple[Schedule, bool]:
+        """(the scope's schedule, whether it fell back to the list schedule)."""
+        prev = {k: (b, t - now) for k, (b, t) in self._prev.items()}
+        hint = greedy(data, prev)
+        sched = self.solve(data, hint)
+        if not sched.has_solution or evaluate(data, sched.placed).objective < hint.objective:
+            hint.stats["fallback_reason"] = sched.status.value
+            return hint, not sched.has_solution
+        return sched, False
 
     # -- the policy ------------------------------------------------------------------
     def plan(self, state: PlannerState) -> RoundPlan:
         t0 = time.perf_counter()
         if not state.waiting():
             return RoundPlan(solver=self.name)
-        stats: dict = {}
         try:
-            problem = build_problem(state, self.horizon)
-            ro = self.options_for(problem)
-            H = ro.horizon
-            sol = self.solve(ro, self.hint(ro))
-            stats = {"status": sol.status.value, "objective": sol.objective, "bound": sol.bound,
-                     "solve_ms": sol.wall_ms, "horizon": H, "options": len(ro.options)}
-            if "wall_limited" in sol.stats:  # the wall-clock safety net fired: not reproducible
-                stats["wall_limited"] = sol.stats["wall_limited"]
-            if not sol.has_solution:
-                return self.fallback(state, t0, sol.status.value, stats)
-            plan = to_plan(ro, sol, self.name, stats)
-            if self.check:
-                problems = check_plan(state, plan)
-                if problems:
-                    return self.fallback(state, t0, "checker: " + "; ".join(problems[:3]), stats)
-            self.remember(ro, sol)
+            plan = self._plan(state, t0)
         except Exception as exc:  # never miss a round
-            return self.fallback(state, t0, f"error: {exc!r}", stats)
+            return self.fallback(state, t0, f"error: {exc!r}")
+        if self.check:
+            problems = check_plan(state, plan)
+            if problems:
+                return self.fallback(state, t0, "checker: " + "; ".join(problems[:3]))
         plan.stats["wall_ms"] = (time.perf_counter() - t0) * 1e3
         return plan
 
+    def _plan(self, state: PlannerState, t0: float) -> RoundPlan:
+        problem = build_problem(state)
+        rejected = rejections(problem, self.late)
+        rejected_ids = {rid for rid, _ in rejected}
+        gaps = idle_gaps(problem)
+        waiting = {r.id: r for r in problem.requests}
+        out, best_effort = [], []
+        fell_back = False
+        stats = {"scopes": 0, "jobs": 0, "on_time": 0, "solve_ms": 0.0, "status": []}
+        prev = dict(self._prev)
+        for gpus, reqs in scopes(problem, rejected_ids):
+            if not any(g in gaps.until for g in gpus):
+                continue  # nothing can start there now
+            data, _ = build_schedule(problem, reqs, gpus, self.params)
+            sched, fb = self.schedule(data, state.now)
+            fell_back |= fb
+            out += commit_on_time(data, sched, problem, self.piece_s, gaps)
+            present = {rid for j in sched.placed for rid in data.jobs[j].ids}
+            best_effort += [r for r in reqs if r.id in waiting and r.id not in present]
+            for j, (a, s) in sched.placed.items():
+                prev[data.jobs[j].key] = (data.jobs[j].alts[a].block, state.now + s * TICK_S)
+            stats["scopes"] += 1
+            stats["jobs"] += len(data.jobs)
+            stats["on_time"] += sum(data.jobs[j].weight for j in sched.placed)
+            stats["solve_ms"] += sched.wall_ms
+            stats["status"].append(sched.status.value)
+        committed = {rid for a in out for rid in a.request_ids}
+        out += fill_best_effort([r for r in best_effort if r.id not in committed], problem, gaps,
+                                self.late_piece_s, self.params.batching)
+        live = {r.id for r in state.requests}
+        self._prev = {k: v for k, v in prev.items() if all(rid in live for rid in k)}
+        return RoundPlan(tuple(out), solver=self.name, fallback=fell_back, rejections=tuple(rejected),
+                         stats=stats)
+
+    def fallback(self, state: PlannerState, t0: float, reason: str) -> RoundPlan:
+        if self._fallback is None:
+            self._fallback = make_policy("tetriserve-dp")
+        plan = self._fallback.plan(state)
+        self._prev = {}
+        st = {"fallback_reason": reason, "wall_ms": (time.perf_counter() - t0) * 1e3}
+        return RoundPlan(plan.assignments, plan.wake_at, solver=self.name, fallback=True, stats=st)
+
 
 @register("cpsat")
-class CpSatPolicy(SolverPolicy):
-    """Receding horizon (H = 3) over the round formulation, solved with CP-SAT."""
+class CpSatPolicy(SchedulePolicy):
+    """The schedule model solved with CP-SAT."""
 
     name = "cpsat"
 
 
-class MilpPolicy(SolverPolicy):
-    """The same formulation as a PuLP MILP (slower; for comparison)."""
+class MilpPolicy(SchedulePolicy):
+    """The same schedule model as a PuLP MILP (slower; for comparison on small clusters)."""
 
     name = "milp"
     milp_solver = "cbc"
 
-    def __init__(self, horizon: int = 3, time_limit_s: float = 2.0, **kw) -> None:
-        super().__init__(horizon=horizon, time_limit_s=time_limit_s, **kw)
+    def __init__(self, time_limit_s: float = 2.0, **kw) -> None:
+        super().__init__(time_limit_s=time_limit_s, **kw)
 
-    def solve(self, ro: RoundOptions, hint: list[int]) -> Solution:
-        return milp.solve(ro, self.time_limit_s, self.num_workers, hint, solver=self.milp_solver)
+    def solve(self, data: ScheduleData, hint: Schedule) -> Schedule:
+        return milp.solve(data, self.time_limit_s, hint, solver=self.milp_solver)
 
 
 @register("milp")
@@ -189,3 +206,6 @@ class MilpCbcPolicy(MilpPolicy):
 @register("milp-highs")
 class MilpHighsPolicy(MilpPolicy):
     name, milp_solver = "milp-highs", "highs"
+
+
+__all__: Sequence[str] = ("SchedulePolicy", "CpSatPolicy", "MilpPolicy", "scopes")

@@ -1,0 +1,168 @@
+"""Schedule -> RoundPlan: commit the work that starts now, fill spare capacity, reject what is lost.
+
+* **On-time work.** Every present job whose chain starts at tick 0 starts
+  its next stage now: encode on ``block[0]``, decode on ``block[0]``, or at
+  most ``piece_s`` seconds of diffuse steps on the whole block, so the next
+  step boundary plans again (that is where preemption and elastic SP
+  happen).
+* **Best effort.** Requests in no present job (they cannot be on time, or the
+  schedule gave their capacity to requests that can) run only in *gaps*:
+  idle GPUs the schedule does not use now, for no longer than the time until
+  the schedule next needs them. So late work never delays on-time work.
+  Requests that can still make their deadline go first (earliest deadline),
+  then late ones, least work left first; each runs at its most GPU-efficient
+  degree, batched with requests in the same state.
+* **Reject.** With ``late="reject"`` a request that cannot make its
+  deadline whatever the plan (:func:`~planner.solvers.data.is_lost`) is
+  rejected now with a reason, instead of served late.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from planner.plan import Assignment
+from planner.problem import ProblemRequest, RoundProblem
+from planner.request import Stage
+from planner.solvers.data import TICK_S, ScheduleData, aligned_blocks, has_latent, is_lost, kept_degrees
+from planner.solvers.solution import Schedule
+
+_STAGE = {"encode": Stage.ENCODE, "diffuse": Stage.DIFFUSE, "decode": Stage.DECODE}
+LATE_MODES = ("serve", "reject")
+
+
+def piece_steps(step_s: float, piece_s: float, rem: int) -> int:
+    """Diffuse steps committed at once: about ``piece_s`` seconds, at least one."""
+    return max(1, min(rem, math.floor(piece_s / step_s + 1e-9)))
+
+
+@dataclass
+class _Gaps:
+    """Idle GPUs and, for each, seconds until the schedule needs it (inf: never)."""
+
+    until: dict[int, float]
+
+    def take(self, blk: Sequence[int]) -> None:
+        for g in blk:
+            del self.until[g]
+
+
+def commit_on_time(data: ScheduleData, sched: Schedule, problem: RoundProblem, piece_s: float,
+                   gaps: _Gaps) -> list[Assignment]:
+    """Assignments of the present jobs that start now; marks the GPUs they use."""
+    by_id = {r.id: r for r in problem.requests}
+    out: list[Assignment] = []
+    for j, (a, s) in sorted(sched.placed.items()):
+        job, alt = data.jobs[j], data.jobs[j].alts[a]
+        for g, s0, _ in data.job_intervals(j, a, s):
+            if s0 > 0 and g in gaps.until:
+                gaps.until[g] = min(gaps.until[g], s0 * TICK_S)
+        if s != 0 or job.in_flight or any(rid not in by_id for rid in job.ids):
+            continue
+        if job.stage == "diffuse":
+            q = piece_steps(alt.step_s, piece_s, job.rem)
+            out.append(Assignment(job.ids, Stage.DIFFUSE, alt.block, q))
+            gaps.take(alt.block)
+        else:
+            out.append(Assignment(job.ids, _STAGE[job.stage], (alt.block[0],), 0))
+            gaps.take((alt.block[0],))
+    return out
+
+
+def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundProblem, gaps: _Gaps,
+              piece_s: float) -> Assignment | None:
+    """Best-effort work of ``pr`` (with ``mates`` in the same state) in the gaps, or None."""
+    ids = tuple(r.id for r in [pr, *mates])
+    b = len(ids)
+    if pr.stage in ("encode", "decode"):
+        dur = (pr.encode_s if b == 1 else pr.batch_encode_s[b]) if pr.stage == "encode" else \
+            (pr.decode_s if b == 1 else pr.batch_decode_s[b])
+        cands = [g for g, u in gaps.until.items() if u >= dur - 1e-12]
+        if not cands:
+            return None
+        own = [g for g in cands if g in pr.latent_gpus]
+        g = min(own or cands, key=lambda g: (gaps.until[g], g))  # the tightest gap that fits
+        gaps.take((g,))
+        return Assignment(ids, _STAGE[pr.stage], (g,), 0)
+    step = pr.step_s if b == 1 else pr.batch_step_s[b]
+    node_of = {g: n for n, node in enumerate(problem.nodes) for g in node}
+    mem = {g.index: g.memory_free for g in problem.gpus}
+    movers = [r for r in (pr, *mates) if has_latent(r)]
+    best = None
+    own = tuple(pr.latent_gpus) if has_latent(pr) and not mates else ()
+    degrees = sorted(kept_degrees(step), key=lambda k: (k * step[k], k))  # most GPU-efficient first
+    if own and len(own) in step and all(g in gaps.until for g in own):
+        degrees = [len(own)] + [k for k in degrees if k != len(own)]  # its own block: no migration
+    for k in degrees:
+        need = pr.act_bytes[k] * b + b
+        for blk in aligned_blocks(list(gaps.until), problem.nodes, k):
+            if min(mem[g] for g in blk) < need:
+                continue
+            move = max([r.move_s[node_of[blk[0]]] for r in movers if set(r.latent_gpus) != set(blk)],
+                       default=0.0)
+            room = min(gaps.until[g] for g in blk) - move
+            if room < step[k] - 1e-12:
+                continue
+            q = piece_steps(step[k], piece_s, pr.remaining_steps)
+            if room < q * step[k]:
+                q = math.floor(room / step[k] + 1e-9)
+            mine = sum(g in pr.latent_gpus for g in blk)
+            key = (-mine, min(gaps.until[g] for g in blk), blk)
+            if best is None or key < best[0]:
+                best = (key, blk, q)
+        if best is not None:
+            break
+    if best is None:
+        return None
+    _, blk, q = best
+    gaps.take(blk)
+    return Assignment(ids, Stage.DIFFUSE, blk, q)
+
+
+def fill_best_effort(candidates: Sequence[ProblemRequest], problem: RoundProblem, gaps: _Gaps,
+                     piece_s: float, batching: bool = True) -> list[Assignment]:
+    """Best-effort work in the gaps (see the module doc)."""
+    order = sorted(candidates, key=lambda r: (is_lost(r), r.deadline if not is_lost(r) else r.remaining_lb(),
+                                              r.id))
+    done: set[str] = set()
+    out = []
+    for pr in order:
+        if pr.id in done or not gaps.until:
+            continue
+        mates: list[ProblemRequest] = []
+        if batching and pr.stage != "decode" and pr.max_batch > 1:
+            same = [r for r in order if r.id != pr.id and r.id not in done and _same_state(r, pr)]
+            mates = same[:pr.max_batch - 1]
+        a = _fill_one(pr, mates, problem, gaps, piece_s)
+        if a is None and mates:
+            mates = []
+            a = _fill_one(pr, mates, problem, gaps, piece_s)
+        if a is not None:
+            out.append(a)
+            done.update(a.request_ids)
+    return out
+
+
+def _same_state(a: ProblemRequest, b: ProblemRequest) -> bool:
+    return (a.batch_key, a.stage, a.steps_done) == (b.batch_key, b.stage, b.steps_done) and \
+        (not has_latent(a) or tuple(a.latent_gpus) == tuple(b.latent_gpus))
+
+
+def rejections(problem: RoundProblem, late: str) -> list[tuple[str, str]]:
+    """(id, reason) of the waiting requests to reject now (``late="reject"`` only)."""
+    if late not in LATE_MODES:
+        raise ValueError(f"late must be one of {', '.join(LATE_MODES)}, not {late!r}")
+    if late == "serve":
+        return []
+    out = []
+    for r in problem.requests:
+        if is_lost(r):
+            need = r.remaining_lb()
+            out.append((r.id, f"cannot meet its deadline: needs {need:.3f} s at the fastest degree, "
+                              f"{max(0.0, r.deadline):.3f} s left"))
+    return out
+
+
+def idle_gaps(problem: RoundProblem) -> _Gaps:
+    return _Gaps({g.index: math.inf for g in problem.gpus if g.free_in <= 1e-9})

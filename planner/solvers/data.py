@@ -1,0 +1,309 @@
+"""The schedule of all remaining work: problem data every backend reads.
+
+At a planning instant every live request (waiting or in flight) has some
+work left: encode (if not yet encoded), its remaining diffuse steps, decode.
+The schedule model (docs/architecture.md, "The schedule model") plans all of
+it at once. A *job* is one request, or a batch of compatible requests that
+share every forward pass; a job is either *on time* (present in the
+schedule) or left out (best effort, see ``planner/solvers/commit.py``).
+
+A present job runs its remaining work as one tight chain on one aligned
+block ``b`` of ``k`` GPUs inside one node (an *alternative*):
+
+    b[0]:   [ encode | latent move + steps at degree k ...... | decode ]
+    b[1:]:           [ latent move + steps at degree k ...... ]
+
+so it holds ``b[0]`` for ``span`` ticks from its start ``s`` and the other
+GPUs for ``diff`` ticks from ``s + lead``. Only the work that starts now
+is committed; the next step boundary plans again, so a preemption is just the
+remaining chain starting later, maybe at another degree.
+
+Time is in integer ticks of :data:`TICK_S` from now. Reserved windows are
+rounded *outwards* (the real work lies inside them), while the on-time test
+is exact in seconds: alternative ``a`` is on time iff its start tick ``s``
+satisfies ``s * TICK_S + chain_s(a) <= deadline``, which is the integer
+bound ``s <= latest(a)``. So an on-time claim holds in real seconds (noise
+free), also at zero slack.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from planner.problem import ProblemRequest, RoundProblem
+
+TICK_S = 1e-3
+# Slack of the exact on-time test, in ticks: 1e-10 s absorbs float noise and stays
+# below the 1e-9 s tolerance with which a finish is judged on time (planner.metrics.met).
+_ON_TIME_EPS = 1e-7
+
+
+def ticks_up(seconds: float) -> int:
+    return max(0, math.ceil(seconds / TICK_S - 1e-9))
+
+
+def ticks_down(seconds: float) -> int:
+    return math.floor(seconds / TICK_S + _ON_TIME_EPS)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Objective weights (maximised); each tier dominates every realistic total of the tiers below.
+
+    1. ``on_time`` per request on time;
+    2. ``preemption`` per request paused at this step boundary that does not
+       continue now; ``migration`` per request whose latent moves;
+    3. ``gpu_ms`` per GPU-ms the schedule uses and ``finish_ms`` per ms of
+       each present request's finish time: cheap degrees, then early
+       finishes (work that can start now does not wait).
+    """
+
+    on_time: int = 1_000_000_000_000
+    preemption: int = 1_000_000_000
+    migration: int = 1_000_000_000
+    gpu_ms: int = 1
+    finish_ms: int = 1
+
+
+@dataclass(frozen=True)
+class Alt:
+    """One way to run a job's remaining chain: an aligned block and its timing in ticks."""
+
+    block: tuple[int, ...]  # block[0] also runs encode and decode
+    lead: int  # ticks from the job's start until the other GPUs are needed (the encode)
+    diff: int  # ticks the other GPUs are held (latent move + steps)
+    span: int  # ticks block[0] is held (the whole chain)
+    latest: int  # latest start tick that finishes by the deadline (exact in seconds)
+    gpu_ms: int  # GPU-ticks the alternative holds
+    migrate: bool  # moves a diffuse latent onto another block
+    step_s: float  # seconds per diffuse step here
+    move_s: float  # seconds of the latent move
+
+    @property
+    def k(self) -> int:
+        return len(self.block)
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int
+    ids: tuple[str, ...]  # one request, or a batch (deadline order)
+    stage: str  # next stage: "encode" | "diffuse" | "decode"
+    rem: int  # diffuse steps left
+    release: int  # tick from which it may start (in flight: when its segment ends)
+    deadline_s: float  # the earliest member deadline, seconds from now
+    alts: tuple[Alt, ...]
+    running: int  # members paused at this step boundary (not starting now preempts them)
+    in_flight: bool
+
+    @property
+    def weight(self) -> int:
+        return len(self.ids)
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return self.ids
+
+
+@dataclass(frozen=True)
+class ScheduleData:
+    """One scope's schedule problem (a node, or the whole cluster)."""
+
+    gpus: tuple[int, ...]
+    busy: dict[int, int]  # GPU -> ticks until its in-flight work ends (0: idle now)
+    jobs: tuple[Job, ...]
+    members: dict[str, tuple[int, ...]]  # request id -> jobs it belongs to
+    weights: Weights = Weights()
+    horizon: int = 0  # no present interval ends after this tick
+
+    def job_intervals(self, j: int, a: int, start: int) -> list[tuple[int, int, int]]:
+        """(gpu, start, end) ticks the job holds on alternative ``a`` starting at ``start``."""
+        alt = self.jobs[j].alts[a]
+        out = [(alt.block[0], start, start + alt.span)]
+        out += [(g, start + alt.lead, start + alt.lead + alt.diff) for g in alt.block[1:]]
+        return out
+
+
+@dataclass(frozen=True)
+class ScheduleParams:
+    """How the schedule data is built (see :func:`build_schedule`)."""
+
+    batching: bool = True
+    max_jobs: int = 48  # jobs per scope; the most urgent waiting ones beyond in-flight work
+    weights: Weights = Weights()
+
+
+def kept_degrees(step: dict[int, float]) -> list[int]:
+    """Degrees strictly faster than every smaller one (a bigger k that is not faster is dominated)."""
+    kept, best = [], math.inf
+    for k in sorted(step):
+        if step[k] < best * (1 - 1e-9):
+            kept.append(k)
+            best = step[k]
+    return kept
+
+
+def aligned_blocks(gpus: Sequence[int], nodes: Sequence[Sequence[int]], k: int) -> list[tuple[int, ...]]:
+    """Aligned blocks of ``k`` GPUs inside one node, all of them in ``gpus``."""
+    inside = set(gpus)
+    out = []
+    for node in nodes:
+        for s in range(0, len(node) - k + 1, k):
+            blk = tuple(node[s:s + k])
+            if all(g in inside for g in blk):
+                out.append(blk)
+    return out
+
+
+def has_latent(pr: ProblemRequest) -> bool:
+    """A diffuse latent lives on ``latent_gpus``: running elsewhere moves it."""
+    return pr.steps_done > 0 and bool(pr.latent_gpus)
+
+
+def lower_bound_s(pr: ProblemRequest) -> float:
+    """Seconds from now to finish at the fastest degree on free GPUs (no contention)."""
+    return pr.ready_in + pr.remaining_lb()
+
+
+def is_lost(pr: ProblemRequest) -> bool:
+    """Cannot make its deadline whatever the plan (noise free)."""
+    return lower_bound_s(pr) > pr.deadline + 1e-9
+
+
+@dataclass
+class _Member:
+    pr: ProblemRequest
+    running: bool
+    in_flight: bool
+
+
+def _chain(stage: str, enc: float, move: float, rem: int, step: float, dec: float
+           ) -> tuple[float, float, float]:
+    """(encode, diffuse, decode) seconds of a remaining chain from ``stage``."""
+    if stage == "decode":
+        return 0.0, 0.0, dec
+    return (enc if stage == "encode" else 0.0), move + rem * step, dec
+
+
+def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int],
+          mem: dict[int, int], release: int) -> list[Alt]:
+    """On-time alternatives of a job whose members share one state (one request, or a batch)."""
+    lead_pr = members[0].pr
+    b = len(members)
+    deadline = min(m.pr.deadline for m in members)
+    stage = lead_pr.stage
+    enc = lead_pr.encode_s if b == 1 else lead_pr.batch_encode_s[b]
+    dec = lead_pr.decode_s if b == 1 else lead_pr.batch_decode_s[b]
+    out: list[Alt] = []
+    if stage == "decode":
+        for g in gpus:
+            latest = ticks_down(deadline - dec)
+            if latest >= release:
+                span = ticks_up(dec)
+                out.append(Alt((g,), 0, 0, span, latest, span, False, 0.0, 0.0))
+        return out
+    step = lead_pr.step_s if b == 1 else lead_pr.batch_step_s[b]
+    node_of = {g: n for n, node in enumerate(problem.nodes) for g in node}
+    for k in kept_degrees(step):
+        need = lead_pr.act_bytes[k] * b + b  # per GPU; activations grow linearly with the batch
+        for blk in aligned_blocks(gpus, problem.nodes, k):
+            if min(mem[g] for g in blk) < need:
+                continue
+            move, migrate = 0.0, False
+            for m in members:
+                if has_latent(m.pr) and set(m.pr.latent_gpus) != set(blk):
+                    move = max(move, m.pr.move_s[node_of[blk[0]]])
+                    migrate = True
+            e, d, dd = _chain(stage, enc, move, lead_pr.remaining_steps, step[k], dec)
+            latest = ticks_down(deadline - (e + d + dd))
+            if latest < release:
+                continue
+            lead = ticks_down(e) if e else 0
+            diff = ticks_up(e + d) - lead
+            span = ticks_up(e + d + dd)
+            out.append(Alt(blk, lead, diff, span, latest, span + (k - 1) * diff, migrate, step[k], move))
+    return out
+
+
+def _batch_chunks(members: Sequence[_Member], max_jobs_left: int) -> list[list[_Member]]:
+    """Requests in one state (same batch key, stage, progress, latent) chunked into batches.
+
+    Deadline order, chunks of the batch limit; a final chunk of one is no batch.
+    """
+    out = []
+    mb = members[0].pr.max_batch
+    ordered = sorted(members, key=lambda m: (m.pr.deadline, m.pr.id))
+    for s in range(0, len(ordered), mb):
+        chunk = ordered[s:s + mb]
+        if len(chunk) >= 2:
+            out.append(chunk)
+    return out[:max(0, max_jobs_left)]
+
+
+def _state_key(m: _Member) -> tuple:
+    pr = m.pr
+    return (pr.batch_key, pr.stage, pr.steps_done, tuple(pr.latent_gpus) if has_latent(pr) else (),
+            m.in_flight, ticks_up(pr.ready_in))
+
+
+def build_schedule(problem: RoundProblem, requests: Iterable[ProblemRequest] | None = None,
+                   gpus: Sequence[int] | None = None, params: ScheduleParams = ScheduleParams(),
+                   ) -> tuple[ScheduleData, list[str]]:
+    """The schedule data of ``requests`` on ``gpus`` (default: the whole problem).
+
+    Returns the data and the ids that are in no job: requests that cannot be
+    on time on these GPUs (or were beyond ``max_jobs``), for best effort.
+    """
+    gpus = tuple(g.index for g in problem.gpus) if gpus is None else tuple(gpus)
+    gpu_info = {g.index: g for g in problem.gpus}
+    mem = {g: gpu_info[g].memory_free for g in gpus}
+    busy = {g: ticks_up(gpu_info[g].free_in) for g in gpus}
+    waiting_ids = {r.id for r in problem.requests}
+    if requests is None:
+        requests = (*problem.requests, *problem.in_flight)
+    members = [_Member(pr, pr.was_running, pr.id not in waiting_ids) for pr in requests]
+    # In-flight work first (it holds capacity), then the waiting requests by deadline.
+    members.sort(key=lambda m: (not m.in_flight, m.pr.deadline, m.pr.id))
+    jobs: list[Job] = []
+    left_out: list[str] = []
+    horizon = max(busy.values(), default=0)
+
+    def add(group: Sequence[_Member]) -> bool:
+        nonlocal horizon
+        lead = group[0].pr
+        release = ticks_up(lead.ready_in)
+        alts = _alts(group, problem, gpus, mem, release)
+        if not alts:
+            return False
+        jobs.append(Job(len(jobs), tuple(m.pr.id for m in group), lead.stage, lead.remaining_steps, release,
+                        min(m.pr.deadline for m in group), tuple(alts), sum(m.running for m in group),
+                        group[0].in_flight))
+        horizon = max(horizon, max(a.latest + a.span for a in alts))
+        return True
+
+    modeled: list[_Member] = []
+    waiting = 0
+    for m in members:
+        if not m.in_flight and waiting >= params.max_jobs:
+            left_out.append(m.pr.id)
+        elif add([m]):
+            modeled.append(m)
+            waiting += not m.in_flight
+        else:
+            left_out.append(m.pr.id)
+    if params.batching:
+        groups: dict[tuple, list[_Member]] = {}
+        for m in modeled:
+            if m.pr.stage != "decode" and m.pr.max_batch > 1:
+                groups.setdefault(_state_key(m), []).append(m)
+        for key in sorted(groups, key=lambda k: min((m.pr.deadline, m.pr.id) for m in groups[k])):
+            if len(groups[key]) >= 2:
+                for chunk in _batch_chunks(groups[key], params.max_jobs):
+                    add(chunk)
+    by_member: dict[str, list[int]] = {}
+    for j in jobs:
+        for rid in j.ids:
+            by_member.setdefault(rid, []).append(j.index)
+    return (ScheduleData(gpus, busy, tuple(jobs), {r: tuple(v) for r, v in by_member.items()},
+                         params.weights, horizon), left_out)
