@@ -25,6 +25,9 @@ RATE_FACTORS = [0.5, 0.75, 1.0, 1.25, 1.5]  # x the workload's default rate
 FIXED_SCALE = 1.5  # SLO scale of the rate sweep
 
 
+OURS = ("cpsat", "milp", "milp-highs")
+
+
 def one(job: tuple) -> dict:
     workload, policy, rate, scale, n, seed, cluster_spec = job
     from models.cost import CostModel
@@ -60,19 +63,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="also compare with offline-bound on small traces of this many requests (e.g. 40)")
     ap.add_argument("--small-workloads", nargs="+", default=["tetriserve-skewed", "genserve-mixed"])
     ap.add_argument("--offline-limit", type=float, default=20.0, help="offline-bound CP-SAT limit, s")
+    ap.add_argument("--scales", type=float, nargs="+", default=SCALES, help="SLO scales of the scale sweep")
+    ap.add_argument("--no-rates", action="store_true", help="skip the arrival-rate sweep")
+    ap.add_argument("--scale-rate", action="store_true",
+                    help="scale the workload's rate (and --n) by the cluster's GPUs / 8, for clusters past 8 GPUs")
     args = ap.parse_args(argv)
+    SCALES[:] = list(args.scales)
     if args.policies == ["all"]:
         from planner.policies.base import policy_names
 
         args.policies = policy_names()
 
+    from planner.cluster import parse_cluster
+
+    factor = parse_cluster(args.cluster).size / 8 if args.scale_rate else 1.0
+    args.n = int(round(args.n * factor))
+    args.rate_factor = factor
     jobs = []
     for wl in args.workloads:
-        base = WORKLOADS[wl].default_rate
+        base = round(WORKLOADS[wl].default_rate * factor, 6)
         for pol, seed in itertools.product(args.policies, args.seeds):
             jobs += [(wl, pol, base, s, args.n, seed, args.cluster) for s in SCALES]
-            jobs += [(wl, pol, round(base * f, 6), FIXED_SCALE, args.n, seed, args.cluster)
-                     for f in RATE_FACTORS if f != 1.0]
+            if not args.no_rates:
+                jobs += [(wl, pol, round(base * f, 6), FIXED_SCALE, args.n, seed, args.cluster)
+                         for f in RATE_FACTORS if f != 1.0]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
         rows = list(pool.map(one, jobs, chunksize=4))
@@ -150,9 +164,9 @@ def report(rows: list[dict], args) -> None:
 
     from planner.workloads import WORKLOADS
 
-    con = Console()
+    con = Console(width=200)
     for wl in args.workloads:
-        base = WORKLOADS[wl].default_rate
+        base = round(WORKLOADS[wl].default_rate * args.rate_factor, 6)
         t = Table(title=f"{wl}: SLO attainment vs SLO scale (rate {base}/s, {args.cluster}, "
                         f"mean of seeds {args.seeds})")
         t.add_column("policy")
@@ -161,6 +175,13 @@ def report(rows: list[dict], args) -> None:
         for p in args.policies:
             t.add_row(p, *(f"{_mean(rows, workload=wl, policy=p, slo_scale=s, rate=base):.3f}" for s in SCALES))
         con.print(t)
+        peers = [p for p in args.policies if p not in OURS]
+        if "cpsat" in args.policies and peers:
+            for s in SCALES:
+                best = max(peers, key=lambda p: _mean(rows, workload=wl, policy=p, slo_scale=s, rate=base))
+                b = _mean(rows, workload=wl, policy=best, slo_scale=s, rate=base)
+                c = _mean(rows, workload=wl, policy="cpsat", slo_scale=s, rate=base)
+                con.print(f"  x{s}: cpsat {c:.3f} vs best peer {best} {b:.3f}: {100 * (c - b):+.1f} points")
         fixed = [p for p in args.policies if p.startswith("fcfs-sp")]
         if "tetriserve-dp" in args.policies and fixed:
             gaps = []
@@ -185,7 +206,7 @@ def plot(rows: list[dict], args) -> None:
 
     fig, axes = plt.subplots(2, len(args.workloads), figsize=(6 * len(args.workloads), 8), squeeze=False)
     for col, wl in enumerate(args.workloads):
-        base = WORKLOADS[wl].default_rate
+        base = round(WORKLOADS[wl].default_rate * args.rate_factor, 6)
         rates = sorted({r["rate"] for r in rows if r["workload"] == wl})
         for p in args.policies:
             style = {"linewidth": 2.5} if p in ("tetriserve-dp", "cpsat") else {"linewidth": 1.2}

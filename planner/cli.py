@@ -67,6 +67,8 @@ def whatif(
     model: Optional[str] = typer.Option(None, help="Model for Hetu-DiT traces, which name none."),
     noise: float = typer.Option(0.0, min=0.0, help="Sigma of lognormal step-time noise."),
     round_s: float = typer.Option(2.0, min=1e-3, help="Planning round length, seconds."),
+    late: str = typer.Option("serve", help="cpsat/milp: 'serve' runs requests that can no longer make their "
+                             "deadline in capacity no on-time request needs; 'reject' ends them with a reason."),
     offline_budget: float = typer.Option(4.0, min=0.01, help="offline-bound: CP-SAT deterministic seconds."),
     profile: List[Path] = typer.Option([], help="Extra profile JSON (e.g. from `ditplan profile`)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics per policy (DESIGN 3.3)."),
@@ -90,6 +92,8 @@ def whatif(
         if trace is not None and workload is not None:
             raise InputError("give --trace or --workload, not both")
         names = _policies(policy)
+        if late not in ("serve", "reject"):
+            raise InputError(f"--late {late!r} is unknown; use 'serve' or 'reject'")
         for flag, value in (("--timeline", timeline), ("--dump-problems", dump_problems)):
             if value is not None and len(names) != 1:
                 raise InputError(f"{flag} takes exactly one --policy, got {len(names)}: {', '.join(names)}")
@@ -117,9 +121,14 @@ def whatif(
         tasks = {p: bar.add_task(p, total=len(requests)) for p in names}
         runs = run_policies(requests, topo, cost, names, config,
                             progress=lambda p, done, total: bar.update(tasks[p], completed=done),
-                            offline_budget_s=offline_budget)
+                            offline_budget_s=offline_budget, late=late)
     summaries = {name: run.summary for name, run in runs.items()}
     out.print(_table(summaries, f"{source} on {topo.name}, slo-scale {slo_scale}"))
+    for name, s in summaries.items():
+        unfinished = s["requests"] - s["finished"] - s.get("rejected", 0)
+        if unfinished:
+            console.print(f"[bold red]warning[/]: {name} left {unfinished} of {s['requests']} requests unfinished "
+                          "(counted as misses)", highlight=False)
     if json_out is not None:
         write_summary(json_out, summaries)
         console.print(f"wrote {json_out}")
@@ -148,7 +157,7 @@ def _table(summaries: dict[str, dict], title: str) -> Table:
     t = Table(title=title)
     bounded = any("slo_attainment_upper_bound" in s for s in summaries.values())
     for col in ("policy", "SLO", *(("bound",) if bounded else ()), "image", "video", "p50 s", "p99 s", "GPU-s",
-                "preempt", "sp chg", "finished", "solver p99 ms"):
+                "preempt", "sp chg", "finished", "late", "rejected", "solver p99 ms"):
         t.add_column(col, justify="left" if col == "policy" else "right")
     best = max((s["slo_attainment"] or 0) for s in summaries.values())
     for name, s in summaries.items():
@@ -159,7 +168,8 @@ def _table(summaries: dict[str, dict], title: str) -> Table:
                   _fmt(s["slo_attainment_by_kind"]["video"], ".3f"),
                   _fmt(s["latency_s"]["p50"], ".2f"), _fmt(s["latency_s"]["p99"], ".2f"),
                   _fmt(s["gpu_seconds"], ".0f"), str(s["preemptions"]), str(s["sp_changes"]),
-                  f"{s['finished']}/{s['requests']}", _fmt(s["solver_ms"]["p99"], ".2f"))
+                  f"{s['finished']}/{s['requests']}", str(s.get("late_finished", "-")), str(s.get("rejected", "-")),
+                  _fmt(s["solver_ms"]["p99"], ".2f"))
     return t
 
 
@@ -237,6 +247,8 @@ def serve(
                                         help="Require 'authorization: Bearer TOKEN' (health stays open)."),
     max_workers: int = typer.Option(64, min=4, help="gRPC worker threads (each executor holds two)."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    late: str = typer.Option("serve", help="cpsat/milp: 'serve' runs requests that can no longer make their "
+                             "deadline in spare capacity; 'reject' ends them (state rejected, with a reason)."),
 ) -> None:
     """Run the gRPC planning service."""
     import logging
@@ -247,13 +259,15 @@ def serve(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if journal_sync not in ("full", "normal"):
         raise fail(f"--journal-sync {journal_sync!r} must be full or normal")
+    if late not in ("serve", "reject"):
+        raise fail(f"--late {late!r} must be serve or reject")
     config = ServeConfig(host=host, port=port, cluster=cluster, policy=policy, simulate=simulate, speed=speed,
                          noise=noise, seed=seed, state_dir=str(state_dir), journal_sync=journal_sync,
                          slo_scale=slo_scale, round_s=round_s, max_queue=max_queue,
                          heartbeat_timeout_s=heartbeat_timeout, min_plan_gap_s=min_plan_gap,
                          plan_window=plan_window, planner_process=planner_process, metrics_port=metrics_port,
                          tls_cert=str(tls_cert) if tls_cert else None, tls_key=str(tls_key) if tls_key else None,
-                         token=token or None, max_workers=max_workers)
+                         token=token or None, max_workers=max_workers, late=late)
     try:
         run_server(config, announce=lambda line: print(line, flush=True))
     except (InputError, KeyError, ValueError, OSError) as exc:
@@ -332,8 +346,8 @@ def status(
         print(status_json(views))
         return
     t = Table(title=f"{len(views)} requests on {server}")
-    for col in ("id", "state", "steps", "deadline in s", "predicted finish in s", "finish"):
-        t.add_column(col, justify="left" if col in ("id", "state") else "right")
+    for col in ("id", "state", "steps", "deadline in s", "predicted finish in s", "finish", "note"):
+        t.add_column(col, justify="left" if col in ("id", "state", "note") else "right")
     for row in status_rows(views, now):
         t.add_row(*row)
     out.print(t)

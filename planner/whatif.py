@@ -31,13 +31,15 @@ OFFLINE = "offline-bound"
 def run_policies(requests: Sequence[Request], cluster: Cluster, cost: CostModel,
                  policies: Sequence[str], config: SimConfig,
                  progress: Callable[[str, int, int], None] | None = None,
-                 offline_budget_s: float = 4.0) -> dict[str, PolicyRun]:
+                 offline_budget_s: float = 4.0, late: str = "serve") -> dict[str, PolicyRun]:
     """Simulate each policy on the same requests; a fresh policy object per run.
 
     ``offline-bound`` is not a round policy: it solves the whole trace with
     CP-SAT (``offline_budget_s`` deterministic seconds, so the result repeats
     for a seed) and its summary adds ``slo_attainment_upper_bound``, the
-    proven bound on any policy's attainment.
+    proven bound on any policy's attainment. ``late`` (``serve`` or
+    ``reject``) is what the solver policies do with requests that can no
+    longer make their deadline; the peers always serve them.
     """
     out: dict[str, PolicyRun] = {}
     for name in policies:
@@ -53,7 +55,7 @@ def run_policies(requests: Sequence[Request], cluster: Cluster, cost: CostModel,
             if progress:
                 progress(name, len(requests), len(requests))
             continue
-        policy = make_policy(name)
+        policy = make_policy(name, late=late)
         cb = (lambda done, total, _n=name: progress(_n, done, total)) if progress else None
         result = Simulator(cluster, cost, policy, config).run(requests, progress=cb)
         out[name] = PolicyRun(result, summarize(result))

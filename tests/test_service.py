@@ -527,3 +527,25 @@ def test_planner_process_and_its_death(make_server):
         c.submit([spec("p2", size=512, steps=10)])
         wait_for(lambda: c.get("p2").state == "done", what="planned after the child died")
         assert server.core._proc is None
+
+
+def test_late_reject_ends_a_lost_request_with_its_reason_and_keeps_serving(make_server, tmp_path):
+    state_dir = tmp_path / "reject"
+    server = make_server(simulate=True, speed=20.0, policy="cpsat", late="reject", state_dir=str(state_dir))
+    with PlannerClient(server.address, timeout=10) as c:
+        c.submit([spec("lost", deadline_in_s=0.05, slo_scale=None), spec("fine", size=512)])
+        wait_for(lambda: {v.id: v.state for v in c.list()} == {"lost": "rejected", "fine": "done"},
+                 what="one rejected, one done")
+        view = c.get("lost")
+        assert view.reason and "deadline" in view.reason and view.finish is None
+        assert c.get("fine").reason is None
+        assert [v.id for v in c.list(states=["rejected"])] == ["lost"]
+        from planner.service.commands import status_rows
+
+        rows = {r[0]: r for r in status_rows(c.list(), c.info().now)}
+        assert rows["lost"][1] == "rejected" and "deadline" in rows["lost"][-1] and rows["fine"][-1] == ""
+    server.stop(grace=0)
+    again = make_server(simulate=True, speed=20.0, policy="cpsat", late="reject", state_dir=str(state_dir))
+    with PlannerClient(again.address, timeout=10) as c:  # the journal keeps the outcome and the reason
+        view = c.get("lost")
+        assert view.state == "rejected" and "deadline" in view.reason

@@ -30,8 +30,14 @@ def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, **options) -> Policy:
+    """A fresh policy by name. ``options`` (e.g. ``late="reject"``) go to the policies that take
+    them; the others, the peers that follow their papers, ignore them."""
+    import inspect
+
     import planner.policies  # noqa: F401
     if name not in _REGISTRY:
         raise KeyError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]()
+    factory = _REGISTRY[name]
+    accepted = inspect.signature(factory).parameters
+    return factory(**{k: v for k, v in options.items() if k in accepted})

@@ -76,14 +76,18 @@ def scopes(problem: RoundProblem, skip: set[str] = frozenset()) -> list[tuple[tu
     return [(tuple(nodes[n]), out[n]) for n in range(len(nodes)) if out[n]]
 
 
+MAX_FULL_SCOPES = 4
+
+
 class SchedulePolicy:
     """The schedule model solved at every planning instant (see the module doc)."""
 
     name = "cpsat"
 
-    def __init__(self, time_limit_s: float = 0.05, piece_s: float = 0.5, late: str = "serve",
-                 batching: bool = True, max_jobs: int = 48, seed: int = 0, num_workers: int = 1,
-                 wall_limit_s: float | None = None, check: bool = True, late_piece_s: float = 0.0) -> None:
+    def __init__(self, time_limit_s: float = 0.003, piece_s: float = 0.25, late: str = "serve",
+                 batching: bool = True, max_jobs: int = 32, seed: int = 0, num_workers: int = 1,
+                 wall_limit_s: float | None = None, check: bool = True, late_piece_s: float = 0.0,
+                 late_share: float = 0.5) -> None:
         if late not in LATE_MODES:
             raise ValueError(f"late must be one of {', '.join(LATE_MODES)}, not {late!r}")
         if piece_s <= 0:
@@ -91,6 +95,7 @@ class SchedulePolicy:
         self.time_limit_s = time_limit_s
         self.piece_s = piece_s
         self.late_piece_s = late_piece_s  # 0: one step at a time, preemptible at the next step boundary
+        self.late_share = late_share
         self.late = late
         self.params = ScheduleParams(batching=batching, max_jobs=max_jobs)
         self.seed = seed
@@ -105,15 +110,15 @@ class SchedulePolicy:
         self._prev: dict[tuple[str, ...], tuple[tuple[int, ...], float]] = {}
 
     # -- one scope -----------------------------------------------------------------
-    def solve(self, data: ScheduleData, hint: Schedule) -> Schedule:
-        return cpsat.solve(data, self.time_limit_s, hint, seed=self.seed, num_workers=self.num_workers,
+    def solve(self, data: ScheduleData, hint: Schedule, limit_s: float) -> Schedule:
+        return cpsat.solve(data, limit_s, hint, seed=self.seed, num_workers=self.num_workers,
                            wall_limit_s=self.wall_limit_s)
 
-    def schedule(self, data: ScheduleData, now: float) -> tuple[Schedule, bool]:
+    def schedule(self, data: ScheduleData, now: float, limit_s: float) -> tuple[Schedule, bool]:
         """(the scope's schedule, whether it fell back to the list schedule)."""
         prev = {k: (b, t - now) for k, (b, t) in self._prev.items()}
         hint = greedy(data, prev)
-        sched = self.solve(data, hint)
+        sched = self.solve(data, hint, limit_s)
         if not sched.has_solution or evaluate(data, sched.placed).objective < hint.objective:
             hint.stats["fallback_reason"] = sched.status.value
             return hint, not sched.has_solution
@@ -136,35 +141,50 @@ class SchedulePolicy:
         return plan
 
     def _plan(self, state: PlannerState, t0: float) -> RoundPlan:
-        problem = build_problem(state)
+        return self.plan_problem(build_problem(state))
+
+    def solved_scopes(self, problem: RoundProblem) -> list[tuple[ScheduleData, list[ProblemRequest]]]:
+        """(schedule data, requests) of each scope this instant solves: those with an idle GPU."""
+        rejected = {rid for rid, _ in rejections(problem, self.late)}
+        idle = set(problem.idle)
+        out = []
+        for gpus, reqs in scopes(problem, rejected):
+            if any(g in idle for g in gpus):  # nothing can start elsewhere now
+                out.append((build_schedule(problem, reqs, gpus, self.params)[0], reqs))
+        return out
+
+    def plan_problem(self, problem: RoundProblem) -> RoundPlan:
+        """The plan of one RoundProblem (what ``plan`` does after building it, before the checker)."""
+        now = problem.now
         rejected = rejections(problem, self.late)
-        rejected_ids = {rid for rid, _ in rejected}
         gaps = idle_gaps(problem)
-        waiting = {r.id: r for r in problem.requests}
+        waiting = {r.id for r in problem.requests}
         out, best_effort = [], []
         fell_back = False
         stats = {"scopes": 0, "jobs": 0, "on_time": 0, "solve_ms": 0.0, "status": []}
         prev = dict(self._prev)
-        for gpus, reqs in scopes(problem, rejected_ids):
-            if not any(g in gaps.until for g in gpus):
-                continue  # nothing can start there now
-            data, _ = build_schedule(problem, reqs, gpus, self.params)
-            sched, fb = self.schedule(data, state.now)
+        solved = self.solved_scopes(problem)
+        # Each scope gets the budget, up to MAX_FULL_SCOPES of them; beyond, they share that total.
+        limit = self.time_limit_s * min(1.0, MAX_FULL_SCOPES / max(1, len(solved)))
+        for data, reqs in solved:
+            sched, fb = self.schedule(data, now, limit)
             fell_back |= fb
             out += commit_on_time(data, sched, problem, self.piece_s, gaps)
             present = {rid for j in sched.placed for rid in data.jobs[j].ids}
             best_effort += [r for r in reqs if r.id in waiting and r.id not in present]
             for j, (a, s) in sched.placed.items():
-                prev[data.jobs[j].key] = (data.jobs[j].alts[a].block, state.now + s * TICK_S)
+                prev[data.jobs[j].key] = (data.jobs[j].alts[a].block, now + s * TICK_S)
             stats["scopes"] += 1
             stats["jobs"] += len(data.jobs)
             stats["on_time"] += sum(data.jobs[j].weight for j in sched.placed)
             stats["solve_ms"] += sched.wall_ms
             stats["status"].append(sched.status.value)
+            if "wall_limited" in sched.stats and sched.stats["wall_limited"]:
+                stats["wall_limited"] = True
         committed = {rid for a in out for rid in a.request_ids}
         out += fill_best_effort([r for r in best_effort if r.id not in committed], problem, gaps,
-                                self.late_piece_s, self.params.batching)
-        live = {r.id for r in state.requests}
+                                self.late_piece_s, self.params.batching, self.late_share)
+        live = waiting | {r.id for r in problem.in_flight}
         self._prev = {k: v for k, v in prev.items() if all(rid in live for rid in k)}
         return RoundPlan(tuple(out), solver=self.name, fallback=fell_back, rejections=tuple(rejected),
                          stats=stats)
@@ -194,8 +214,8 @@ class MilpPolicy(SchedulePolicy):
     def __init__(self, time_limit_s: float = 2.0, **kw) -> None:
         super().__init__(time_limit_s=time_limit_s, **kw)
 
-    def solve(self, data: ScheduleData, hint: Schedule) -> Schedule:
-        return milp.solve(data, self.time_limit_s, hint, solver=self.milp_solver)
+    def solve(self, data: ScheduleData, hint: Schedule, limit_s: float) -> Schedule:
+        return milp.solve(data, limit_s, hint, solver=self.milp_solver)
 
 
 @register("milp")

@@ -51,13 +51,14 @@ def submit_trace(client: PlannerClient, records: Sequence[TraceRecord], replay: 
 
 
 def status_rows(views: Sequence[RequestView], now: float) -> list[list[str]]:
-    """Table rows: id, state, steps, deadline in, predicted finish in, finish (relative to ``now``)."""
+    """Table rows: id, state, steps, deadline in, predicted finish in, finish (relative to ``now``), note."""
     def rel(t: float | None) -> str:
         return "-" if t is None else f"{t - now:+.2f}"
 
     return [[v.id, v.state, f"{v.steps_done}/{v.steps}", rel(v.deadline),
-             rel(v.predicted_finish) if v.state not in ("done", "cancelled", "failed") else "-",
-             "-" if v.finish is None else f"{v.finish:.2f}" + (" met" if v.finish <= v.deadline + 1e-9 else " late")]
+             rel(v.predicted_finish) if v.state not in ("done", "cancelled", "failed", "rejected") else "-",
+             "-" if v.finish is None else f"{v.finish:.2f}" + (" met" if v.finish <= v.deadline + 1e-9 else " late"),
+             v.reason or ""]
             for v in views]
 
 

@@ -17,7 +17,7 @@ PB_TO_STAGE = {v: k for k, v in STAGE_TO_PB.items()}
 STATE_TO_PB = {
     "queued": pb.REQUEST_STATE_QUEUED, "running": pb.REQUEST_STATE_RUNNING, "paused": pb.REQUEST_STATE_PAUSED,
     "decoding": pb.REQUEST_STATE_DECODING, "done": pb.REQUEST_STATE_DONE, "failed": pb.REQUEST_STATE_FAILED,
-    "cancelled": pb.REQUEST_STATE_CANCELLED,
+    "cancelled": pb.REQUEST_STATE_CANCELLED, "rejected": pb.REQUEST_STATE_REJECTED,
 }
 PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
 
@@ -68,6 +68,8 @@ def view_to_pb(v: RequestView) -> pb.RequestInfo:
         m.finish = v.finish
     if v.measured_step_s is not None:
         m.measured_step_s = v.measured_step_s
+    if v.reason:
+        m.reason = v.reason
     return m
 
 
@@ -79,7 +81,8 @@ def view_from_pb(m: pb.RequestInfo) -> RequestView:
         predicted_finish=m.predicted_finish if m.HasField("predicted_finish") else None,
         finish=m.finish if m.HasField("finish") else None, sp=m.sp, gpus=tuple(m.gpus),
         preemptions=m.preemptions, sp_changes=m.sp_changes, migrations=m.migrations,
-        measured_step_s=m.measured_step_s if m.HasField("measured_step_s") else None, plan_epoch=m.plan_epoch)
+        measured_step_s=m.measured_step_s if m.HasField("measured_step_s") else None, plan_epoch=m.plan_epoch,
+        reason=m.reason or None)
 
 
 def info_to_pb(i: ServerInfoView) -> pb.ServerInfo:

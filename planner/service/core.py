@@ -37,7 +37,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from models.catalog import get_model
@@ -85,6 +85,8 @@ class CoreConfig:
     planner_process: bool = False  # run the policy in a child process (needs cluster_spec)
     cluster_spec: str = ""  # how the child rebuilds the cluster
     plan_window: int = 512  # not-yet-started requests a plan sees at most (earliest deadlines); 0: all
+    # Options of the policy (e.g. late="reject", wall_limit_s=0.5): real time rules in a service.
+    policy_options: dict = field(default_factory=dict)
     version: str = ""
 
 
@@ -141,7 +143,7 @@ class PlannerCore:
         self.clock = clock
         self.journal = journal
         self.stats = Stats()
-        self._policy = make_policy(config.policy)
+        self._policy = make_policy(config.policy, **config.policy_options)
         self._fallback = make_policy(config.fallback_policy) if config.fallback_policy != config.policy else None
         self._shape_costs: dict[tuple, _ShapeCosts] = {}
         self._ideal = self._ideal_latency
@@ -173,7 +175,8 @@ class PlannerCore:
     def start(self) -> None:
         if self.config.planner_process:
             self._proc = PlannerProcess(self.config.cluster_spec, self.config.policy,
-                                        self._fallback.name if self._fallback else None, self.config.check_plans)
+                                        self._fallback.name if self._fallback else None, self.config.check_plans,
+                                        options=self.config.policy_options)
         self._thread.start()
 
     def stop(self) -> None:
@@ -210,6 +213,7 @@ class PlannerCore:
             else:
                 st.state = RequestState.DONE if row.outcome == "done" else RequestState.FAILED
                 st.finish = row.finish
+                st.rejected = row.reason
                 if row.outcome == "done":
                     if row.finish is not None and row.finish <= row.deadline + 1e-9:
                         self.stats.done_met += 1
@@ -403,6 +407,26 @@ class PlannerCore:
         _wait(fut)
         return view
 
+    def _reject(self, rid: str, reason: str) -> None:
+        """Under the lock: end a live, idle request the planner gave up on (``--late reject``)."""
+        t = self._live.get(rid)
+        if t is None or t.outcome is not None or t.flight is not None or t.status.in_flight:
+            return
+        t.outcome = "rejected"
+        st = t.status
+        st.state, st.rejected = RequestState.FAILED, reason
+        self._remove_live(t)
+        self._backlog_gpu_s = max(0.0, self._backlog_gpu_s - t.work_gpu_s)
+        for eid in self._owners_of(st.latent_gpus):
+            sess = self._sessions.get(eid)
+            if sess is not None and rid in sess.known:
+                sess.known.discard(rid)
+                sess.push(PlanDelta(self._epoch, self.clock.now(), released=[rid]))
+        self.stats.rejected += 1
+        self.journal.record_outcome(rid, "rejected", None, t.reported_steps, t.reported_encoded,
+                                    st.preemptions, st.sp_changes, st.migrations, reason=reason)
+        log.info("rejected %s: %s", rid, reason)
+
     def get(self, rid: str) -> RequestView:
         if not isinstance(rid, str) or not rid:
             raise InvalidArgument(f"field 'id' = {rid!r} must be a non-empty string")
@@ -482,7 +506,8 @@ class PlannerCore:
             arrival=r.arrival, deadline=r.deadline, predicted_finish=self._predict(t, now), finish=st.finish,
             sp=st.sp, gpus=tuple(gpus), preemptions=st.preemptions, sp_changes=st.sp_changes,
             migrations=st.migrations, measured_step_s=(t.step_s_sum / t.step_s_n) if t.step_s_n else None,
-            plan_epoch=t.flight.epoch if t.flight is not None else 0)
+            plan_epoch=t.flight.epoch if t.flight is not None else 0,
+            reason=st.rejected if t.outcome == "rejected" else None)
 
     # --- predictions --------------------------------------------------------
     def _costs(self, model: str, shape) -> _ShapeCosts:
@@ -832,6 +857,8 @@ class PlannerCore:
         epoch = self._epoch + 1
         deltas: dict[str, PlanDelta] = defaultdict(lambda: PlanDelta(epoch, now))
         started: list[Assignment] = []
+        for rid, reason in plan.rejections:
+            self._reject(rid, reason)
         for a in plan.assignments:
             if not self._startable(a, now):
                 log.debug("dropping stale assignment %s", a)

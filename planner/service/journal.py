@@ -51,11 +51,12 @@ CREATE TABLE IF NOT EXISTS requests (
     deadline REAL NOT NULL,
     encoded INTEGER NOT NULL DEFAULT 0, -- last reported progress
     steps_done INTEGER NOT NULL DEFAULT 0,
-    outcome TEXT,                       -- NULL while live; done | cancelled | failed
+    outcome TEXT,                       -- NULL while live; done | cancelled | rejected | failed
     finish REAL,
     preemptions INTEGER NOT NULL DEFAULT 0,
     sp_changes INTEGER NOT NULL DEFAULT 0,
-    migrations INTEGER NOT NULL DEFAULT 0
+    migrations INTEGER NOT NULL DEFAULT 0,
+    reason TEXT                         -- why a request was rejected
 );
 """
 
@@ -63,7 +64,7 @@ _INSERT = ("INSERT INTO requests (id, model, height, width, frames, steps, arriv
            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _PROGRESS = "UPDATE requests SET steps_done = ?, encoded = ? WHERE id = ? AND outcome IS NULL"
 _OUTCOME = ("UPDATE requests SET outcome = ?, finish = ?, steps_done = ?, encoded = ?, preemptions = ?, "
-            "sp_changes = ?, migrations = ? WHERE id = ? AND outcome IS NULL")
+            "sp_changes = ?, migrations = ?, reason = ? WHERE id = ? AND outcome IS NULL")
 _META = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
 
 
@@ -91,6 +92,7 @@ class JournalRow:
     preemptions: int
     sp_changes: int
     migrations: int
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,9 +144,10 @@ class Journal:
         return self._put(_PROGRESS, [(steps_done, int(encoded), rid)], wait)
 
     def record_outcome(self, rid: str, outcome: str, finish: float | None, steps_done: int, encoded: bool,
-                       preemptions: int, sp_changes: int, migrations: int, wait: bool = False) -> Future | None:
+                       preemptions: int, sp_changes: int, migrations: int, wait: bool = False,
+                       reason: str | None = None) -> Future | None:
         return self._put(_OUTCOME, [(outcome, finish, steps_done, int(encoded), preemptions, sp_changes,
-                                     migrations, rid)], wait)
+                                     migrations, reason, rid)], wait)
 
     def set_meta(self, key: str, value: str, wait: bool = False) -> Future | None:
         return self._put(_META, [(key, value)], wait)
@@ -237,10 +240,10 @@ class Journal:
             conn.executemany(_META, [("schema_version", SCHEMA_VERSION), ("generation", str(generation))])
         rows = [JournalRow(seq=r[0], id=r[1], model=r[2], height=r[3], width=r[4], frames=r[5], steps=r[6],
                            arrival=r[7], deadline=r[8], encoded=bool(r[9]), steps_done=r[10], outcome=r[11],
-                           finish=r[12], preemptions=r[13], sp_changes=r[14], migrations=r[15])
+                           finish=r[12], preemptions=r[13], sp_changes=r[14], migrations=r[15], reason=r[16])
                 for r in conn.execute("SELECT seq, id, model, height, width, frames, steps, arrival, deadline, "
-                                      "encoded, steps_done, outcome, finish, preemptions, sp_changes, migrations "
-                                      "FROM requests ORDER BY seq")]
+                                      "encoded, steps_done, outcome, finish, preemptions, sp_changes, migrations, "
+                                      "reason FROM requests ORDER BY seq")]
         meta["generation"] = str(generation)
         return Recovered(rows, meta, generation)
 
@@ -252,4 +255,6 @@ def _connect(path: Path, sync: str) -> sqlite3.Connection:
         raise JournalError(f"{path}: cannot switch to WAL mode (got {mode!r})")
     conn.execute(f"PRAGMA synchronous={sync.upper()}")
     conn.executescript(_SCHEMA)
+    if "reason" not in {r[1] for r in conn.execute("PRAGMA table_info(requests)")}:
+        conn.execute("ALTER TABLE requests ADD COLUMN reason TEXT")  # a journal written before rejections
     return conn

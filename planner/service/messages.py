@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from planner.request import Stage
 
 # Request states as the service reports them: RequestState values plus "cancelled".
-STATES = ("queued", "running", "paused", "decoding", "done", "failed", "cancelled")
+STATES = ("queued", "running", "paused", "decoding", "done", "failed", "cancelled", "rejected")
 TERMINAL = ("done", "failed", "cancelled")
 
 
@@ -38,6 +38,7 @@ class RequestView:
     migrations: int = 0
     measured_step_s: float | None = None
     plan_epoch: int = 0
+    reason: str | None = None  # why it was rejected
 
     def to_dict(self) -> dict:
         from dataclasses import asdict

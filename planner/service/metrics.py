@@ -53,7 +53,9 @@ class CoreCollector:
                 ("ditplan_preemptions", "Requests paused at a step boundary and not continued.", stats.preemptions),
                 ("ditplan_submitted", "Requests admitted.", stats.submitted),
                 ("ditplan_executors_lost", "Executors declared lost.", stats.executors_lost),
-                ("ditplan_requeued", "Requests requeued after an executor loss.", stats.requeued)):
+                ("ditplan_requeued", "Requests requeued after an executor loss.", stats.requeued),
+                ("ditplan_rejected", "Requests the planner rejected (they could not meet their deadline).",
+                 stats.rejected)):
             yield CounterMetricFamily(name, doc, value=value)
         refused = CounterMetricFamily("ditplan_refused", "Requests refused, by status code.", labels=["code"])
         for code, n in sorted(stats.refused.items()):

@@ -64,7 +64,7 @@ def plan_checked(policy, fallback, state: PlannerState, check: bool = True) -> P
     return PlanResult(plan, (time.perf_counter() - t0) * 1e3, violations)
 
 
-def _worker(conn, cluster_spec: str, policy: str, fallback: str | None, check: bool) -> None:
+def _worker(conn, cluster_spec: str, policy: str, fallback: str | None, check: bool, options: dict) -> None:
     """The child process: build the planning context once, then answer one plan per message."""
     from models.cost import CostModel
     from planner.cluster import parse_cluster
@@ -72,7 +72,7 @@ def _worker(conn, cluster_spec: str, policy: str, fallback: str | None, check: b
 
     cluster = parse_cluster(cluster_spec)
     cost = CostModel(cluster.kind)
-    pol = make_policy(policy)
+    pol = make_policy(policy, **options)
     fb = make_policy(fallback) if fallback else None
     conn.send("ready")
     while True:
@@ -91,10 +91,10 @@ class PlannerProcess:
     """A planner child process; ``plan`` blocks the calling thread (not the GIL) while it solves."""
 
     def __init__(self, cluster_spec: str, policy: str, fallback: str | None, check: bool = True,
-                 start_timeout_s: float = 120.0) -> None:
+                 start_timeout_s: float = 120.0, options: dict | None = None) -> None:
         ctx = mp.get_context("spawn")  # never fork a process that runs gRPC threads
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_worker, args=(child, cluster_spec, policy, fallback, check),
+        self._proc = ctx.Process(target=_worker, args=(child, cluster_spec, policy, fallback, check, dict(options or {})),
                                  name="ditplan-planner", daemon=True)
         self._proc.start()
         child.close()

@@ -74,6 +74,8 @@ class ServeConfig:
     token: str | None = None
     max_workers: int = 64
     grace_s: float = 2.0
+    late: str = "serve"  # solver policies: serve late requests in spare capacity, or reject them
+    wall_limit_s: float | None = 0.5  # solver policies: wall-clock cap of one solve (real time rules here)
 
 
 class PlannerServer:
@@ -117,6 +119,7 @@ class PlannerServer:
                               round_s=cfg.round_s, max_queue=cfg.max_queue,
                               heartbeat_timeout_s=cfg.heartbeat_timeout_s, min_plan_gap_s=cfg.min_plan_gap_s,
                               plan_window=cfg.plan_window, planner_process=cfg.planner_process,
+                              policy_options={"late": cfg.late, "wall_limit_s": cfg.wall_limit_s},
                               cluster_spec=cfg.cluster, version=_version())
         self.core = PlannerCore(core_cfg, self._journal, recovered, clock)
         self.core.start()

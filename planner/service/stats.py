@@ -22,6 +22,7 @@ class Stats:
     requeued: int = 0
     done_met: int = 0
     done_missed: int = 0
+    rejected: int = 0  # ended by the planner (--late reject)
     solver_bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(SOLVER_BUCKETS_MS) + 1))
     solver_ms_sum: float = 0.0
 

@@ -121,8 +121,20 @@ def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundPro
 
 
 def fill_best_effort(candidates: Sequence[ProblemRequest], problem: RoundProblem, gaps: _Gaps,
-                     piece_s: float, batching: bool = True) -> list[Assignment]:
-    """Best-effort work in the gaps (see the module doc)."""
+                     piece_s: float, batching: bool = True, share: float = 1.0) -> list[Assignment]:
+    """Best-effort work in the gaps (see the module doc); at most ``share`` of a node's GPUs hold it."""
+    if share < 1.0:
+        node_of = {g: n for n, node in enumerate(problem.nodes) for g in node}
+        held = [0] * len(problem.nodes)
+        for r in problem.in_flight:
+            if is_lost(r):
+                for g in r.latent_gpus:
+                    held[node_of[g]] += 1
+        for n, node in enumerate(problem.nodes):
+            room = max(1, math.floor(share * len(node))) - held[n]  # late work always progresses
+            free = sorted((g for g in node if g in gaps.until), reverse=True)
+            for g in free[:max(0, len(free) - max(0, room))]:
+                del gaps.until[g]
     order = sorted(candidates, key=lambda r: (is_lost(r), r.deadline if not is_lost(r) else r.remaining_lb(),
                                               r.id))
     done: set[str] = set()
