@@ -204,7 +204,9 @@ def plot(rows: list[dict], args) -> None:
 
     from planner.workloads import WORKLOADS
 
-    fig, axes = plt.subplots(2, len(args.workloads), figsize=(6 * len(args.workloads), 8), squeeze=False)
+    with_rates = not getattr(args, "no_rates", False)
+    fig, axes = plt.subplots(2 if with_rates else 1, len(args.workloads),
+                             figsize=(6 * len(args.workloads), 8 if with_rates else 4.5), squeeze=False)
     for col, wl in enumerate(args.workloads):
         base = round(WORKLOADS[wl].default_rate * args.rate_factor, 6)
         rates = sorted({r["rate"] for r in rows if r["workload"] == wl})
@@ -212,11 +214,13 @@ def plot(rows: list[dict], args) -> None:
             style = {"linewidth": 2.5} if p in ("tetriserve-dp", "cpsat") else {"linewidth": 1.2}
             axes[0][col].plot(SCALES, [_mean(rows, workload=wl, policy=p, slo_scale=s, rate=base) for s in SCALES],
                               marker="o", label=p, **style)
-            axes[1][col].plot(rates, [_mean(rows, workload=wl, policy=p, slo_scale=FIXED_SCALE, rate=r)
-                                      for r in rates], marker="o", label=p, **style)
+            if with_rates:
+                axes[1][col].plot(rates, [_mean(rows, workload=wl, policy=p, slo_scale=FIXED_SCALE, rate=r)
+                                          for r in rates], marker="o", label=p, **style)
         axes[0][col].set(title=f"{wl} (rate {base}/s)", xlabel="SLO scale", ylabel="SLO attainment", ylim=(0, 1.02))
-        axes[1][col].set(title=f"{wl} (SLO scale {FIXED_SCALE})", xlabel="arrival rate (req/s)",
-                         ylabel="SLO attainment", ylim=(0, 1.02))
+        if with_rates:
+            axes[1][col].set(title=f"{wl} (SLO scale {FIXED_SCALE})", xlabel="arrival rate (req/s)",
+                             ylabel="SLO attainment", ylim=(0, 1.02))
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

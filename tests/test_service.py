@@ -535,7 +535,7 @@ def test_late_reject_ends_a_lost_request_with_its_reason_and_keeps_serving(make_
     with PlannerClient(server.address, timeout=10) as c:
         c.submit([spec("lost", deadline_in_s=0.05, slo_scale=None), spec("fine", size=512)])
         wait_for(lambda: {v.id: v.state for v in c.list()} == {"lost": "rejected", "fine": "done"},
-                 what="one rejected, one done")
+                 timeout=60.0, what="one rejected, one done")
         view = c.get("lost")
         assert view.reason and "deadline" in view.reason and view.finish is None
         assert c.get("fine").reason is None

@@ -344,18 +344,24 @@ def test_solver_policies_are_registered():
     assert {"cpsat", "milp", "milp-highs"} <= set(policy_names())
 
 
-def test_scopes_keep_latents_on_their_node_and_balance_fresh_work():
+def test_scopes_keep_latents_on_their_node_and_pack_fresh_work_best_fit():
     from planner.policies.solver import scopes
 
     cluster = parse_cluster("2x4xH100")
     pinned = RequestStatus(Request("p", "flux-dev", Shape(1024, 1024), 28, 0.0, 50.0), state=RequestState.PAUSED,
-                           encoded=True, steps_done=3, latent_gpus=(4, 5), sp=2)
-    fresh = [RequestStatus(Request(f"f{i}", "flux-dev", Shape(1024, 1024), 28, 0.0, 50.0 + i)) for i in range(4)]
-    state = PlannerState(1.0, cluster, COST, [pinned, *fresh], [0.0] * 8, ("flux-dev",), 2.0)
-    out = dict(scopes(build_problem(state)))
-    assert {r.id for r in out[(4, 5, 6, 7)]} >= {"p"}
-    sizes = sorted(len(v) for v in out.values())
-    assert sizes == [2, 3]  # the fresh requests split around the pinned one
+                           encoded=True, steps_done=3, latent_gpus=(0, 1), sp=2)
+    busy = [9.0, 9.0, 9.0, 9.0, 0.0, 0.0, 0.0, 0.0]  # node 0 busy for 8 s, node 1 idle
+
+    def split(deadline: float) -> dict:
+        fresh = [RequestStatus(Request(f"f{i}", "flux-dev", Shape(1024, 1024), 28, 0.0, deadline + i))
+                 for i in range(3)]
+        state = PlannerState(1.0, cluster, COST, [pinned, *fresh], busy, ("flux-dev",), 2.0)
+        return {gpus: sorted(r.id for r in reqs) for gpus, reqs in scopes(build_problem(state))}
+
+    urgent = split(4.0)  # cannot wait for node 0: the idle node
+    assert urgent[(0, 1, 2, 3)] == ["p"] and urgent[(4, 5, 6, 7)] == ["f0", "f1", "f2"]
+    relaxed = split(60.0)  # on time either way: packed onto the busy node, node 1 stays whole
+    assert relaxed == {(0, 1, 2, 3): ["f0", "f1", "f2", "p"]}
 
 
 def test_cpsat_is_deterministic_under_cpu_load():

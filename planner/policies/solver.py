@@ -43,36 +43,63 @@ from planner.solvers.solution import Schedule, evaluate
 from planner.state import PlannerState
 
 
-def _work_s(pr: ProblemRequest) -> float:
-    """GPU-seconds of the request's remaining work at its most GPU-efficient degree."""
-    step = min(k * s for k, s in pr.step_s.items() if k in kept_degrees(pr.step_s))
+def _chain_s(pr: ProblemRequest, k: int) -> float:
+    """Seconds of the request's remaining chain at degree ``k`` (no latent move)."""
     enc = pr.encode_s if pr.stage == "encode" else 0.0
-    return enc + (pr.remaining_steps * step if pr.stage != "decode" else 0.0) + pr.decode_s
+    return enc + (pr.remaining_steps * pr.step_s[k] if pr.stage != "decode" else 0.0) + pr.decode_s
 
 
-def scopes(problem: RoundProblem, skip: set[str] = frozenset()) -> list[tuple[tuple[int, ...], list[ProblemRequest]]]:
-    """(GPUs, requests) per node: latents stay on their node, fresh requests balance the work per GPU."""
+def scopes(problem: RoundProblem, skip: set[str] = frozenset(), fit: str = "best"
+           ) -> list[tuple[tuple[int, ...], list[ProblemRequest]]]:
+    """(GPUs, requests) per node: latents stay on their node; fresh requests are packed by a list schedule.
+
+    The list schedule is the node-level relaxation of the schedule model (a
+    degree-k chain takes the k GPUs of the node that free first, alignment
+    aside): bound requests load their node, then fresh requests, earliest
+    deadline first, go to the busiest node where some degree still finishes
+    them on time (best fit: whole nodes stay free for the requests that need
+    one), or, when none does, where they finish first.
+    """
     nodes = problem.nodes
     everyone = [r for r in (*problem.requests, *problem.in_flight) if r.id not in skip]
     if len(nodes) == 1:
         return [(tuple(nodes[0]), everyone)]
     node_of = {g: n for n, node in enumerate(nodes) for g in node}
-    free_in = {g.index: g.free_in for g in problem.gpus}
-    load = [sum(free_in[g] for g in node) for node in nodes]
+    free_at = [sorted(g.free_in for g in problem.gpus if node_of[g.index] == n) for n in range(len(nodes))]
+    waiting = {r.id for r in problem.requests}
     out: list[list[ProblemRequest]] = [[] for _ in nodes]
     fresh = []
-    for r in everyone:
-        bound = has_latent(r) or r.stage == "decode" or r.id not in {q.id for q in problem.requests}
+
+    def take(n: int, k: int, ready: float, pr: ProblemRequest) -> float:
+        start = max(ready, free_at[n][k - 1])
+        end = start + _chain_s(pr, k)
+        free_at[n][:k] = [end] * k
+        free_at[n].sort()
+        return end
+
+    for r in sorted(everyone, key=lambda r: (r.deadline, r.id)):
+        bound = has_latent(r) or r.stage == "decode" or r.id not in waiting
         if bound and r.latent_gpus:
             n = node_of[r.latent_gpus[0]]
             out[n].append(r)
-            load[n] += _work_s(r)
+            k = len(r.latent_gpus) if r.stage != "decode" and len(r.latent_gpus) in r.step_s else 1
+            take(n, min(k, len(free_at[n])), r.ready_in, r)
         else:
             fresh.append(r)
-    for r in sorted(fresh, key=lambda r: (r.deadline, r.id)):
-        n = min(range(len(nodes)), key=lambda n: (load[n] / len(nodes[n]), n))
+    for r in fresh:
+        best = None
+        for n in range(len(nodes)):
+            for k in kept_degrees(r.step_s):
+                if k <= len(free_at[n]):
+                    end = max(r.ready_in, free_at[n][k - 1]) + _chain_s(r, k)
+                    # On time: best fit, the busiest node that still makes it (whole nodes stay free
+                    # for requests that need one); late: the earliest finish.
+                    key = (0, -sum(free_at[n]), k, n) if end <= r.deadline and fit == "best" else (1, end, k, n)
+                    if best is None or key < best[0]:
+                        best = (key, n, k)
+        n, k = (best[1], best[2]) if best else (0, 1)
         out[n].append(r)
-        load[n] += _work_s(r)
+        take(n, k, r.ready_in, r)
     return [(tuple(nodes[n]), out[n]) for n in range(len(nodes)) if out[n]]
 
 
@@ -87,7 +114,7 @@ class SchedulePolicy:
     def __init__(self, time_limit_s: float = 0.003, piece_s: float = 0.25, late: str = "serve",
                  batching: bool = True, max_jobs: int = 32, seed: int = 0, num_workers: int = 1,
                  wall_limit_s: float | None = None, check: bool = True, late_piece_s: float = 0.0,
-                 late_share: float = 0.5) -> None:
+                 late_share: float = 0.5, node_fit: str = "best") -> None:
         if late not in LATE_MODES:
             raise ValueError(f"late must be one of {', '.join(LATE_MODES)}, not {late!r}")
         if piece_s <= 0:
@@ -96,6 +123,7 @@ class SchedulePolicy:
         self.piece_s = piece_s
         self.late_piece_s = late_piece_s  # 0: one step at a time, preemptible at the next step boundary
         self.late_share = late_share
+        self.node_fit = node_fit
         self.late = late
         self.params = ScheduleParams(batching=batching, max_jobs=max_jobs)
         self.seed = seed
@@ -143,35 +171,43 @@ class SchedulePolicy:
     def _plan(self, state: PlannerState, t0: float) -> RoundPlan:
         return self.plan_problem(build_problem(state))
 
-    def solved_scopes(self, problem: RoundProblem) -> list[tuple[ScheduleData, list[ProblemRequest]]]:
-        """(schedule data, requests) of each scope this instant solves: those with an idle GPU."""
+    def solved_scopes(self, problem: RoundProblem) -> list[tuple[tuple[int, ...], list[ProblemRequest]]]:
+        """(GPUs, requests) of each scope this instant solves: those with an idle GPU (nothing can start
+        elsewhere now), the most idle GPUs first."""
         rejected = {rid for rid, _ in rejections(problem, self.late)}
         idle = set(problem.idle)
-        out = []
-        for gpus, reqs in scopes(problem, rejected):
-            if any(g in idle for g in gpus):  # nothing can start elsewhere now
-                out.append((build_schedule(problem, reqs, gpus, self.params)[0], reqs))
-        return out
+        out = [(gpus, reqs) for gpus, reqs in scopes(problem, rejected, self.node_fit)
+               if any(g in idle for g in gpus)]
+        return sorted(out, key=lambda sc: (-sum(g in idle for g in sc[0]), sc[0]))
 
     def plan_problem(self, problem: RoundProblem) -> RoundPlan:
-        """The plan of one RoundProblem (what ``plan`` does after building it, before the checker)."""
+        """The plan of one RoundProblem (what ``plan`` does after building it, before the checker).
+
+        Scopes are solved in turn; a fresh request (no latent yet) that a scope
+        leaves out moves on to the next one, so it is tried on every node with
+        an idle GPU before it falls to best effort.
+        """
         now = problem.now
         rejected = rejections(problem, self.late)
         gaps = idle_gaps(problem)
         waiting = {r.id for r in problem.requests}
-        out, best_effort = [], []
+        out, best_effort, carry = [], [], []
         fell_back = False
         stats = {"scopes": 0, "jobs": 0, "on_time": 0, "solve_ms": 0.0, "status": []}
         prev = dict(self._prev)
         solved = self.solved_scopes(problem)
         # Each scope gets the budget, up to MAX_FULL_SCOPES of them; beyond, they share that total.
         limit = self.time_limit_s * min(1.0, MAX_FULL_SCOPES / max(1, len(solved)))
-        for data, reqs in solved:
+        for gpus, reqs in solved:
+            reqs = reqs + carry
+            data = build_schedule(problem, reqs, gpus, self.params)[0]
             sched, fb = self.schedule(data, now, limit)
             fell_back |= fb
             out += commit_on_time(data, sched, problem, self.piece_s, gaps)
             present = {rid for j in sched.placed for rid in data.jobs[j].ids}
-            best_effort += [r for r in reqs if r.id in waiting and r.id not in present]
+            left = [r for r in reqs if r.id in waiting and r.id not in present]
+            carry = [r for r in left if not has_latent(r) and r.stage != "decode"]
+            best_effort += [r for r in left if has_latent(r) or r.stage == "decode"]
             for j, (a, s) in sched.placed.items():
                 prev[data.jobs[j].key] = (data.jobs[j].alts[a].block, now + s * TICK_S)
             stats["scopes"] += 1
@@ -181,6 +217,7 @@ class SchedulePolicy:
             stats["status"].append(sched.status.value)
             if "wall_limited" in sched.stats and sched.stats["wall_limited"]:
                 stats["wall_limited"] = True
+        best_effort += carry
         committed = {rid for a in out for rid in a.request_ids}
         out += fill_best_effort([r for r in best_effort if r.id not in committed], problem, gaps,
                                 self.late_piece_s, self.params.batching, self.late_share)

@@ -1,9 +1,10 @@
 """List schedules of the schedule data: the warm start and the fallback of every backend.
 
 A list schedule takes jobs in a priority order and puts each at its earliest
-start on the alternative that finishes it first (ties: fewer GPU-ms, then the
-preferred block), after everything already placed on those GPUs; a job that
-can no longer be on time is left out. Feasible by construction.
+start, after everything already placed on those GPUs, on the alternative
+that keeps a running request running and a latent where it is, then
+finishes it first (ties: fewer GPU-ms); a job that can no longer be on time
+is left out. Feasible by construction.
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ def list_schedule(data: ScheduleData, order: Sequence[int],
             s = max(job.release, free[alt.block[0]], *(free[g] - alt.lead for g in alt.block[1:]))
             if s > alt.latest:
                 continue
-            key = (alt.block != want, s + alt.span, alt.gpu_ms, alt.block) if want else \
-                (s + alt.span, alt.gpu_ms, alt.block)
+            # The objective's tiers: not preempting a running request and not moving a latent come
+            # before finishing early and cheaply.
+            key = (job.running > 0 and s > 0, alt.migrate, alt.block != want if want else False,
+                   s + alt.span, alt.gpu_ms, alt.block)
             if best is None or key < best[0]:
                 best = (key, a, s)
         if best is None:
