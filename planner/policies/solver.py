@@ -114,7 +114,7 @@ class SchedulePolicy:
     def __init__(self, time_limit_s: float = 0.003, piece_s: float = 0.25, late: str = "serve",
                  batching: bool = True, max_jobs: int = 32, seed: int = 0, num_workers: int = 1,
                  wall_limit_s: float | None = None, check: bool = True, late_piece_s: float = 0.0,
-                 late_share: float = 0.5, node_fit: str = "best") -> None:
+                 late_share: float = 0.5, node_fit: str = "best", reject_grace_s: float = 0.0) -> None:
         if late not in LATE_MODES:
             raise ValueError(f"late must be one of {', '.join(LATE_MODES)}, not {late!r}")
         if piece_s <= 0:
@@ -124,6 +124,7 @@ class SchedulePolicy:
         self.late_piece_s = late_piece_s  # 0: one step at a time, preemptible at the next step boundary
         self.late_share = late_share
         self.node_fit = node_fit
+        self.reject_grace_s = reject_grace_s
         self.late = late
         self.params = ScheduleParams(batching=batching, max_jobs=max_jobs)
         self.seed = seed
@@ -174,7 +175,7 @@ class SchedulePolicy:
     def solved_scopes(self, problem: RoundProblem) -> list[tuple[tuple[int, ...], list[ProblemRequest]]]:
         """(GPUs, requests) of each scope this instant solves: those with an idle GPU (nothing can start
         elsewhere now), the most idle GPUs first."""
-        rejected = {rid for rid, _ in rejections(problem, self.late)}
+        rejected = {rid for rid, _ in rejections(problem, self.late, self.reject_grace_s)}
         idle = set(problem.idle)
         out = [(gpus, reqs) for gpus, reqs in scopes(problem, rejected, self.node_fit)
                if any(g in idle for g in gpus)]
@@ -188,7 +189,7 @@ class SchedulePolicy:
         an idle GPU before it falls to best effort.
         """
         now = problem.now
-        rejected = rejections(problem, self.late)
+        rejected = rejections(problem, self.late, self.reject_grace_s)
         gaps = idle_gaps(problem)
         waiting = {r.id for r in problem.requests}
         out, best_effort, carry = [], [], []

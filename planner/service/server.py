@@ -76,6 +76,7 @@ class ServeConfig:
     grace_s: float = 2.0
     late: str = "serve"  # solver policies: serve late requests in spare capacity, or reject them
     wall_limit_s: float | None = 0.5  # solver policies: wall-clock cap of one solve (real time rules here)
+    reject_grace_s: float = 1.0  # --late reject: reject only requests that would miss by more (planning latency)
 
 
 class PlannerServer:
@@ -119,7 +120,8 @@ class PlannerServer:
                               round_s=cfg.round_s, max_queue=cfg.max_queue,
                               heartbeat_timeout_s=cfg.heartbeat_timeout_s, min_plan_gap_s=cfg.min_plan_gap_s,
                               plan_window=cfg.plan_window, planner_process=cfg.planner_process,
-                              policy_options={"late": cfg.late, "wall_limit_s": cfg.wall_limit_s},
+                              policy_options={"late": cfg.late, "wall_limit_s": cfg.wall_limit_s,
+                                              "reject_grace_s": cfg.reject_grace_s},
                               cluster_spec=cfg.cluster, version=_version())
         self.core = PlannerCore(core_cfg, self._journal, recovered, clock)
         self.core.start()

@@ -161,15 +161,19 @@ def _same_state(a: ProblemRequest, b: ProblemRequest) -> bool:
         (not has_latent(a) or tuple(a.latent_gpus) == tuple(b.latent_gpus))
 
 
-def rejections(problem: RoundProblem, late: str) -> list[tuple[str, str]]:
-    """(id, reason) of the waiting requests to reject now (``late="reject"`` only)."""
+def rejections(problem: RoundProblem, late: str, grace_s: float = 0.0) -> list[tuple[str, str]]:
+    """(id, reason) of the waiting requests to reject now (``late="reject"`` only).
+
+    ``grace_s``: reject only requests that would miss by more than this. A
+    service on the wall clock sets it, since a request exactly on schedule
+    there looks a little late once planning latency has passed."""
     if late not in LATE_MODES:
         raise ValueError(f"late must be one of {', '.join(LATE_MODES)}, not {late!r}")
     if late == "serve":
         return []
     out = []
     for r in problem.requests:
-        if is_lost(r):
+        if is_lost(r, grace_s):
             need = r.remaining_lb()
             out.append((r.id, f"cannot meet its deadline: needs {need:.3f} s at the fastest degree, "
                               f"{max(0.0, r.deadline):.3f} s left"))

@@ -166,9 +166,9 @@ def lower_bound_s(pr: ProblemRequest) -> float:
     return pr.ready_in + pr.remaining_lb()
 
 
-def is_lost(pr: ProblemRequest) -> bool:
-    """Cannot make its deadline whatever the plan (noise free)."""
-    return lower_bound_s(pr) > pr.deadline + 1e-9
+def is_lost(pr: ProblemRequest, grace_s: float = 0.0) -> bool:
+    """Cannot make its deadline whatever the plan (noise free), even ``grace_s`` late."""
+    return lower_bound_s(pr) > pr.deadline + 1e-9 + grace_s
 
 
 @dataclass
