@@ -91,7 +91,7 @@ def run_backends(p: RoundProblem, args) -> list[dict]:
     t0 = time.perf_counter()
     policy.plan_problem(p)
     plan_ms = (time.perf_counter() - t0) * 1e3
-    scopes = [build_schedule(p, reqs, gpus, policy.params)[0] for gpus, reqs in CpSatPolicy().solved_scopes(p)]
+    scopes = [build_schedule(p, reqs, gpus, policy.params) for gpus, reqs in CpSatPolicy().solved_scopes(p)]
     jobs = sum(len(d.jobs) for d in scopes)
     alts = sum(len(j.alts) for d in scopes for j in d.jobs)
     rows = [{"backend": "plan", "status": "-", "objective": None, "bound": None, "ms": plan_ms,

@@ -52,8 +52,7 @@ def summarize(result: SimResult) -> dict:
         "requests": len(reqs),
         "finished": len(finished),
         "late_finished": sum(not met(s) for s in finished),
-        "rejected": sum(s.state is RequestState.FAILED and s.rejected is not None
-                        and not s.rejected.startswith("unfinished") for s in reqs),
+        "rejected": sum(s.rejected is not None for s in reqs),
         "solver_ms": solver,
         "plans": result.plans,
         "fallbacks": result.fallbacks,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable
 
@@ -81,6 +82,11 @@ class RoundProblem:
     # plans their remaining work from when it ends (``ready_in``), so that
     # future capacity is not overestimated. Decoding requests are left out.
     in_flight: tuple[ProblemRequest, ...] = ()
+
+    @cached_property
+    def node_of(self) -> dict[int, int]:
+        """GPU index -> node index."""
+        return {g: n for n, node in enumerate(self.nodes) for g in node}
 
     @property
     def idle(self) -> tuple[int, ...]:

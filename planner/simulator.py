@@ -175,7 +175,6 @@ class Simulator:
         for st in order:
             if st.live:  # unfinished when the run ended: a miss
                 st.state = RequestState.FAILED
-                st.rejected = "unfinished when the simulation ended"
         return SimResult(self.policy.name, order, segments, solver_ms, fallbacks, plans, now, round_problems)
 
     def _start(self, a: Assignment, now: float, statuses: dict[str, RequestStatus],

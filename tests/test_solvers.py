@@ -137,8 +137,8 @@ def test_cpsat_and_cbc_optimum_equals_brute_force(seed):
 def _small(seed: int) -> list[ScheduleData]:
     state = random_state(seed)
     p = build_problem(state)
-    return [build_schedule(p, gpus=node, params=ScheduleParams(weights=SMALL))[0] for node in p.nodes
-            ] if len(p.nodes) > 1 else [build_schedule(p, params=ScheduleParams(weights=SMALL))[0]]
+    return [build_schedule(p, gpus=node, params=ScheduleParams(weights=SMALL)) for node in p.nodes
+            ] if len(p.nodes) > 1 else [build_schedule(p, params=ScheduleParams(weights=SMALL))]
 
 
 def test_cpsat_cbc_and_highs_agree_on_small_instances():

@@ -5,10 +5,10 @@ request* (``planner/solvers/data.py``) and commits only what starts now
 (``planner/solvers/commit.py``):
 
 1. build the RoundProblem of the state;
-2. split it into scopes: one per node. A request whose latent lives on a
-   node stays there; a fresh one goes to the node with the least work per
-   GPU (earliest deadline first). A one-node cluster is one scope. Only
-   scopes with an idle GPU are solved: nothing else can start now;
+2. split it into scopes: one per node (see :func:`scopes`). A request whose
+   latent lives on a node stays there; fresh ones are packed best fit by a
+   node-level list schedule. A one-node cluster is one scope. Only scopes
+   with an idle GPU are solved: nothing else can start now;
 3. per scope: build the schedule data, warm-start from the better of the EDF
    list schedule and the list schedule that follows the previous plan, solve
    within a deterministic limit, commit the on-time work that starts now;
@@ -29,7 +29,6 @@ fired.
 from __future__ import annotations
 
 import time
-from typing import Sequence
 
 from planner.checker import check_plan
 from planner.plan import RoundPlan
@@ -37,7 +36,8 @@ from planner.policies.base import make_policy, register
 from planner.problem import ProblemRequest, RoundProblem, build_problem
 from planner.solvers import cpsat, milp
 from planner.solvers.commit import LATE_MODES, commit_on_time, fill_best_effort, idle_gaps, rejections
-from planner.solvers.data import TICK_S, ScheduleData, ScheduleParams, build_schedule, has_latent, kept_degrees
+from planner.solvers.data import (TICK_S, ScheduleData, ScheduleParams, build_schedule, chain_parts, has_latent,
+                                  kept_degrees)
 from planner.solvers.greedy import greedy
 from planner.solvers.solution import Schedule, evaluate
 from planner.state import PlannerState
@@ -45,8 +45,7 @@ from planner.state import PlannerState
 
 def _chain_s(pr: ProblemRequest, k: int) -> float:
     """Seconds of the request's remaining chain at degree ``k`` (no latent move)."""
-    enc = pr.encode_s if pr.stage == "encode" else 0.0
-    return enc + (pr.remaining_steps * pr.step_s[k] if pr.stage != "decode" else 0.0) + pr.decode_s
+    return sum(chain_parts(pr.stage, pr.encode_s, 0.0, pr.remaining_steps, pr.step_s[k], pr.decode_s))
 
 
 def scopes(problem: RoundProblem, skip: set[str] = frozenset(), fit: str = "best"
@@ -64,7 +63,7 @@ def scopes(problem: RoundProblem, skip: set[str] = frozenset(), fit: str = "best
     everyone = [r for r in (*problem.requests, *problem.in_flight) if r.id not in skip]
     if len(nodes) == 1:
         return [(tuple(nodes[0]), everyone)]
-    node_of = {g: n for n, node in enumerate(nodes) for g in node}
+    node_of = problem.node_of
     free_at = [sorted(g.free_in for g in problem.gpus if node_of[g.index] == n) for n in range(len(nodes))]
     waiting = {r.id for r in problem.requests}
     out: list[list[ProblemRequest]] = [[] for _ in nodes]
@@ -201,7 +200,7 @@ class SchedulePolicy:
         limit = self.time_limit_s * min(1.0, MAX_FULL_SCOPES / max(1, len(solved)))
         for gpus, reqs in solved:
             reqs = reqs + carry
-            data = build_schedule(problem, reqs, gpus, self.params)[0]
+            data = build_schedule(problem, reqs, gpus, self.params)
             sched, fb = self.schedule(data, now, limit)
             fell_back |= fb
             out += commit_on_time(data, sched, problem, self.piece_s, gaps)
@@ -265,5 +264,3 @@ class MilpCbcPolicy(MilpPolicy):
 class MilpHighsPolicy(MilpPolicy):
     name, milp_solver = "milp-highs", "highs"
 
-
-__all__: Sequence[str] = ("SchedulePolicy", "CpSatPolicy", "MilpPolicy", "scopes")

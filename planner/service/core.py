@@ -108,7 +108,7 @@ class Tracked:
     status: RequestStatus  # the planner's view
     reported_steps: int = 0
     reported_encoded: bool = False
-    outcome: str | None = None  # done | cancelled | failed
+    outcome: str | None = None  # done | cancelled | rejected | failed
     flight: Flight | None = None
     pending: bool = False  # admitted, journal commit not yet confirmed: invisible
     work_gpu_s: float = 0.0  # its share of the backlog (GPU-seconds at its fastest degree)
@@ -388,17 +388,8 @@ class PlannerCore:
             t = self._visible(rid)
             if t.outcome is not None:
                 raise FailedPrecondition(f"request {rid!r} is already {t.outcome}; only live requests can be cancelled")
-            t.outcome = "cancelled"
+            self._end_unfinished(t, "cancelled")
             st = t.status
-            st.state = RequestState.FAILED
-            self._remove_live(t)
-            self._backlog_gpu_s = max(0.0, self._backlog_gpu_s - t.work_gpu_s)
-            holders = t.flight.executors if t.flight is not None else self._owners_of(st.latent_gpus)
-            for eid in holders:
-                sess = self._sessions.get(eid)
-                if sess is not None and rid in sess.known:
-                    sess.known.discard(rid)
-                    sess.push(PlanDelta(self._epoch, self.clock.now(), released=[rid]))
             fut = self.journal.record_outcome(rid, "cancelled", None, t.reported_steps, t.reported_encoded,
                                               st.preemptions, st.sp_changes, st.migrations, wait=True)
             view = self._view(t, self.clock.now())
@@ -407,21 +398,29 @@ class PlannerCore:
         _wait(fut)
         return view
 
+    def _end_unfinished(self, t: Tracked, outcome: str) -> None:
+        """Under the lock: end a live request unfinished (cancelled or rejected): out of the live
+        index and the backlog, released on the executors that hold it."""
+        t.outcome = outcome
+        st = t.status
+        st.state = RequestState.FAILED
+        self._remove_live(t)
+        self._backlog_gpu_s = max(0.0, self._backlog_gpu_s - t.work_gpu_s)
+        holders = t.flight.executors if t.flight is not None else self._owners_of(st.latent_gpus)
+        for eid in holders:
+            sess = self._sessions.get(eid)
+            if sess is not None and t.id in sess.known:
+                sess.known.discard(t.id)
+                sess.push(PlanDelta(self._epoch, self.clock.now(), released=[t.id]))
+
     def _reject(self, rid: str, reason: str) -> None:
         """Under the lock: end a live, idle request the planner gave up on (``--late reject``)."""
         t = self._live.get(rid)
         if t is None or t.outcome is not None or t.flight is not None or t.status.in_flight:
             return
-        t.outcome = "rejected"
+        self._end_unfinished(t, "rejected")
         st = t.status
-        st.state, st.rejected = RequestState.FAILED, reason
-        self._remove_live(t)
-        self._backlog_gpu_s = max(0.0, self._backlog_gpu_s - t.work_gpu_s)
-        for eid in self._owners_of(st.latent_gpus):
-            sess = self._sessions.get(eid)
-            if sess is not None and rid in sess.known:
-                sess.known.discard(rid)
-                sess.push(PlanDelta(self._epoch, self.clock.now(), released=[rid]))
+        st.rejected = reason
         self.stats.rejected += 1
         self.journal.record_outcome(rid, "rejected", None, t.reported_steps, t.reported_encoded,
                                     st.preemptions, st.sp_changes, st.migrations, reason=reason)

@@ -51,14 +51,14 @@ class _Gaps:
 def commit_on_time(data: ScheduleData, sched: Schedule, problem: RoundProblem, piece_s: float,
                    gaps: _Gaps) -> list[Assignment]:
     """Assignments of the present jobs that start now; marks the GPUs they use."""
-    by_id = {r.id: r for r in problem.requests}
+    waiting = {r.id for r in problem.requests}
     out: list[Assignment] = []
     for j, (a, s) in sorted(sched.placed.items()):
         job, alt = data.jobs[j], data.jobs[j].alts[a]
         for g, s0, _ in data.job_intervals(j, a, s):
             if s0 > 0 and g in gaps.until:
                 gaps.until[g] = min(gaps.until[g], s0 * TICK_S)
-        if s != 0 or job.in_flight or any(rid not in by_id for rid in job.ids):
+        if s != 0 or job.in_flight or any(rid not in waiting for rid in job.ids):
             continue
         if job.stage == "diffuse":
             q = piece_steps(alt.step_s, piece_s, job.rem)
@@ -86,7 +86,7 @@ def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundPro
         gaps.take((g,))
         return Assignment(ids, _STAGE[pr.stage], (g,), 0)
     step = pr.step_s if b == 1 else pr.batch_step_s[b]
-    node_of = {g: n for n, node in enumerate(problem.nodes) for g in node}
+    node_of = problem.node_of
     mem = {g.index: g.memory_free for g in problem.gpus}
     movers = [r for r in (pr, *mates) if has_latent(r)]
     best = None
@@ -124,12 +124,11 @@ def fill_best_effort(candidates: Sequence[ProblemRequest], problem: RoundProblem
                      piece_s: float, batching: bool = True, share: float = 1.0) -> list[Assignment]:
     """Best-effort work in the gaps (see the module doc); at most ``share`` of a node's GPUs hold it."""
     if share < 1.0:
-        node_of = {g: n for n, node in enumerate(problem.nodes) for g in node}
         held = [0] * len(problem.nodes)
         for r in problem.in_flight:
             if is_lost(r):
                 for g in r.latent_gpus:
-                    held[node_of[g]] += 1
+                    held[problem.node_of[g]] += 1
         for n, node in enumerate(problem.nodes):
             room = max(1, math.floor(share * len(node))) - held[n]  # late work always progresses
             free = sorted((g for g in node if g in gaps.until), reverse=True)

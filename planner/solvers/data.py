@@ -178,8 +178,8 @@ class _Member:
     in_flight: bool
 
 
-def _chain(stage: str, enc: float, move: float, rem: int, step: float, dec: float
-           ) -> tuple[float, float, float]:
+def chain_parts(stage: str, enc: float, move: float, rem: int, step: float, dec: float
+                ) -> tuple[float, float, float]:
     """(encode, diffuse, decode) seconds of a remaining chain from ``stage``."""
     if stage == "decode":
         return 0.0, 0.0, dec
@@ -204,7 +204,7 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
                 out.append(Alt((g,), 0, 0, span, latest, span, False, 0.0, 0.0))
         return out
     step = lead_pr.step_s if b == 1 else lead_pr.batch_step_s[b]
-    node_of = {g: n for n, node in enumerate(problem.nodes) for g in node}
+    node_of = problem.node_of
     for k in kept_degrees(step):
         need = lead_pr.act_bytes[k] * b + b  # per GPU; activations grow linearly with the batch
         for blk in aligned_blocks(gpus, problem.nodes, k):
@@ -215,7 +215,7 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
                 if has_latent(m.pr) and set(m.pr.latent_gpus) != set(blk):
                     move = max(move, m.pr.move_s[node_of[blk[0]]])
                     migrate = True
-            e, d, dd = _chain(stage, enc, move, lead_pr.remaining_steps, step[k], dec)
+            e, d, dd = chain_parts(stage, enc, move, lead_pr.remaining_steps, step[k], dec)
             latest = ticks_down(deadline - (e + d + dd))
             if latest < release:
                 continue
@@ -249,11 +249,11 @@ def _state_key(m: _Member) -> tuple:
 
 def build_schedule(problem: RoundProblem, requests: Iterable[ProblemRequest] | None = None,
                    gpus: Sequence[int] | None = None, params: ScheduleParams = ScheduleParams(),
-                   ) -> tuple[ScheduleData, list[str]]:
+                   ) -> ScheduleData:
     """The schedule data of ``requests`` on ``gpus`` (default: the whole problem).
 
-    Returns the data and the ids that are in no job: requests that cannot be
-    on time on these GPUs (or were beyond ``max_jobs``), for best effort.
+    Requests in no job (they cannot be on time on these GPUs, or are beyond
+    ``max_jobs``) are left to best effort.
     """
     gpus = tuple(g.index for g in problem.gpus) if gpus is None else tuple(gpus)
     gpu_info = {g.index: g for g in problem.gpus}
@@ -266,7 +266,6 @@ def build_schedule(problem: RoundProblem, requests: Iterable[ProblemRequest] | N
     # In-flight work first (it holds capacity), then the waiting requests by deadline.
     members.sort(key=lambda m: (not m.in_flight, m.pr.deadline, m.pr.id))
     jobs: list[Job] = []
-    left_out: list[str] = []
     horizon = max(busy.values(), default=0)
 
     def add(group: Sequence[_Member]) -> bool:
@@ -285,13 +284,9 @@ def build_schedule(problem: RoundProblem, requests: Iterable[ProblemRequest] | N
     modeled: list[_Member] = []
     waiting = 0
     for m in members:
-        if not m.in_flight and waiting >= params.max_jobs:
-            left_out.append(m.pr.id)
-        elif add([m]):
+        if (m.in_flight or waiting < params.max_jobs) and add([m]):
             modeled.append(m)
             waiting += not m.in_flight
-        else:
-            left_out.append(m.pr.id)
     if params.batching:
         groups: dict[tuple, list[_Member]] = {}
         for m in modeled:
@@ -305,5 +300,5 @@ def build_schedule(problem: RoundProblem, requests: Iterable[ProblemRequest] | N
     for j in jobs:
         for rid in j.ids:
             by_member.setdefault(rid, []).append(j.index)
-    return (ScheduleData(gpus, busy, tuple(jobs), {r: tuple(v) for r, v in by_member.items()},
-                         params.weights, horizon), left_out)
+    return ScheduleData(gpus, busy, tuple(jobs), {r: tuple(v) for r, v in by_member.items()},
+                        params.weights, horizon)
