@@ -12,6 +12,10 @@ from typing import Literal
 BF16_BYTES = 2
 FP32_BYTES = 4
 SP_DEGREES: tuple[int, ...] = (1, 2, 4, 8)
+# Weight components, placed separately: the backbone runs every diffuse step,
+# the text encoders the encode stage, the VAE decoder the decode stage.
+COMPONENTS: tuple[str, ...] = ("backbone", "text", "vae")
+STAGE_COMPONENT: dict[str, str] = {"encode": "text", "diffuse": "backbone", "decode": "vae"}
 
 
 @dataclass(frozen=True, order=True)
@@ -86,11 +90,17 @@ class ModelSpec:
         return self.image_tokens(shape) + (self.text_tokens if self.joint_text else 0)
 
     # --- memory ---------------------------------------------------------
+    def component_bytes(self, component: str) -> int:
+        """bf16 weights of one component: ``backbone`` (every step), ``text`` (encode), ``vae`` (decode)."""
+        params = {"backbone": self.params_b, "text": self.text_encoder_params_b, "vae": self.vae_params_b}
+        if component not in params:
+            raise ValueError(f"component must be one of {', '.join(COMPONENTS)}, not {component!r}")
+        return int(params[component] * 1e9 * BF16_BYTES)
+
     @property
     def weight_bytes(self) -> int:
         """bf16 weights of backbone, text encoders and VAE on one GPU."""
-        total = self.params_b + self.text_encoder_params_b + self.vae_params_b
-        return int(total * 1e9 * BF16_BYTES)
+        return sum(self.component_bytes(c) for c in COMPONENTS)
 
     def latent_bytes(self, shape: Shape) -> int:
         """fp32 latent of one request: what a pause keeps and a move ships."""

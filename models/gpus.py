@@ -2,7 +2,7 @@
 
 Peaks are vendor datasheet figures (dense, no sparsity). ``link_bw`` is the
 per-direction bandwidth of the fast intra-node link between GPUs that have
-one; ``pcie_bw`` applies otherwise.
+one; ``pcie_bw`` applies otherwise, and to weight loads from host memory.
 """
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ class GpuKind:
     link_bw: float  # bytes/s per direction on the fast link
     pcie_bw: float  # bytes/s per direction
     internode_bw: float = 50e9  # 400 Gb/s NIC per GPU
+
+    @property
+    def load_bw(self) -> float:
+        """Bytes/s of a weight load: host (pinned) memory to the GPU over its PCIe link."""
+        return self.pcie_bw
 
 
 GPU_KINDS: dict[str, GpuKind] = {g.name: g for g in (

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Iterable, Mapping, Sequence
 
-from models.catalog import get_model
+from models.catalog import COMPONENTS, STAGE_COMPONENT, get_model
 from planner.cluster import Cluster
 from planner.plan import RoundPlan
 from planner.request import Request, Stage
@@ -26,7 +26,9 @@ def check_plan(state: PlannerState, plan: RoundPlan) -> list[str]:
     used_gpus: set[int] = set()
     used_reqs: set[str] = set()
     resident = state.resident_bytes()
-    weights = state.weight_bytes()
+    problems += _check_placement_changes(state, plan, used_gpus)
+    placement = state.placement.apply(plan.unloads, plan.loads)
+    weights = placement.weight_bytes_all()
     for rid, reason in plan.rejections:
         st = by_id.get(rid)
         if st is None:
@@ -77,24 +79,69 @@ def check_plan(state: PlannerState, plan: RoundPlan) -> list[str]:
             problems.append(f"{tag}: SP degree {len(a.gpus)} is illegal for {lead.model}")
         if a.stage is not Stage.DIFFUSE and a.steps != 0:
             problems.append(f"{tag}: {a.stage.value} must have steps = 0")
+        component = STAGE_COMPONENT[a.stage.value]
+        for g in a.gpus:
+            if 0 <= g < state.cluster.size and not placement.holds(g, lead.model, component):
+                problems.append(f"{tag}: GPU {g} does not hold the {component} weights of {lead.model}")
         if a.stage is Stage.DIFFUSE:
             act = spec.activation_bytes(lead.shape, len(a.gpus), len(members))
             for g in a.gpus:
-                if g < state.cluster.size and weights + resident[g] + act > state.cluster.gpus[g].memory:
-                    problems.append(f"{tag}: GPU {g} memory {weights + resident[g] + act} B exceeds "
+                if g < state.cluster.size and weights[g] + resident[g] + act > state.cluster.gpus[g].memory:
+                    problems.append(f"{tag}: GPU {g} memory {weights[g] + resident[g] + act} B exceeds "
                                     f"{state.cluster.gpus[g].memory} B")
     return problems
 
 
+def _check_placement_changes(state: PlannerState, plan: RoundPlan, used_gpus: set[int]) -> list[str]:
+    """Unloads and loads touch idle GPUs only, change something real, and fit in memory."""
+    problems: list[str] = []
+    cluster, before = state.cluster, state.placement
+    resident = state.resident_bytes()
+    for kind, actions in (("unload", plan.unloads), ("load", plan.loads)):
+        seen = set()
+        for w in actions:
+            tag = f"{kind} of {w.model} {w.component} on GPU {w.gpu}"
+            if w.component not in COMPONENTS:
+                problems.append(f"{tag}: unknown component")
+                continue
+            if not 0 <= w.gpu < cluster.size:
+                problems.append(f"{tag}: no such GPU")
+                continue
+            if state.gpu_free_at[w.gpu] > state.now + TOL:
+                problems.append(f"{tag}: the GPU is busy")
+            if (w.gpu, w.weight) in seen:
+                problems.append(f"{tag}: given twice")
+            seen.add((w.gpu, w.weight))
+            held = before.holds(w.gpu, w.model, w.component)
+            if kind == "unload" and not held:
+                problems.append(f"{tag}: not resident")
+            if kind == "load" and held and w not in plan.unloads:
+                problems.append(f"{tag}: already resident")
+    after = before.apply(plan.unloads, plan.loads)
+    for g in {w.gpu for w in plan.loads if 0 <= w.gpu < cluster.size}:
+        need = after.weight_bytes(g) + resident[g]
+        if need > cluster.gpus[g].memory:
+            problems.append(f"loads on GPU {g}: weights + paused latents {need} B exceed {cluster.gpus[g].memory} B")
+        used_gpus.add(g)  # a loading GPU runs nothing else
+    return problems
+
+
 def check_timeline(requests: Sequence[Request], cluster: Cluster, segments: Iterable[Mapping],
-                   outcomes: Mapping[str, Mapping] | None = None) -> list[str]:
+                   outcomes: Mapping[str, Mapping] | None = None,
+                   weights: Iterable[Mapping] | None = None) -> list[str]:
     """Problems with a DESIGN 3.3 timeline (segment dicts) for ``requests`` on ``cluster``.
 
     ``outcomes`` (request id -> the timeline's request record) is checked too:
     finish must be the end of the decode segment and ``met`` must agree with
-    the deadline.
+    the deadline. ``weights`` (the ``load`` and ``unload`` records, weights
+    resident at the start as loads at 0..0) checks placement too: every
+    segment runs where its component is loaded, no load overlaps work on its
+    GPU, and weights + activations fit in memory.
     """
+    segments = list(segments)
     problems: list[str] = []
+    if weights is not None:
+        problems += _check_weights(requests, cluster, segments, list(weights))
     by_id = {r.id: r for r in requests}
     per_gpu: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
     per_req: dict[str, list[Mapping]] = defaultdict(list)
@@ -167,4 +214,60 @@ def check_timeline(requests: Sequence[Request], cluster: Cluster, segments: Iter
             early = finish is not None and finish < r.deadline - ROUNDING
             if (bool(rec.get("met")) and late) or (not rec.get("met") and early):
                 problems.append(f"request {r.id!r}: met={rec.get('met')} but finish {finish} vs deadline {r.deadline}")
+    return problems
+
+
+def _check_weights(requests: Sequence[Request], cluster: Cluster, segments: Sequence[Mapping],
+                   records: Sequence[Mapping]) -> list[str]:
+    problems: list[str] = []
+    by_id = {r.id: r for r in requests}
+    # Per GPU: [(taken from, usable from, freed at, (model, component))].
+    held: dict[int, list[list]] = defaultdict(list)
+    for i, rec in enumerate(sorted(records, key=lambda r: (r["start"], r["type"] == "load"))):
+        g, w = rec["gpu"], (rec["model"], rec["component"])
+        if not 0 <= g < cluster.size or rec["component"] not in COMPONENTS:
+            problems.append(f"{rec['type']} record {i}: GPU {g} or component {rec['component']!r} unknown")
+            continue
+        live = [h for h in held[g] if h[3] == w and h[2] is None]
+        if rec["type"] == "load":
+            if live:
+                problems.append(f"GPU {g}: {w[0]} {w[1]} loaded at {rec['start']} while resident")
+                continue
+            held[g].append([rec["start"], rec["end"], None, w])
+            taken = sum(get_model(h[3][0]).component_bytes(h[3][1]) for h in held[g] if h[2] is None)
+            if taken > cluster.gpus[g].memory:
+                problems.append(f"GPU {g}: weights {taken} B exceed {cluster.gpus[g].memory} B at {rec['start']}")
+        elif not live:
+            problems.append(f"GPU {g}: {w[0]} {w[1]} unloaded at {rec['start']} but not resident")
+        else:
+            live[0][2] = rec["start"]
+
+    def resident(g: int, t0: float, t1: float) -> list[tuple[str, str]]:
+        """Weights usable on ``g`` all through [t0, t1]."""
+        return [h[3] for h in held[g] if h[1] <= t0 + TOL and (h[2] is None or h[2] >= t1 - TOL)]
+
+    def taken_bytes(g: int, t: float) -> int:
+        return sum(get_model(m).component_bytes(c) for s, _, f, (m, c) in held[g] if s <= t + TOL and (f is None or f > t + TOL))
+
+    for i, seg in enumerate(segments):
+        reqs = [by_id.get(rid) for rid in seg["request_ids"]]
+        if not reqs or any(r is None for r in reqs) or seg["stage"] not in STAGE_COMPONENT:
+            continue  # reported by check_timeline
+        lead = reqs[0]
+        comp = STAGE_COMPONENT[seg["stage"]]
+        act = get_model(lead.model).activation_bytes(lead.shape, len(seg["gpus"]), len(reqs)) \
+            if seg["stage"] == "diffuse" else 0
+        for g in seg["gpus"]:
+            if not 0 <= g < cluster.size:
+                continue
+            if (lead.model, comp) not in resident(g, seg["start"], seg["end"]):
+                problems.append(f"segment {i}: GPU {g} does not hold the {comp} weights of {lead.model} "
+                                f"over [{seg['start']}, {seg['end']}]")
+            need = taken_bytes(g, seg["start"]) + act
+            if need > cluster.gpus[g].memory:
+                problems.append(f"segment {i}: GPU {g} weights + activations {need} B exceed "
+                                f"{cluster.gpus[g].memory} B")
+            for s, e, _, w in held[g]:
+                if e > s + TOL and seg["start"] < e - TOL and s < seg["end"] - TOL:
+                    problems.append(f"segment {i}: GPU {g} runs while loading {w[0]} {w[1]} [{s}, {e}]")
     return problems

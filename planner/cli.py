@@ -69,6 +69,10 @@ def whatif(
     round_s: float = typer.Option(2.0, min=1e-3, help="Planning round length, seconds."),
     late: str = typer.Option("serve", help="cpsat/milp: 'serve' runs requests that can no longer make their "
                              "deadline in capacity no on-time request needs; 'reject' ends them with a reason."),
+    placement: str = typer.Option("auto", help="Starting placement of the weights: 'auto' (every model on every GPU "
+                                  "when they fit, else 'split'), 'replicate', 'split' (each node's GPUs in proportion "
+                                  "to each model's GPU-seconds) or MODEL:GPUS,... per node. Peers keep it; cpsat "
+                                  "loads and evicts weights as the load shifts."),
     offline_budget: float = typer.Option(4.0, min=0.01, help="offline-bound: CP-SAT deterministic seconds."),
     profile: List[Path] = typer.Option([], help="Extra profile JSON (e.g. from `ditplan profile`)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics per policy (DESIGN 3.3)."),
@@ -82,7 +86,8 @@ def whatif(
     """Simulate policies on a trace or workload and compare SLO attainment."""
     from models.cost import CostModel
     from planner.cluster import parse_cluster
-    from planner.metrics import write_summary, write_timeline
+    from planner.metrics import unfinished_reasons, write_summary, write_timeline
+    from planner.placement import check_fits, static_placement, validate_placement
     from planner.simulator import SimConfig
     from planner.traces import read_trace
     from planner.whatif import run_policies, to_requests
@@ -110,12 +115,17 @@ def whatif(
             records = generate(wl, n=n, rate=rate, seed=seed)
             source = f"workload {wl} (n={len(records)}, seed={seed})"
         requests = to_requests(records, cost, topo, slo_scale)
+        check_fits(requests, topo, {r.id: r.line for r in records if r.line} if trace is not None else None)
+        start = static_placement(topo, requests, cost, placement)
+        validate_placement(start, topo)
     except (InputError, ProfileError, UnknownModelError, KeyError, ValueError) as exc:
         raise fail(str(exc).strip('"')) from None
 
-    config = SimConfig(round_s=round_s, noise=noise, seed=seed, record_problems=dump_problems is not None)
+    config = SimConfig(round_s=round_s, noise=noise, seed=seed, record_problems=dump_problems is not None,
+                       placement=placement)
     console.print(f"[bold]ditplan whatif[/]: {source} on {topo.name} ({topo.size} GPUs), "
-                  f"{len(requests)} requests, policies: {', '.join(names)}", highlight=False)
+                  f"{len(requests)} requests, policies: {', '.join(names)}; placement {placement}: "
+                  f"{start.describe()}", highlight=False)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as bar:
         tasks = {p: bar.add_task(p, total=len(requests)) for p in names}
@@ -129,6 +139,8 @@ def whatif(
         if unfinished:
             console.print(f"[bold red]warning[/]: {name} left {unfinished} of {s['requests']} requests unfinished "
                           "(counted as misses)", highlight=False)
+            for why in unfinished_reasons(runs[name].result):
+                console.print(f"  {why}", highlight=False)
     if json_out is not None:
         write_summary(json_out, summaries)
         console.print(f"wrote {json_out}")

@@ -16,3 +16,7 @@ class TraceError(InputError):
 
 class ClusterSpecError(InputError):
     pass
+
+
+class PlacementError(InputError):
+    """A placement that cannot hold its weights, or a request no placement can serve."""

@@ -57,12 +57,44 @@ def summarize(result: SimResult) -> dict:
         "plans": result.plans,
         "fallbacks": result.fallbacks,
         "makespan_s": _r(result.end_time),
+        "weight_loads": len(result.weight_loads),
+        "weight_load_s": _r(sum(e.end - e.start for e in result.weight_loads)),
     }
 
 
+def unfinished_reasons(result: SimResult) -> list[str]:
+    """Why requests were left unfinished, one line per model (empty when all ended)."""
+    placement = result.placement or result.initial_placement
+    by_model: dict[str, int] = {}
+    for s in result.requests:
+        if s.state is not RequestState.DONE and s.rejected is None:
+            by_model[s.request.model] = by_model.get(s.request.model, 0) + 1
+    out = []
+    for model, n in sorted(by_model.items()):
+        gpus = placement.gpus_with(model) if placement is not None else ()
+        if placement is None:
+            why = "unfinished when the run ended"
+        elif not gpus:
+            why = (f"no GPU holds {model}'s weights (placement: {placement.describe()}) and "
+                   f"policy {result.policy} loads none; try --placement or a placing policy (cpsat)")
+        else:
+            why = f"{model} is on GPUs {list(gpus)} but the run ended first (horizon, or the policy gave up)"
+        out.append(f"{n} request(s) of {model}: {why}")
+    return out
+
+
 def timeline_records(result: SimResult) -> list[dict]:
-    """DESIGN 3.3 timeline: one object per segment, then one per request."""
+    """DESIGN 3.3 timeline: weights resident at the start (loads at 0..0), segments and the
+    plans' loads and unloads by time, then one object per request."""
     out: list[dict] = []
+    if result.initial_placement is not None:
+        for g, res in enumerate(result.initial_placement.resident):
+            for model, comp in sorted(res):
+                out.append({"type": "load", "gpu": g, "model": model, "component": comp,
+                            "start": 0.0, "end": 0.0, "initial": True})
+    for e in result.weight_events:
+        out.append({"type": e.kind, "gpu": e.gpu, "model": e.model, "component": e.component,
+                    "start": _r(e.start), "end": _r(e.end)})
     for seg in sorted(result.segments, key=lambda s: (s.start, s.gpus)):
         out.append({"type": "segment", "request_ids": list(seg.request_ids), "stage": seg.stage.value,
                     "gpus": list(seg.gpus), "sp": seg.sp, "steps": seg.steps,
@@ -84,18 +116,20 @@ def write_timeline(path: str | Path, result: SimResult) -> None:
             f.write(json.dumps(rec, separators=(",", ":")) + "\n")
 
 
-def read_timeline(path: str | Path) -> tuple[list[dict], dict[str, dict]]:
-    """(segments, request records by id) of a timeline file."""
-    segments, outcomes = [], {}
+def read_timeline(path: str | Path) -> tuple[list[dict], dict[str, dict], list[dict]]:
+    """(segments, request records by id, load and unload records) of a timeline file."""
+    segments, outcomes, weights = [], {}, []
     for line in Path(path).read_text().splitlines():
         if not line.strip():
             continue
         rec = json.loads(line)
         if rec["type"] == "segment":
             segments.append(rec)
+        elif rec["type"] in ("load", "unload"):
+            weights.append(rec)
         else:
             outcomes[rec["id"]] = rec
-    return segments, outcomes
+    return segments, outcomes, weights
 
 
 def write_summary(path: str | Path, summaries: dict[str, dict]) -> None:

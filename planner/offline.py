@@ -147,13 +147,18 @@ def _solver(time_limit_s: float, num_workers: int, seed: int,
     return solver
 
 
-def _served_weight_bytes(requests: Sequence[Request]) -> int:
-    """Weights of every model in the trace: the simulator keeps all of them on every GPU."""
-    return sum(get_model(m).weight_bytes for m in sorted({r.model for r in requests}))
+def _served_weight_bytes(requests: Sequence[Request], cluster: Cluster) -> int:
+    """Weights of every model in the trace, when they fit together (then they stay on every GPU);
+    0 when they do not: the bound then lets each GPU hold the model it runs, loaded for free
+    (a relaxation of placement, so still an upper bound)."""
+    from planner.placement import fits_everywhere
+
+    models = sorted({r.model for r in requests})
+    return sum(get_model(m).weight_bytes for m in models) if fits_everywhere(models, cluster, requests) else 0
 
 
 def _fits(model, shape, k: int, batch: int, weights: int, memory: int) -> bool:
-    return weights + model.activation_bytes(shape, k, batch) <= memory
+    return max(weights, model.weight_bytes) + model.activation_bytes(shape, k, batch) <= memory
 
 
 def _degrees(model, cluster: Cluster) -> list[int]:
@@ -244,7 +249,7 @@ class _Relaxed:
 
 
 def _relaxed(requests: Sequence[Request], cluster: Cluster, cost: CostModel) -> list[_Relaxed]:
-    weights = _served_weight_bytes(requests)
+    weights = _served_weight_bytes(requests, cluster)
     memory = max(g.memory for g in cluster.gpus)
     arrivals: dict[tuple, list[float]] = {}
     for r in requests:
@@ -631,7 +636,7 @@ class _Scheduler:
                  num_workers: int = 1, seed: int = 0) -> None:
         self.requests, self.n_gpu = requests, cluster.size
         self.num_workers, self.seed = num_workers, seed
-        weights = _served_weight_bytes(requests)
+        weights = _served_weight_bytes(requests, cluster)
         self.opts = [_options(r, cluster, cost, weights) for r in requests]
         self.move = _max_move(requests, cluster, cost)
         self.best: dict[int, _Plan] = max((_greedy(requests, self.opts, self.n_gpu, cheap) for cheap in (True, False)),
@@ -794,7 +799,7 @@ def to_sim_result(requests: Sequence[Request], cluster: Cluster, cost: CostModel
 
     for i, plan in sorted(plans.items()):
         place(i, plan)
-    weights = _served_weight_bytes(requests)
+    weights = _served_weight_bytes(requests, cluster)
     for i in sorted(set(range(len(requests))) - set(plans), key=lambda i: (requests[i].arrival, i)):
         best = None
         for o in _options(requests[i], cluster, cost, weights):

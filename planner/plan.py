@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from planner.placement import WeightLoad
 from planner.request import Stage
 
 
@@ -36,3 +37,7 @@ class RoundPlan:
     stats: dict = field(default_factory=dict, compare=False)
     # Requests ended now, with the reason (``--late reject``: they cannot meet their deadline).
     rejections: tuple[tuple[str, str], ...] = ()
+    # Placement changes, applied before the assignments: unloads free their
+    # bytes at once; a load keeps its GPU busy until the weights are in.
+    unloads: tuple[WeightLoad, ...] = ()
+    loads: tuple[WeightLoad, ...] = ()

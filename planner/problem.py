@@ -15,11 +15,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterable
 
-from models.catalog import get_model
+from models.catalog import STAGE_COMPONENT, get_model
 from planner.request import RequestState, RequestStatus
 from planner.state import PlannerState
 
-FORMAT = "ditplan.round-problem/2"
+FORMAT = "ditplan.round-problem/3"
 _INT_KEYED = ("step_s", "move_s", "act_bytes", "batch_encode_s", "batch_decode_s")
 _INT_KEYED2 = ("batch_step_s",)  # batch size -> SP degree -> seconds
 
@@ -68,6 +68,11 @@ class ProblemGpu:
     node: int
     free_in: float  # seconds until its in-flight work ends (0: idle now)
     memory_free: int  # bytes left after weights and resident latents
+    weights: tuple[str, ...] = ()  # resident "model/component" (loads in progress included)
+    load_bw: float = 0.0  # bytes/s of a weight load onto it (0: it cannot load)
+
+    def holds(self, model: str, component: str) -> bool:
+        return f"{model}/{component}" in self.weights
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,43 @@ class RoundProblem:
     def node_of(self) -> dict[int, int]:
         """GPU index -> node index."""
         return {g: n for n, node in enumerate(self.nodes) for g in node}
+
+    def runs(self, gpus, model: str, stage: str) -> bool:
+        """Every GPU of ``gpus`` holds the component ``stage`` of ``model`` runs on."""
+        w = f"{model}/{STAGE_COMPONENT[stage]}"
+        return all(w in self._weights[g] for g in gpus)
+
+    @cached_property
+    def gpu_of(self) -> dict[int, ProblemGpu]:
+        return {g.index: g for g in self.gpus}
+
+    @cached_property
+    def node_holders(self) -> dict[tuple[int, str], int]:
+        """(node, model) -> how many GPUs of the node hold the model's backbone."""
+        out: dict[tuple[int, str], int] = {}
+        for g in self.gpus:
+            for w in g.weights:
+                model, comp = w.split("/")
+                if comp == "backbone":
+                    out[(g.node, model)] = out.get((g.node, model), 0) + 1
+        return out
+
+    @cached_property
+    def requests_by_id(self) -> dict[str, ProblemRequest]:
+        return {r.id: r for r in (*self.requests, *self.in_flight)}
+
+    @cached_property
+    def holders(self) -> dict[str, int]:
+        """"model/component" -> how many GPUs hold it."""
+        out: dict[str, int] = {}
+        for g in self.gpus:
+            for w in g.weights:
+                out[w] = out.get(w, 0) + 1
+        return out
+
+    @cached_property
+    def _weights(self) -> dict[int, frozenset[str]]:
+        return {g.index: frozenset(g.weights) for g in self.gpus}
 
     @property
     def idle(self) -> tuple[int, ...]:
@@ -117,7 +159,7 @@ class RoundProblem:
 
         return cls(now=d["now"], round_s=d["round_s"],
                    requests=tuple(request(r) for r in d["requests"]),
-                   gpus=tuple(ProblemGpu(**g) for g in d["gpus"]),
+                   gpus=tuple(ProblemGpu(**{**g, "weights": tuple(g.get("weights", ()))}) for g in d["gpus"]),
                    nodes=tuple(tuple(n) for n in d["nodes"]), meta=d.get("meta", {}),
                    in_flight=tuple(request(r) for r in d.get("in_flight", ())))
 
@@ -131,7 +173,10 @@ def build_problem(state: PlannerState) -> RoundProblem:
     in_flight = tuple(_problem_request(state, st) for st in state.requests
                       if st.in_flight and st.next_stage is not None and st.state is not RequestState.DECODING)
     gpus = tuple(ProblemGpu(g.index, g.node, max(0.0, state.gpu_free_at[g.index] - state.now),
-                            g.memory - weights - resident[g.index]) for g in cluster.gpus)
+                            g.memory - weights[g.index] - resident[g.index],
+                            tuple(sorted(f"{m}/{c}" for m, c in state.placement.resident[g.index])),
+                            g.kind.load_bw)
+                 for g in cluster.gpus)
     return RoundProblem(state.now, state.round_s, reqs, gpus, cluster.nodes, in_flight=in_flight)
 
 

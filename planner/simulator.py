@@ -22,6 +22,7 @@ import numpy as np
 from models.cost import CostModel
 from planner.checker import check_plan
 from planner.cluster import Cluster
+from planner.placement import Placement, WeightLoad, load_seconds, static_placement, validate_placement
 from planner.plan import Assignment, RoundPlan
 from planner.policies.base import Policy
 from planner.problem import build_problem
@@ -44,6 +45,7 @@ class SimConfig:
     horizon_s: float | None = None  # stop here; unfinished requests count as misses
     check_plans: bool = True  # run the independent checker on every plan
     record_problems: bool = False  # keep every round's RoundProblem (for solver benchmarks)
+    placement: str = "auto"  # the starting placement (planner.placement.static_placement)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,18 @@ class Segment:
         return len(self.gpus)
 
 
+@dataclass(frozen=True)
+class WeightEvent:
+    """A weight load (GPU busy ``start``..``end``) or unload (``start == end``) of one component."""
+
+    kind: str  # "load" | "unload"
+    gpu: int
+    model: str
+    component: str
+    start: float
+    end: float
+
+
 @dataclass
 class SimResult:
     policy: str
@@ -72,9 +86,16 @@ class SimResult:
     plans: int
     end_time: float
     round_problems: list = field(default_factory=list)  # RoundProblem per plan, if recorded
+    initial_placement: Placement | None = None  # resident before the trace starts
+    weight_events: list[WeightEvent] = field(default_factory=list)  # loads and unloads the plans made
+    placement: Placement | None = None  # at the end
+
+    @property
+    def weight_loads(self) -> list[WeightEvent]:
+        return [e for e in self.weight_events if e.kind == "load"]
 
 
-_ARRIVAL, _COMPLETE, _WAKE = 0, 1, 2
+_ARRIVAL, _COMPLETE, _WAKE, _LOADED = 0, 1, 2, 3
 
 
 class Simulator:
@@ -90,7 +111,10 @@ class Simulator:
         rng = np.random.default_rng(cfg.seed)
         statuses = {r.id: RequestStatus(r) for r in requests}
         order = [statuses[r.id] for r in requests]
-        served = tuple(sorted({r.model for r in requests}))
+        placement = static_placement(self.cluster, requests, self.cost, cfg.placement)
+        validate_placement(placement, self.cluster)
+        initial = placement
+        weight_events: list[WeightEvent] = []
         gpu_free_at = [0.0] * self.cluster.size
         live: dict[str, RequestStatus] = {}
         segments: list[Segment] = []
@@ -128,14 +152,14 @@ class Simulator:
                         del live[st.id]
                     done += len(finished)
                     just_paused.extend(paused)
-                else:
-                    wake_pending.discard(payload)
+                elif kind == _WAKE:
+                    wake_pending.discard(payload)  # (_LOADED: a GPU's weights are in; just plan)
             if progress is not None:
                 progress(done, len(order))
             if not live or all(t > now + EPS for t in gpu_free_at):
                 continue  # nothing to plan for, or no GPU to give
             state = PlannerState(now, self.cluster, self.cost, list(live.values()), gpu_free_at,
-                                 served, cfg.round_s, frozenset(st.id for st in just_paused))
+                                 placement, cfg.round_s, frozenset(st.id for st in just_paused))
             t0 = time.perf_counter()
             plan = self.policy.plan(state)
             solver_ms.append((time.perf_counter() - t0) * 1e3)
@@ -153,6 +177,9 @@ class Simulator:
                 st = live.pop(rid)
                 st.state, st.rejected = RequestState.FAILED, reason
                 done += 1
+            placement = apply_weight_changes(self.cluster, placement, plan, now, gpu_free_at, weight_events)
+            for g in {w.gpu for w in plan.loads}:
+                push(gpu_free_at[g], _LOADED, g)
             for a in plan.assignments:
                 seg = self._start(a, now, statuses, gpu_free_at, rng)
                 segments.append(seg)
@@ -161,7 +188,7 @@ class Simulator:
             # Stop if the policy keeps refusing work on an idle cluster with
             # nothing left to arrive: nothing can ever change.
             in_flight = any(st.in_flight for st in live.values())
-            if plan.assignments or in_flight or arrivals_left:
+            if plan.assignments or in_flight or arrivals_left or any(t > now + EPS for t in gpu_free_at):
                 idle_plans = 0
             else:
                 idle_plans += 1
@@ -175,7 +202,8 @@ class Simulator:
         for st in order:
             if st.live:  # unfinished when the run ended: a miss
                 st.state = RequestState.FAILED
-        return SimResult(self.policy.name, order, segments, solver_ms, fallbacks, plans, now, round_problems)
+        return SimResult(self.policy.name, order, segments, solver_ms, fallbacks, plans, now, round_problems,
+                         initial, weight_events, placement)
 
     def _start(self, a: Assignment, now: float, statuses: dict[str, RequestStatus],
                gpu_free_at: list[float], rng: np.random.Generator) -> Segment:
@@ -183,6 +211,22 @@ class Simulator:
 
 
 # --- execution semantics shared with the planning service (planner/service) ---
+
+def apply_weight_changes(cluster: Cluster, placement: Placement, plan: RoundPlan, now: float,
+                         gpu_free_at: list[float], events: list[WeightEvent] | None = None) -> Placement:
+    """Apply a plan's unloads (at once) and loads (one after another per GPU, which is busy meanwhile)."""
+    if not plan.unloads and not plan.loads:
+        return placement
+    for w in plan.unloads:
+        if events is not None:
+            events.append(WeightEvent("unload", w.gpu, w.model, w.component, now, now))
+    for w in plan.loads:
+        start = max(now, gpu_free_at[w.gpu])
+        gpu_free_at[w.gpu] = start + load_seconds(cluster, w.model, w.component)
+        if events is not None:
+            events.append(WeightEvent("load", w.gpu, w.model, w.component, start, gpu_free_at[w.gpu]))
+    return placement.apply(plan.unloads, plan.loads)
+
 
 def diffuse_costs(cluster: Cluster, cost: CostModel, a: Assignment,
                   members: Sequence[RequestStatus]) -> tuple[float, float]:

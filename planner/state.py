@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from models.catalog import get_model
 from models.cost import CostModel
 from planner.cluster import Cluster
+from planner.placement import Placement
 from planner.request import RequestStatus, Stage
 
 
@@ -21,11 +21,17 @@ class PlannerState:
     cost: CostModel
     requests: Sequence[RequestStatus]  # live requests, in arrival order
     gpu_free_at: Sequence[float]  # per GPU: end of its in-flight work (<= now: idle)
-    served_models: tuple[str, ...]  # weights resident on every GPU
+    # The weights each GPU holds (loads in progress included); a list of model
+    # names means those models are replicated on every GPU.
+    placement: Placement | Sequence[str]
     round_s: float = 2.0  # the planner's round length (target seconds of work per assignment)
     # Requests whose diffuse segment ended at this instant with steps left:
     # not continuing one of them now is a preemption.
     just_paused: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.placement, Placement):
+            self.placement = Placement.replicate(self.cluster.size, tuple(self.placement))
 
     def idle_gpus(self) -> list[int]:
         return [g for g, t in enumerate(self.gpu_free_at) if t <= self.now]
@@ -70,8 +76,9 @@ class PlannerState:
         return t + self.cost.decode_time(req.spec, req.shape)
 
     # --- memory -------------------------------------------------------------
-    def weight_bytes(self) -> int:
-        return sum(get_model(m).weight_bytes for m in self.served_models)
+    def weight_bytes(self) -> list[int]:
+        """Per GPU: bytes of its resident weights."""
+        return self.placement.weight_bytes_all()
 
     def resident_bytes(self) -> list[int]:
         """Per GPU: latents of paused requests kept there."""

@@ -13,7 +13,7 @@ import ast
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -43,6 +43,7 @@ class TraceRecord:
     steps: int
     deadline: float | None = None
     slo_scale: float | None = None
+    line: int = field(default=0, compare=False)  # 1-based line in its file (0: not from a file)
 
     @property
     def shape(self) -> Shape:
@@ -243,7 +244,7 @@ def _validate(source: str, line: int, f: dict) -> TraceRecord:
         id=f["id"], arrival=float(f["arrival"]), model=f["model"], height=f["height"],
         width=f["width"], frames=f["frames"], steps=f["steps"],
         deadline=float(f["deadline"]) if "deadline" in f else None,
-        slo_scale=float(f["slo_scale"]) if "slo_scale" in f else None)
+        slo_scale=float(f["slo_scale"]) if "slo_scale" in f else None, line=line)
 
 
 def _is_int(v: object) -> bool:

@@ -147,6 +147,38 @@ def genserve_mixed(n: int, rate: float, seed: int, *, video_share: float = 0.3,
     return _records(times, specs)
 
 
+# Video shapes of the co-serving mix, per model (each model's common serving size).
+COSERVE_VIDEO_HW: dict[str, tuple[int, int]] = {
+    "cogvideox-5b": (480, 720), "hunyuanvideo": (544, 960), "wan2.1-t2v-14b": (480, 832)}
+
+
+def coserve_mixed(n: int, rate: float, seed: int, *, video_share: float = 0.3,
+                  videos: str = "cogvideox-5b", arrival: str = "poisson", cv: float = 4.0) -> list[TraceRecord]:
+    """FLUX.1-dev 1024^2 images (28 steps) mixed with 17/33/49-frame videos (50 steps) of one or more
+    video models (``videos``: comma-separated), which cannot all be resident on one GPU."""
+    _check(n, rate, seed)
+    if (not isinstance(video_share, (int, float)) or isinstance(video_share, bool)
+            or not 0.0 <= video_share <= 1.0):
+        raise InputError(f"video_share must be a number in [0, 1], got {video_share!r}")
+    models = [m.strip() for m in str(videos).split(",") if m.strip()]
+    bad = [m for m in models if m not in COSERVE_VIDEO_HW]
+    if not models or bad:
+        raise InputError(f"videos = {videos!r}: give video models among {', '.join(COSERVE_VIDEO_HW)}")
+    rng_t, rng_m = _streams(seed)
+    times = arrival_times(rng_t, n, rate, arrival, cv)
+    is_video = rng_m.random(n) < video_share
+    frames = rng_m.choice(np.array(GENSERVE_FRAMES), size=n)
+    which = rng_m.integers(0, len(models), size=n)
+    specs = []
+    for v, f, w in zip(is_video, frames, which):
+        if v:
+            h, wd = COSERVE_VIDEO_HW[models[w]]
+            specs.append((models[w], h, wd, int(f), 50))
+        else:
+            specs.append(("flux-dev", 1024, 1024, 1, 28))
+    return _records(times, specs)
+
+
 def patchedserve_mixed(n: int, rate: float, seed: int, *, arrival: str = "poisson",
                        cv: float = 4.0) -> list[TraceRecord]:
     """SD3 squares, side uniform over 512/768/1024, 28 steps (PatchedServe)."""
@@ -171,6 +203,11 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              "SD3 1024px images + CogVideoX 480x720 17/33/49-frame videos, Poisson or bursty (GenServe, arXiv 2604.04335)",
              genserve_mixed, default_n=200, default_rate=0.5,
              options={"video_share": 0.3, **ARRIVAL_OPTIONS}),
+    Workload("coserve-mixed",
+             "FLUX.1-dev 1024px images + 17/33/49-frame videos of CogVideoX (or HunyuanVideo, Wan2.1: "
+             "videos=...), models that do not all fit on one GPU (placement)",
+             coserve_mixed, default_n=200, default_rate=0.45,
+             options={"video_share": 0.3, "videos": "cogvideox-5b", **ARRIVAL_OPTIONS}),
     Workload("patchedserve-mixed",
              "SD3 images, side uniform over 512/768/1024 px, 28 steps, Poisson (PatchedServe, arXiv 2501.09253)",
              patchedserve_mixed, default_n=400, default_rate=4.0, options=dict(ARRIVAL_OPTIONS)),

@@ -39,7 +39,7 @@ def test_trace_gen_then_whatif_writes_the_contract(tmp_path):
     # The timeline validates independently, and agrees with the summary.
     cluster = parse_cluster("4xH100")
     reqs = to_requests(read_trace(trace), CostModel(cluster.kind), cluster, 1.5)
-    segments, outcomes = read_timeline(tl)
+    segments, outcomes, weights = read_timeline(tl)
     assert check_timeline(reqs, cluster, segments, outcomes) == []
     assert sum(o["met"] for o in outcomes.values()) / 30 == pytest.approx(m["slo_attainment"], abs=1e-6)
     assert sum(len(s["gpus"]) * (s["end"] - s["start"]) for s in segments) == pytest.approx(m["gpu_seconds"], rel=1e-4)

@@ -100,7 +100,7 @@ def test_overloaded_trace_has_a_bound_below_one():
 
 def brute_force(reqs, cluster):
     """Most requests on time over every order, option and subset, each run contiguous on its block."""
-    opts = [offline._options(r, cluster, COST, offline._served_weight_bytes(reqs)) for r in reqs]
+    opts = [offline._options(r, cluster, COST, offline._served_weight_bytes(reqs, cluster)) for r in reqs]
     best = 0
     for order in itertools.permutations(range(len(reqs))):
         for choice in itertools.product(*[[None, *opts[i]] for i in order]):

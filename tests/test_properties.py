@@ -32,7 +32,16 @@ def traces(draw):
     return out
 
 
-FAST = [p for p in policy_names() if p not in ("offline-bound",)]
+# The MILP backends take up to seconds per plan: fewer examples keep the suite short.
+MILP = ("milp", "milp-highs")
+FAST = [p for p in policy_names() if p not in ("offline-bound", *MILP)]
+
+
+@pytest.mark.parametrize("policy", MILP)
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=traces(), cluster=st.sampled_from(sorted(CLUSTERS)), noise=st.sampled_from([0.0, 0.1]))
+def test_milp_timeline_passes_the_checker(policy, reqs, cluster, noise):
+    test_every_policy_timeline_passes_the_checker.hypothesis.inner_test(policy, reqs, cluster, noise)
 
 
 @pytest.mark.parametrize("policy", FAST)
@@ -44,7 +53,9 @@ def test_every_policy_timeline_passes_the_checker(policy, reqs, cluster, noise):
     recs = timeline_records(run.result)
     segs = [r for r in recs if r["type"] == "segment"]
     outcomes = {r["id"]: r for r in recs if r["type"] == "request"}
-    assert check_timeline(reqs, c, segs, outcomes) == []
+    weights = [r for r in recs if r["type"] in ("load", "unload")]
+    assert weights  # the starting placement, at least
+    assert check_timeline(reqs, c, segs, outcomes, weights) == []
     # Every request either finishes or is reported unfinished: none silently lost.
     assert run.summary["requests"] == len(reqs)
     assert run.summary["finished"] == sum(o["finish"] is not None for o in outcomes.values())

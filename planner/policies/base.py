@@ -40,4 +40,11 @@ def make_policy(name: str, **options) -> Policy:
         raise KeyError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     factory = _REGISTRY[name]
     accepted = inspect.signature(factory).parameters
-    return factory(**{k: v for k, v in options.items() if k in accepted})
+    kwargs = {k: v for k, v in options.items() if k in accepted}
+    policy = factory(**kwargs)
+    if getattr(policy, "places_models", False):
+        return policy
+    # A peer runs one deployment per group of GPUs holding the same models (planner/policies/static.py).
+    from planner.policies.static import OnStaticPlacement
+
+    return OnStaticPlacement(policy.name, lambda: factory(**kwargs))

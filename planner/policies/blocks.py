@@ -66,9 +66,9 @@ class BlockAllocator:
         self._node_free = [sum(self._free[g] for g in node) for node in cluster.nodes]
         self._n_free = sum(self._node_free)
         # Memory headroom per GPU for activations, exactly as the plan checker
-        # counts it: memory - served weights - resident latents.
+        # counts it: memory - resident weights - resident latents.
         weights = state.weight_bytes()
-        self._headroom = [g.memory - weights for g in cluster.gpus]
+        self._headroom = [g.memory - weights[g.index] for g in cluster.gpus]
         # GPUs holding latents of paused requests that still diffuse there.
         self._resident_owner = [0] * cluster.size
         for r in state.requests:

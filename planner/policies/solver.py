@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import time
 
+from models.catalog import get_model
 from planner.checker import check_plan
 from planner.plan import RoundPlan
 from planner.policies.base import make_policy, register
 from planner.problem import ProblemRequest, RoundProblem, build_problem
 from planner.solvers import cpsat, milp
-from planner.solvers.commit import LATE_MODES, commit_on_time, fill_best_effort, idle_gaps, rejections
+from planner.solvers.commit import (LATE_MODES, Committed, commit_on_time, fill_best_effort, idle_gaps,
+                                    rejections)
 from planner.solvers.data import (TICK_S, ScheduleData, ScheduleParams, build_schedule, chain_parts, has_latent,
                                   kept_degrees)
 from planner.solvers.greedy import greedy
@@ -46,6 +48,12 @@ from planner.state import PlannerState
 def _chain_s(pr: ProblemRequest, k: int) -> float:
     """Seconds of the request's remaining chain at degree ``k`` (no latent move)."""
     return sum(chain_parts(pr.stage, pr.encode_s, 0.0, pr.remaining_steps, pr.step_s[k], pr.decode_s))
+
+
+def _load_s(problem: RoundProblem, model: str) -> float:
+    """Seconds to load the whole model onto an empty GPU of the problem."""
+    bw = max((g.load_bw for g in problem.gpus), default=0.0)
+    return get_model(model).weight_bytes / bw if bw > 0 else float("inf")
 
 
 def scopes(problem: RoundProblem, skip: set[str] = frozenset(), fit: str = "best"
@@ -85,12 +93,16 @@ def scopes(problem: RoundProblem, skip: set[str] = frozenset(), fit: str = "best
             take(n, min(k, len(free_at[n])), r.ready_in, r)
         else:
             fresh.append(r)
+    held = problem.node_holders
     for r in fresh:
         best = None
+        load_s = _load_s(problem, r.model)
         for n in range(len(nodes)):
             for k in kept_degrees(r.step_s):
                 if k <= len(free_at[n]):
                     end = max(r.ready_in, free_at[n][k - 1]) + _chain_s(r, k)
+                    if held.get((n, r.model), 0) < k:  # the weights have to come first
+                        end += load_s
                     # On time: best fit, the busiest node that still makes it (whole nodes stay free
                     # for requests that need one); late: the earliest finish.
                     key = (0, -sum(free_at[n]), k, n) if end <= r.deadline and fit == "best" else (1, end, k, n)
@@ -109,6 +121,7 @@ class SchedulePolicy:
     """The schedule model solved at every planning instant (see the module doc)."""
 
     name = "cpsat"
+    places_models = True  # loads and evicts weights itself (no static placement wrapper)
 
     def __init__(self, time_limit_s: float = 0.003, piece_s: float = 0.25, late: str = "serve",
                  batching: bool = True, max_jobs: int = 32, seed: int = 0, num_workers: int = 1,
@@ -191,7 +204,8 @@ class SchedulePolicy:
         rejected = rejections(problem, self.late, self.reject_grace_s)
         gaps = idle_gaps(problem)
         waiting = {r.id for r in problem.requests}
-        out, best_effort, carry = [], [], []
+        out = Committed()
+        best_effort, carry = [], []
         fell_back = False
         stats = {"scopes": 0, "jobs": 0, "on_time": 0, "solve_ms": 0.0, "status": []}
         prev = dict(self._prev)
@@ -203,7 +217,7 @@ class SchedulePolicy:
             data = build_schedule(problem, reqs, gpus, self.params)
             sched, fb = self.schedule(data, now, limit)
             fell_back |= fb
-            out += commit_on_time(data, sched, problem, self.piece_s, gaps)
+            commit_on_time(data, sched, problem, self.piece_s, gaps, out)
             present = {rid for j in sched.placed for rid in data.jobs[j].ids}
             left = [r for r in reqs if r.id in waiting and r.id not in present]
             carry = [r for r in left if not has_latent(r) and r.stage != "decode"]
@@ -218,13 +232,15 @@ class SchedulePolicy:
             if "wall_limited" in sched.stats and sched.stats["wall_limited"]:
                 stats["wall_limited"] = True
         best_effort += carry
-        committed = {rid for a in out for rid in a.request_ids}
-        out += fill_best_effort([r for r in best_effort if r.id not in committed], problem, gaps,
-                                self.late_piece_s, self.params.batching, self.late_share)
+        committed = {rid for a in out.assignments for rid in a.request_ids}
+        out.assignments += fill_best_effort([r for r in best_effort if r.id not in committed], problem, gaps,
+                                            self.late_piece_s, self.params.batching, self.late_share)
         live = waiting | {r.id for r in problem.in_flight}
         self._prev = {k: v for k, v in prev.items() if all(rid in live for rid in k)}
-        return RoundPlan(tuple(out), solver=self.name, fallback=fell_back, rejections=tuple(rejected),
-                         stats=stats)
+        if out.loads:
+            stats["loads"] = len(out.loads)
+        return RoundPlan(tuple(out.assignments), solver=self.name, fallback=fell_back, rejections=tuple(rejected),
+                         stats=stats, unloads=tuple(out.unloads), loads=tuple(out.loads))
 
     def fallback(self, state: PlannerState, t0: float, reason: str) -> RoundPlan:
         if self._fallback is None:

@@ -108,7 +108,7 @@ class PlannerProcess:
 
     def plan(self, state: PlannerState) -> PlanResult:
         """Plan ``state`` in the child. Raises ``OSError``/``EOFError`` if the child died."""
-        self._conn.send((state.now, list(state.requests), list(state.gpu_free_at), state.served_models,
+        self._conn.send((state.now, list(state.requests), list(state.gpu_free_at), state.placement,
                          state.round_s, state.just_paused))
         return self._conn.recv()
 

@@ -19,9 +19,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
+from planner.placement import WeightLoad
 from planner.plan import Assignment
 from planner.problem import ProblemRequest, RoundProblem
 from planner.request import Stage
@@ -48,11 +49,28 @@ class _Gaps:
             del self.until[g]
 
 
+@dataclass
+class Committed:
+    """What one plan starts now."""
+
+    assignments: list[Assignment] = field(default_factory=list)
+    loads: list[WeightLoad] = field(default_factory=list)
+    unloads: list[WeightLoad] = field(default_factory=list)
+
+
+def _weight(g: int, w: str) -> WeightLoad:
+    model, component = w.split("/")
+    return WeightLoad(g, model, component)
+
+
 def commit_on_time(data: ScheduleData, sched: Schedule, problem: RoundProblem, piece_s: float,
-                   gaps: _Gaps) -> list[Assignment]:
-    """Assignments of the present jobs that start now; marks the GPUs they use."""
+                   gaps: _Gaps, out: Committed) -> None:
+    """Add the work of the present jobs that starts now to ``out``; marks the GPUs it uses.
+
+    A job whose alternative loads weights first starts its loads (and the
+    evictions that make room) now; its work starts once they are in, at a
+    later planning instant."""
     waiting = {r.id for r in problem.requests}
-    out: list[Assignment] = []
     for j, (a, s) in sorted(sched.placed.items()):
         job, alt = data.jobs[j], data.jobs[j].alts[a]
         for g, s0, _ in data.job_intervals(j, a, s):
@@ -60,14 +78,19 @@ def commit_on_time(data: ScheduleData, sched: Schedule, problem: RoundProblem, p
                 gaps.until[g] = min(gaps.until[g], s0 * TICK_S)
         if s != 0 or job.in_flight or any(rid not in waiting for rid in job.ids):
             continue
+        model = problem.requests_by_id[job.ids[0]].model
+        if alt.loads:
+            out.unloads += [_weight(g, w) for g, w in alt.evicts]
+            out.loads += [WeightLoad(g, model, c) for g, c in alt.loads]
+            gaps.take(alt.block)
+            continue
         if job.stage == "diffuse":
             q = piece_steps(alt.step_s, piece_s, job.rem)
-            out.append(Assignment(job.ids, Stage.DIFFUSE, alt.block, q))
+            out.assignments.append(Assignment(job.ids, Stage.DIFFUSE, alt.block, q))
             gaps.take(alt.block)
         else:
-            out.append(Assignment(job.ids, _STAGE[job.stage], (alt.block[0],), 0))
+            out.assignments.append(Assignment(job.ids, _STAGE[job.stage], (alt.block[0],), 0))
             gaps.take((alt.block[0],))
-    return out
 
 
 def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundProblem, gaps: _Gaps,
@@ -78,7 +101,8 @@ def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundPro
     if pr.stage in ("encode", "decode"):
         dur = (pr.encode_s if b == 1 else pr.batch_encode_s[b]) if pr.stage == "encode" else \
             (pr.decode_s if b == 1 else pr.batch_decode_s[b])
-        cands = [g for g, u in gaps.until.items() if u >= dur - 1e-12]
+        cands = [g for g, u in gaps.until.items()
+                 if u >= dur - 1e-12 and problem.runs((g,), pr.model, pr.stage)]
         if not cands:
             return None
         own = [g for g in cands if g in pr.latent_gpus]
@@ -97,7 +121,7 @@ def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundPro
     for k in degrees:
         need = pr.act_bytes[k] * b + b
         for blk in aligned_blocks(list(gaps.until), problem.nodes, k):
-            if min(mem[g] for g in blk) < need:
+            if min(mem[g] for g in blk) < need or not problem.runs(blk, pr.model, "diffuse"):
                 continue
             move = max([r.move_s[node_of[blk[0]]] for r in movers if set(r.latent_gpus) != set(blk)],
                        default=0.0)

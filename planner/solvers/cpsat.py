@@ -10,7 +10,7 @@ work ``[0, busy)``. A request is in at most one present job (alone or in one
 batch). ``c_j => s_j = 0`` marks a running request continued now.
 
 Maximised, integer: ``sum W.on_time * |j| p_j + W.preemption * running_j c_j
-- sum_a x_ja (W.gpu_ms gpu_ms_a + W.migration |j| migrate_a + W.finish_ms |j| span_a)
+- sum_a x_ja (W.gpu_ms gpu_ms_a + W.migration |j| migrate_a + W.load loads_a + W.finish_ms |j| span_a)
 - W.finish_ms |j| s_j`` (absent jobs start at their release: a constant).
 
 Reproducible: one worker, a fixed seed and CP-SAT's deterministic time
@@ -84,6 +84,7 @@ def build_model(data: ScheduleData) -> tuple[cp_model.CpModel, _Vars]:
             cost = W.gpu_ms * alt.gpu_ms + W.finish_ms * job.weight * alt.span
             if alt.migrate:
                 cost += W.migration * job.weight
+            cost += W.load * alt.loading_gpus
             terms.append((xa, -cost))
             x.append(xa)
         m.add(sum(x) == p)

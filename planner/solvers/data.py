@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from models.catalog import get_model
 from planner.problem import ProblemRequest, RoundProblem
 
 TICK_S = 1e-3
@@ -53,7 +54,8 @@ class Weights:
 
     1. ``on_time`` per request on time;
     2. ``preemption`` per request paused at this step boundary that does not
-       continue now; ``migration`` per request whose latent moves;
+       continue now; ``migration`` per request whose latent moves; ``load``
+       per GPU that loads weights;
     3. ``gpu_ms`` per GPU-ms the schedule uses and ``finish_ms`` per ms of
        each present request's finish time: cheap degrees, then early
        finishes (work that can start now does not wait).
@@ -62,6 +64,7 @@ class Weights:
     on_time: int = 1_000_000_000_000
     preemption: int = 1_000_000_000
     migration: int = 1_000_000_000
+    load: int = 1_000_000_000  # per GPU that loads weights (it evicts what another request may need)
     gpu_ms: int = 1
     finish_ms: int = 1
 
@@ -79,6 +82,16 @@ class Alt:
     migrate: bool  # moves a diffuse latent onto another block
     step_s: float  # seconds per diffuse step here
     move_s: float  # seconds of the latent move
+    # Weights to load first, (gpu, component), and the seconds that takes (the
+    # loads of one GPU run one after another, GPUs in parallel). A loading
+    # alternative holds its whole block from its start.
+    loads: tuple[tuple[int, str], ...] = ()
+    load_s: float = 0.0
+    evicts: tuple[tuple[int, str], ...] = ()  # (gpu, "model/component") unloaded to make room
+
+    @property
+    def loading_gpus(self) -> int:
+        return len({g for g, _ in self.loads})
 
     @property
     def k(self) -> int:
@@ -196,34 +209,117 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
     enc = lead_pr.encode_s if b == 1 else lead_pr.batch_encode_s[b]
     dec = lead_pr.decode_s if b == 1 else lead_pr.batch_decode_s[b]
     out: list[Alt] = []
+    model = lead_pr.model
     if stage == "decode":
         for g in gpus:
-            latest = ticks_down(deadline - dec)
+            loads, load_s, evicts = _loads(problem, (g,), model, stage, 0, mem)
+            if loads is None:
+                continue
+            latest = ticks_down(deadline - load_s - dec)
             if latest >= release:
-                span = ticks_up(dec)
-                out.append(Alt((g,), 0, 0, span, latest, span, False, 0.0, 0.0))
+                span = ticks_up(load_s + dec)
+                out.append(Alt((g,), 0, 0, span, latest, span, False, 0.0, 0.0, loads, load_s, evicts))
         return out
     step = lead_pr.step_s if b == 1 else lead_pr.batch_step_s[b]
     node_of = problem.node_of
     for k in kept_degrees(step):
         need = lead_pr.act_bytes[k] * b + b  # per GPU; activations grow linearly with the batch
-        for blk in aligned_blocks(gpus, problem.nodes, k):
-            if min(mem[g] for g in blk) < need:
-                continue
+        for blk, (loads, load_s, evicts) in _candidate_blocks(problem, gpus, k, model, stage, need, mem):
             move, migrate = 0.0, False
             for m in members:
                 if has_latent(m.pr) and set(m.pr.latent_gpus) != set(blk):
                     move = max(move, m.pr.move_s[node_of[blk[0]]])
                     migrate = True
             e, d, dd = chain_parts(stage, enc, move, lead_pr.remaining_steps, step[k], dec)
-            latest = ticks_down(deadline - (e + d + dd))
+            latest = ticks_down(deadline - (load_s + e + d + dd))
             if latest < release:
                 continue
-            lead = ticks_down(e) if e else 0
-            diff = ticks_up(e + d) - lead
-            span = ticks_up(e + d + dd)
-            out.append(Alt(blk, lead, diff, span, latest, span + (k - 1) * diff, migrate, step[k], move))
+            if loads:  # the whole block waits for the loads
+                lead, diff, span = 0, ticks_up(load_s + e + d), ticks_up(load_s + e + d + dd)
+            else:
+                lead = ticks_down(e) if e else 0
+                diff = ticks_up(e + d) - lead
+                span = ticks_up(e + d + dd)
+            out.append(Alt(blk, lead, diff, span, latest, span + (k - 1) * diff, migrate, step[k], move,
+                           loads, load_s, evicts))
     return out
+
+
+def chain_components(stage: str, first: bool) -> tuple[str, ...]:
+    """Components a GPU of the chain's block needs: all of them the backbone; ``block[0]`` also
+    the VAE (it decodes) and the text encoders if the request still has to encode."""
+    if stage == "decode":
+        return ("vae",)
+    if not first:
+        return ("backbone",)
+    return ("text", "backbone", "vae") if stage == "encode" else ("backbone", "vae")
+
+
+def weight_bytes(weight: str) -> int:
+    model, component = weight.split("/")
+    return get_model(model).component_bytes(component)
+
+
+MAX_LOADING_BLOCKS = 2  # per degree: loading alternatives beyond these are dominated in practice
+
+
+def _candidate_blocks(problem: RoundProblem, gpus: Sequence[int], k: int, model: str, stage: str, need: int,
+                      mem: dict[int, int]) -> list[tuple[tuple[int, ...], "_Loads"]]:
+    """Blocks of ``k`` a chain may use: every block that holds its weights, and the
+    :data:`MAX_LOADING_BLOCKS` loading ones with the fewest loading GPUs, then the earliest free."""
+    ready, loading = [], []
+    busy = problem.gpu_of
+    for blk in aligned_blocks(gpus, problem.nodes, k):
+        ld = _loads(problem, blk, model, stage, need, mem)
+        if ld[0] is None:
+            continue
+        if ld[0]:
+            n_load = len({g for g, _ in ld[0]})
+            loading.append(((n_load, max(busy[g].free_in for g in blk), ld[1], blk), blk, ld))
+        else:
+            ready.append((blk, ld))
+    loading.sort(key=lambda x: x[0])
+    return ready + [(blk, ld) for _, blk, ld in loading[:MAX_LOADING_BLOCKS]]
+
+
+_Loads = tuple[tuple[tuple[int, str], ...] | None, float, tuple[tuple[int, str], ...]]
+
+
+def _loads(problem: RoundProblem, blk: tuple[int, ...], model: str, stage: str, need: int,
+           mem: dict[int, int]) -> _Loads:
+    """(loads a chain on ``blk`` needs first, their seconds, evictions), or ``loads`` None when it cannot fit.
+
+    A GPU that lacks a component may evict the other models' weights it holds,
+    never latents: the most replicated first (the least missed), then the
+    largest, until the new weights and the activations (``need``) fit.
+    """
+    loads: list[tuple[int, str]] = []
+    evicts: list[tuple[int, str]] = []
+    longest = 0.0
+    gpus = problem.gpu_of
+    for i, g in enumerate(blk):
+        info = gpus[g]
+        missing = [c for c in chain_components(stage, i == 0) if not info.holds(model, c)]
+        if not missing:
+            if mem[g] < need:
+                return None, 0.0, ()
+            continue
+        if info.load_bw <= 0:
+            return None, 0.0, ()
+        add = sum(get_model(model).component_bytes(c) for c in missing)
+        free = mem[g] - add
+        others = sorted((w for w in info.weights if not w.startswith(model + "/")),
+                        key=lambda w: (-problem.holders[w], -weight_bytes(w), w))
+        for w in others:
+            if free >= need:
+                break
+            free += weight_bytes(w)
+            evicts.append((g, w))
+        if free < need:
+            return None, 0.0, ()
+        loads += [(g, c) for c in missing]
+        longest = max(longest, add / info.load_bw)
+    return tuple(loads), longest, tuple(evicts)
 
 
 def _batch_chunks(members: Sequence[_Member], max_jobs_left: int) -> list[list[_Member]]:

@@ -32,7 +32,7 @@ def list_schedule(data: ScheduleData, order: Sequence[int],
                 continue
             # The objective's tiers: not preempting a running request and not moving a latent come
             # before finishing early and cheaply.
-            key = (job.running > 0 and s > 0, alt.migrate, alt.block != want if want else False,
+            key = (job.running > 0 and s > 0, alt.migrate, alt.loading_gpus, alt.block != want if want else False,
                    s + alt.span, alt.gpu_ms, alt.block)
             if best is None or key < best[0]:
                 best = (key, a, s)

@@ -59,6 +59,7 @@ def build_model(data: ScheduleData) -> tuple[pulp.LpProblem, list, list, list]:
             cost = W.gpu_ms * alt.gpu_ms + W.finish_ms * job.weight * alt.span
             if alt.migrate:
                 cost += W.migration * job.weight
+            cost += W.load * alt.loading_gpus
             obj.append((x[a], -cost))
         obj += [(p, W.on_time * job.weight), (s, -W.finish_ms * job.weight)]
         if job.running and job.release == 0:

@@ -57,6 +57,7 @@ def objective_of(data: ScheduleData, j: int, a: int, start: int) -> int:
     v = W.on_time * job.weight - W.gpu_ms * alt.gpu_ms - W.finish_ms * job.weight * (start - job.release + alt.span)
     if alt.migrate:
         v -= W.migration * job.weight
+    v -= W.load * alt.loading_gpus
     if start == 0:
         v += W.preemption * job.running
     return v

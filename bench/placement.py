@@ -1,0 +1,147 @@
+"""Placement: cpsat (loads and evicts weights as the load shifts) against peers on static splits.
+
+Image + video co-serving traces whose models cannot all be resident on one
+GPU (``coserve-mixed``). Every peer runs on every static split of the
+cluster (the proportional ``split`` and the even-numbered splits of each
+node); the *best static peer* is the (policy, split) pair with the best
+mean attainment over the seeds of a configuration, an oracle choice no
+deployment could make in advance. cpsat starts from the ``auto`` split and
+re-places weights itself. Reported per configuration: attainment, every
+request finished or not, weight loads and their seconds, and the plan-call
+time (the placement decision is part of it). Usage:
+
+    python -m bench.placement [--configs 8xL20:cogvideox-5b 8xA40:cogvideox-5b
+                               8xH100:hunyuanvideo,wan2.1-t2v-14b] [--n 80] [--seeds 0 1]
+                               [--scales 1.5 2.0] [--load 0.6]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+PEERS = ["fcfs-sp1", "edf", "genserve", "tetriserve-dp", "hetu-ilp"]
+OURS = "cpsat"
+DEFAULT_CONFIGS = ["8xL20:cogvideox-5b", "8xA40:cogvideox-5b", "8xH100:hunyuanvideo,wan2.1-t2v-14b"]
+
+
+def splits(models: list[str], node_gpus: int) -> list[str]:
+    """``split`` plus every split of a node into even GPU counts, each model at least 2."""
+    out = ["split"]
+    for counts in itertools.product(range(2, node_gpus + 1, 2), repeat=len(models)):
+        if sum(counts) == node_gpus:
+            out.append(",".join(f"{m}:{c}" for m, c in zip(models, counts)))
+    return out
+
+
+def rate_for(cluster_spec: str, videos: str, load: float) -> float:
+    """Arrival rate that puts ``load`` of the cluster's GPU-seconds to work (each request at SP 1)."""
+    from models.catalog import get_model
+    from models.cost import CostModel
+    from planner.cluster import parse_cluster
+    from planner.workloads import generate
+
+    cluster = parse_cluster(cluster_spec)
+    cost = CostModel(cluster.kind)
+    recs = generate("coserve-mixed", n=2000, rate=1.0, seed=0, videos=videos)
+    per = statistics.fmean(cost.ideal_latency(get_model(r.model), r.shape, r.steps, max_sp=1) for r in recs)
+    return load * cluster.size / per
+
+
+def one(job: tuple) -> dict:
+    cluster_spec, videos, policy, placement, scale, n, rate, seed = job
+    from models.cost import CostModel
+    from planner.cluster import parse_cluster
+    from planner.simulator import SimConfig
+    from planner.whatif import run_policies, to_requests
+    from planner.workloads import generate
+
+    cluster = parse_cluster(cluster_spec)
+    cost = CostModel(cluster.kind)
+    records = generate("coserve-mixed", n=n, rate=rate, seed=seed, videos=videos)
+    reqs = to_requests(records, cost, cluster, scale)
+    t0 = time.perf_counter()
+    run = run_policies(reqs, cluster, cost, [policy], SimConfig(seed=seed, placement=placement))[policy]
+    s = run.summary
+    return {"cluster": cluster_spec, "videos": videos, "policy": policy, "placement": placement,
+            "slo_scale": scale, "seed": seed, "slo_attainment": s["slo_attainment"],
+            "image": s["slo_attainment_by_kind"]["image"], "video": s["slo_attainment_by_kind"]["video"],
+            "finished": s["finished"], "requests": s["requests"], "weight_loads": s["weight_loads"],
+            "weight_load_s": s["weight_load_s"], "plan_p50_ms": s["solver_ms"]["p50"],
+            "plan_p99_ms": s["solver_ms"]["p99"], "sim_s": round(time.perf_counter() - t0, 3)}
+
+
+def _mean(rows: list[dict], key: str = "slo_attainment") -> float:
+    return statistics.fmean(r[key] for r in rows)
+
+
+def report(rows: list[dict]) -> None:
+    configs = sorted({(r["cluster"], r["videos"], r["slo_scale"]) for r in rows})
+    print("\nconfig | cpsat | best static peer (policy @ split) | delta (points) | cpsat loads, load s | "
+          "cpsat plan p50/p99 ms | all finished")
+    for cl, vid, sc in configs:
+        mine = [r for r in rows if (r["cluster"], r["videos"], r["slo_scale"]) == (cl, vid, sc)]
+        ours = [r for r in mine if r["policy"] == OURS]
+        peers: dict[tuple[str, str], list[dict]] = {}
+        for r in mine:
+            if r["policy"] != OURS:
+                peers.setdefault((r["policy"], r["placement"]), []).append(r)
+        (bp, bs), best = max(peers.items(), key=lambda kv: (_mean(kv[1]), kv[0]))
+        unfinished = [f"{r['policy']}@{r['placement']} seed {r['seed']}: {r['requests'] - r['finished']}"
+                      for r in mine if r["finished"] < r["requests"]]
+        print(f"{cl} {vid} scale {sc} | {_mean(ours):.3f} | {_mean(best):.3f} ({bp} @ {bs}) | "
+              f"{100 * (_mean(ours) - _mean(best)):+.1f} | {_mean(ours, 'weight_loads'):.1f}, "
+              f"{_mean(ours, 'weight_load_s'):.1f} | {statistics.median(r['plan_p50_ms'] for r in ours):.1f}/"
+              f"{max(r['plan_p99_ms'] for r in ours):.1f} | "
+              + ("yes" if not unfinished else "NO: " + "; ".join(unfinished)))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from planner.cluster import parse_cluster
+
+    ap = argparse.ArgumentParser(description="cpsat's dynamic placement against peers on static splits")
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="CLUSTER:VIDEO_MODELS (comma-separated)")
+    ap.add_argument("--policies", nargs="+", default=PEERS, help="peer policies")
+    ap.add_argument("--n", type=int, default=80)
+    ap.add_argument("--load", type=float, default=0.6,
+                    help="offered load: the share of the cluster's GPU-seconds the arrivals need at SP 1")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--scales", type=float, nargs="+", default=[1.5, 2.0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--csv", type=Path, default=Path("out/placement.csv"))
+    args = ap.parse_args(argv)
+
+    jobs = []
+    for cfg in args.configs:
+        cluster_spec, _, videos = cfg.partition(":")
+        models = sorted({"flux-dev", *videos.split(",")})
+        node = parse_cluster(cluster_spec).max_node_gpus
+        rate = rate_for(cluster_spec, videos, args.load)
+        print(f"{cfg}: {rate:.4f} req/s for load {args.load}")
+        for scale, seed in itertools.product(args.scales, args.seeds):
+            jobs.append((cluster_spec, videos, OURS, "auto", scale, args.n, rate, seed))
+            for policy, placement in itertools.product(args.policies, splits(models, node)):
+                jobs.append((cluster_spec, videos, policy, placement, scale, args.n, rate, seed))
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        for i, row in enumerate(pool.map(one, jobs), 1):
+            rows.append(row)
+            if i % 20 == 0 or i == len(jobs):
+                print(f"  {i}/{len(jobs)} runs, {time.perf_counter() - t0:.0f} s", flush=True)
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    with args.csv.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {args.csv}")
+    report(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
