@@ -10,6 +10,7 @@ re-places weights itself. Reported per configuration: attainment, every
 request finished or not, weight loads and their seconds, and the plan-call
 time (the placement decision is part of it). Usage:
 
+    python -m bench.placement --figure1
     python -m bench.placement [--configs 8xL20:cogvideox-5b 8xA40:cogvideox-5b
                                8xH100:hunyuanvideo,wan2.1-t2v-14b] [--n 80] [--seeds 0 1]
                                [--scales 1.5 2.0] [--load 0.6]
@@ -100,6 +101,34 @@ def report(rows: list[dict]) -> None:
               + ("yes" if not unfinished else "NO: " + "; ".join(unfinished)))
 
 
+def figure1(frames: int = 81) -> None:
+    """GenServe's Figure 1 case on 4xL20: 4 CogVideoX videos at t = 0 (deadline 200 s) and 3 FLUX
+    images at 10, 11, 12 s with 28, 40, 50 s of slack; prints each policy and the video bound."""
+    from models.catalog import Shape, get_model
+    from models.cost import CostModel
+    from planner.cluster import parse_cluster
+    from planner.metrics import summarize
+    from planner.policies.base import make_policy
+    from planner.request import Request
+    from planner.simulator import Simulator
+
+    cluster = parse_cluster("4xL20")
+    cost = CostModel(cluster.kind)
+    video, image = Shape(480, 720, frames), Shape(1024, 1024)
+    reqs = [Request(f"v{i}", "cogvideox-5b", video, 50, 0.0, 200.0) for i in range(4)]
+    reqs += [Request(f"i{j}", "flux-dev", image, 28, t, t + slack)
+             for j, (t, slack) in enumerate(((10.0, 28.0), (11.0, 40.0), (12.0, 50.0)))]
+    one_video = cost.ideal_latency(get_model("cogvideox-5b"), video, 50, 1)  # SP 1: the fewest GPU-seconds
+    print(f"figure 1 ({frames}-frame videos): 4 videos need >= {4 * one_video:.0f} GPU-s; 4 GPUs give "
+          f"{4 * 200:.0f} GPU-s by the 200 s deadline, so at most {int(4 * 200 // one_video)} videos can be on time")
+    for name in PEERS + [OURS]:
+        r = Simulator(cluster, cost, make_policy(name)).run(reqs)
+        s = summarize(r)
+        print(f"  {name:14s} met {round(s['slo_attainment'] * 7)}/7 (images {round(s['slo_attainment_by_kind']['image'] * 3)}/3, "
+              f"videos {round(s['slo_attainment_by_kind']['video'] * 4)}/4), finished {s['finished']}/7, "
+              f"weight loads {s['weight_loads']}")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     from planner.cluster import parse_cluster
 
@@ -113,7 +142,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--scales", type=float, nargs="+", default=[1.5, 2.0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--csv", type=Path, default=Path("out/placement.csv"))
+    ap.add_argument("--figure1", action="store_true", help="only GenServe's Figure 1 case on 4xL20")
     args = ap.parse_args(argv)
+    if args.figure1:
+        figure1()
+        return []
 
     jobs = []
     for cfg in args.configs:

@@ -37,7 +37,7 @@ from planner.policies.base import make_policy, register
 from planner.problem import ProblemRequest, RoundProblem, build_problem
 from planner.solvers import cpsat, milp
 from planner.solvers.commit import (LATE_MODES, Committed, commit_on_time, fill_best_effort, idle_gaps,
-                                    rejections)
+                                    load_stranded, rejections)
 from planner.solvers.data import (TICK_S, ScheduleData, ScheduleParams, build_schedule, chain_parts, has_latent,
                                   kept_degrees)
 from planner.solvers.greedy import greedy
@@ -233,8 +233,11 @@ class SchedulePolicy:
                 stats["wall_limited"] = True
         best_effort += carry
         committed = {rid for a in out.assignments for rid in a.request_ids}
-        out.assignments += fill_best_effort([r for r in best_effort if r.id not in committed], problem, gaps,
-                                            self.late_piece_s, self.params.batching, self.late_share)
+        leftover = [r for r in best_effort if r.id not in committed]
+        out.assignments += fill_best_effort(leftover, problem, gaps, self.late_piece_s, self.params.batching,
+                                            self.late_share)
+        served = {rid for a in out.assignments for rid in a.request_ids}
+        load_stranded([r for r in leftover if r.id not in served], problem, gaps, out)
         live = waiting | {r.id for r in problem.in_flight}
         self._prev = {k: v for k, v in prev.items() if all(rid in live for rid in k)}
         if out.loads:

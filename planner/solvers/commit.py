@@ -26,7 +26,7 @@ from planner.placement import WeightLoad
 from planner.plan import Assignment
 from planner.problem import ProblemRequest, RoundProblem
 from planner.request import Stage
-from planner.solvers.data import TICK_S, ScheduleData, aligned_blocks, has_latent, is_lost, kept_degrees
+from planner.solvers.data import TICK_S, ScheduleData, aligned_blocks, has_latent, is_lost, kept_degrees, load_plan
 from planner.solvers.solution import Schedule
 
 _STAGE = {"encode": Stage.ENCODE, "diffuse": Stage.DIFFUSE, "decode": Stage.DECODE}
@@ -153,9 +153,14 @@ def fill_best_effort(candidates: Sequence[ProblemRequest], problem: RoundProblem
             if is_lost(r):
                 for g in r.latent_gpus:
                     held[problem.node_of[g]] += 1
+        # Keep the gaps late work can use: GPUs holding candidates' latents or weights first.
+        use = {g.index: 0 for g in problem.gpus}
+        for r in candidates:
+            for g in use:
+                use[g] += (g in r.latent_gpus) + problem.runs((g,), r.model, r.stage)
         for n, node in enumerate(problem.nodes):
             room = max(1, math.floor(share * len(node))) - held[n]  # late work always progresses
-            free = sorted((g for g in node if g in gaps.until), reverse=True)
+            free = sorted((g for g in node if g in gaps.until), key=lambda g: (use[g], -g))
             for g in free[:max(0, len(free) - max(0, room))]:
                 del gaps.until[g]
     order = sorted(candidates, key=lambda r: (is_lost(r), r.deadline if not is_lost(r) else r.remaining_lb(),
@@ -177,6 +182,31 @@ def fill_best_effort(candidates: Sequence[ProblemRequest], problem: RoundProblem
             out.append(a)
             done.update(a.request_ids)
     return out
+
+
+def load_stranded(candidates: Sequence[ProblemRequest], problem: RoundProblem, gaps: _Gaps,
+                  out: Committed) -> None:
+    """Load the weights of best-effort requests whose next stage no GPU can run, onto a gap GPU.
+
+    On-time work loads what it needs through the schedule; late work only
+    runs where weights already are, so a model resident nowhere would wait
+    for ever. One GPU per stranded model, the gap that lasts longest."""
+    done: set[str] = set()
+    for pr in sorted(candidates, key=lambda r: (r.deadline, r.id)):
+        if pr.model in done or not gaps.until:
+            continue
+        if any(problem.runs((g.index,), pr.model, pr.stage) for g in problem.gpus):
+            continue
+        need = pr.act_bytes[min(pr.act_bytes)] + 1 if pr.stage != "decode" else 0
+        mem = {g.index: g.memory_free for g in problem.gpus}
+        for g in sorted(gaps.until, key=lambda g: (-gaps.until[g], g)):
+            loads, _, evicts = load_plan(problem, (g,), pr.model, pr.stage, need, mem)
+            if loads:
+                out.unloads += [_weight(x, w) for x, w in evicts]
+                out.loads += [WeightLoad(x, pr.model, c) for x, c in loads]
+                gaps.take((g,))
+                done.add(pr.model)
+                break
 
 
 def _same_state(a: ProblemRequest, b: ProblemRequest) -> bool:

@@ -212,7 +212,7 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
     model = lead_pr.model
     if stage == "decode":
         for g in gpus:
-            loads, load_s, evicts = _loads(problem, (g,), model, stage, 0, mem)
+            loads, load_s, evicts = load_plan(problem, (g,), model, stage, 0, mem)
             if loads is None:
                 continue
             latest = ticks_down(deadline - load_s - dec)
@@ -270,7 +270,7 @@ def _candidate_blocks(problem: RoundProblem, gpus: Sequence[int], k: int, model:
     ready, loading = [], []
     busy = problem.gpu_of
     for blk in aligned_blocks(gpus, problem.nodes, k):
-        ld = _loads(problem, blk, model, stage, need, mem)
+        ld = load_plan(problem, blk, model, stage, need, mem)
         if ld[0] is None:
             continue
         if ld[0]:
@@ -285,7 +285,7 @@ def _candidate_blocks(problem: RoundProblem, gpus: Sequence[int], k: int, model:
 _Loads = tuple[tuple[tuple[int, str], ...] | None, float, tuple[tuple[int, str], ...]]
 
 
-def _loads(problem: RoundProblem, blk: tuple[int, ...], model: str, stage: str, need: int,
+def load_plan(problem: RoundProblem, blk: tuple[int, ...], model: str, stage: str, need: int,
            mem: dict[int, int]) -> _Loads:
     """(loads a chain on ``blk`` needs first, their seconds, evictions), or ``loads`` None when it cannot fit.
 
