@@ -8,7 +8,6 @@ from PatchedServe (out of sample). Usage: python -m bench.calibration [--csv F]
 from __future__ import annotations
 
 import argparse
-import csv
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bench import write_csv
 from models.catalog import get_model
 from models.cost import CostModel
 from models.profiles import builtin_profiles
@@ -40,11 +40,7 @@ def main() -> None:
     ap.add_argument("--csv", type=Path, default=Path("out/calibration.csv"))
     args = ap.parse_args()
     data = rows()
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with args.csv.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(data[0]))
-        w.writeheader()
-        w.writerows(data)
+    write_csv(args.csv, data)
     groups: dict[tuple, list[float]] = defaultdict(list)
     for r in data:
         groups[(r["table"], r["gpu"], r["model"])].append(abs(r["rel_err"]))

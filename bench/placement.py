@@ -18,12 +18,13 @@ time (the placement decision is part of it). Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from bench import write_csv
 
 PEERS = ["fcfs-sp1", "edf", "genserve", "tetriserve-dp", "hetu-ilp"]
 OURS = "cpsat"
@@ -166,11 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
             if i % 20 == 0 or i == len(jobs):
                 print(f"  {i}/{len(jobs)} runs, {time.perf_counter() - t0:.0f} s", flush=True)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with args.csv.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(args.csv, rows)
     print(f"wrote {args.csv}")
     report(rows)
     return rows

@@ -25,13 +25,13 @@ from __future__ import annotations
 import planner.solvers  # noqa: F401  (ortools before pulp: shared libhighs, see planner/solvers)
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench import write_csv
 from models.cost import CostModel
 from planner.cluster import parse_cluster
 from planner.policies.base import make_policy
@@ -157,11 +157,7 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append({"gpus": g, "live": n, "waiting": len(p.requests), "problem": i,
                                  **r, "gap": gap})
             print(f"{g:>4} GPUs / {n:>4} live: {len(problems)} problems done", flush=True)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with args.csv.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(args.csv, rows)
     summary = report(rows)
     plot(summary, args.png)
     print(f"wrote {args.csv} and {args.png}")

@@ -9,13 +9,14 @@ workloads) and writes a CSV and a PNG. Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from bench import write_csv
 
 DEFAULT_POLICIES = ["fcfs-sp1", "fcfs-sp2", "fcfs-sp4", "fcfs-sp8", "rssp", "edf", "tetriserve-dp"]
 SMALL_SCALES = [1.25, 1.5, 2.0]
@@ -91,11 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with ProcessPoolExecutor(args.workers) as pool:
         rows = list(pool.map(one, jobs, chunksize=4))
     print(f"{len(rows)} simulations in {time.perf_counter() - t0:.1f} s")
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with args.csv.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(args.csv, rows)
     report(rows, args)
     plot(rows, args)
     if args.small_n:
@@ -135,10 +132,7 @@ def small(args) -> None:
     with ProcessPoolExecutor(args.workers) as pool:
         rows = list(pool.map(small_one, jobs))
     path = args.csv.with_name(args.csv.stem + "-small.csv")
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(path, rows)
     t = Table(title=f"small traces ({args.small_n} requests, {args.cluster}): SLO attainment, mean of seeds "
                     f"{args.seeds}; offline = best schedule found / proven upper bound")
     for c in ("workload", "scale", *args.policies, "offline best", "upper bound"):

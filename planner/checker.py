@@ -11,6 +11,7 @@ from typing import Iterable, Mapping, Sequence
 
 from models.catalog import COMPONENTS, STAGE_COMPONENT, get_model
 from planner.cluster import Cluster
+from planner.placement import Placement
 from planner.plan import RoundPlan
 from planner.request import Request, Stage
 from planner.state import PlannerState
@@ -26,8 +27,8 @@ def check_plan(state: PlannerState, plan: RoundPlan) -> list[str]:
     used_gpus: set[int] = set()
     used_reqs: set[str] = set()
     resident = state.resident_bytes()
-    problems += _check_placement_changes(state, plan, used_gpus)
     placement = state.placement.apply(plan.unloads, plan.loads)
+    problems += _check_placement_changes(state, plan, placement, resident, used_gpus)
     weights = placement.weight_bytes_all()
     for rid, reason in plan.rejections:
         st = by_id.get(rid)
@@ -92,11 +93,12 @@ def check_plan(state: PlannerState, plan: RoundPlan) -> list[str]:
     return problems
 
 
-def _check_placement_changes(state: PlannerState, plan: RoundPlan, used_gpus: set[int]) -> list[str]:
-    """Unloads and loads touch idle GPUs only, change something real, and fit in memory."""
+def _check_placement_changes(state: PlannerState, plan: RoundPlan, after: Placement, resident: list[int],
+                             used_gpus: set[int]) -> list[str]:
+    """Unloads and loads touch idle GPUs only, change something real, and fit in memory (``after``
+    them, with ``resident`` latent bytes per GPU); loading GPUs join ``used_gpus``."""
     problems: list[str] = []
     cluster, before = state.cluster, state.placement
-    resident = state.resident_bytes()
     for kind, actions in (("unload", plan.unloads), ("load", plan.loads)):
         seen = set()
         for w in actions:
@@ -117,7 +119,6 @@ def _check_placement_changes(state: PlannerState, plan: RoundPlan, used_gpus: se
                 problems.append(f"{tag}: not resident")
             if kind == "load" and held and w not in plan.unloads:
                 problems.append(f"{tag}: already resident")
-    after = before.apply(plan.unloads, plan.loads)
     for g in {w.gpu for w in plan.loads if 0 <= w.gpu < cluster.size}:
         need = after.weight_bytes(g) + resident[g]
         if need > cluster.gpus[g].memory:

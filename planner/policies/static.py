@@ -57,16 +57,18 @@ class OnStaticPlacement:
                 if r.latent_gpus and r.steps_done > 0 and not mine.issuperset(r.latent_gpus):
                     continue
                 reqs.append(r)
-            if not reqs or all(state.gpu_free_at[g] > state.now for g in gpus):
-                if reqs:
-                    taken.update(r.id for r in reqs if r.in_flight or r.latent_gpus)
+            if not reqs:
                 continue
+            if all(state.gpu_free_at[g] > state.now for g in gpus):
+                # Nothing starts here now: fresh requests stay free for another group of their model.
+                taken.update(r.id for r in reqs if r.in_flight or r.latent_gpus)
+                continue
+            ids = {r.id for r in reqs}
             free_at = [t if g in mine else max(t, state.now + _NEVER) for g, t in enumerate(state.gpu_free_at)]
             view = dataclasses.replace(state, requests=reqs, gpu_free_at=free_at,
-                                       just_paused=frozenset(i for i in state.just_paused if i in {r.id for r in reqs}))
-            plan = self._policy(gpus).plan(view)
-            parts.append(plan)
-            taken.update(r.id for r in reqs)
+                                       just_paused=state.just_paused & ids)
+            parts.append(self._policy(gpus).plan(view))
+            taken |= ids
         return _merge(parts)
 
 

@@ -78,8 +78,8 @@ def commit_on_time(data: ScheduleData, sched: Schedule, problem: RoundProblem, p
                 gaps.until[g] = min(gaps.until[g], s0 * TICK_S)
         if s != 0 or job.in_flight or any(rid not in waiting for rid in job.ids):
             continue
-        model = problem.requests_by_id[job.ids[0]].model
         if alt.loads:
+            model = problem.requests_by_id[job.ids[0]].model
             out.unloads += [_weight(g, w) for g, w in alt.evicts]
             out.loads += [WeightLoad(g, model, c) for g, c in alt.loads]
             gaps.take(alt.block)
@@ -192,13 +192,13 @@ def load_stranded(candidates: Sequence[ProblemRequest], problem: RoundProblem, g
     runs where weights already are, so a model resident nowhere would wait
     for ever. One GPU per stranded model, the gap that lasts longest."""
     done: set[str] = set()
+    mem = {g.index: g.memory_free for g in problem.gpus}
     for pr in sorted(candidates, key=lambda r: (r.deadline, r.id)):
         if pr.model in done or not gaps.until:
             continue
         if any(problem.runs((g.index,), pr.model, pr.stage) for g in problem.gpus):
             continue
         need = pr.act_bytes[min(pr.act_bytes)] + 1 if pr.stage != "decode" else 0
-        mem = {g.index: g.memory_free for g in problem.gpus}
         for g in sorted(gaps.until, key=lambda g: (-gaps.until[g], g)):
             loads, _, evicts = load_plan(problem, (g,), pr.model, pr.stage, need, mem)
             if loads:

@@ -268,14 +268,14 @@ def _candidate_blocks(problem: RoundProblem, gpus: Sequence[int], k: int, model:
     """Blocks of ``k`` a chain may use: every block that holds its weights, and the
     :data:`MAX_LOADING_BLOCKS` loading ones with the fewest loading GPUs, then the earliest free."""
     ready, loading = [], []
-    busy = problem.gpu_of
+    info = problem.gpu_of
     for blk in aligned_blocks(gpus, problem.nodes, k):
         ld = load_plan(problem, blk, model, stage, need, mem)
         if ld[0] is None:
             continue
         if ld[0]:
             n_load = len({g for g, _ in ld[0]})
-            loading.append(((n_load, max(busy[g].free_in for g in blk), ld[1], blk), blk, ld))
+            loading.append(((n_load, max(info[g].free_in for g in blk), ld[1], blk), blk, ld))
         else:
             ready.append((blk, ld))
     loading.sort(key=lambda x: x[0])
