@@ -3,7 +3,8 @@
 Image + video co-serving traces whose models cannot all be resident on one
 GPU (``coserve-mixed``). Every peer runs on every static split of the
 cluster (the proportional ``split`` and the even-numbered splits of each
-node); the *best static peer* is the (policy, split) pair with the best
+node, and a peer's own placement: hetu-ilp's encode/decode GPUs apart); the
+*best static peer* is the (policy, split) pair with the best
 mean attainment over the seeds of a configuration, an oracle choice no
 deployment could make in advance. cpsat starts from the ``auto`` split and
 re-places weights itself. Reported per configuration: attainment, every
@@ -38,6 +39,13 @@ def splits(models: list[str], node_gpus: int) -> list[str]:
         if sum(counts) == node_gpus:
             out.append(",".join(f"{m}:{c}" for m, c in zip(models, counts)))
     return out
+
+
+def own_placement(policy: str) -> list[str]:
+    """``auto`` for a peer whose own placement is not ``split`` (hetu-ilp: encode/decode GPUs apart)."""
+    from planner.policies.base import make_policy
+
+    return ["auto"] if getattr(make_policy(policy), "split_placement", "split") != "split" else []
 
 
 def rate_for(cluster_spec: str, videos: str, load: float) -> float:
@@ -158,8 +166,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{cfg}: {rate:.4f} req/s for load {args.load}")
         for scale, seed in itertools.product(args.scales, args.seeds):
             jobs.append((cluster_spec, videos, OURS, "auto", scale, args.n, rate, seed))
-            for policy, placement in itertools.product(args.policies, splits(models, node)):
-                jobs.append((cluster_spec, videos, policy, placement, scale, args.n, rate, seed))
+            for policy in args.policies:
+                for placement in splits(models, node) + own_placement(policy):
+                    jobs.append((cluster_spec, videos, policy, placement, scale, args.n, rate, seed))
     t0 = time.perf_counter()
     rows: list[dict] = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:

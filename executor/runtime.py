@@ -16,10 +16,24 @@ Commands (plain dicts, picklable, so a controller can broadcast them):
   lead sends latent, conditioning and step index point-to-point to every new member that lacks them
   (gather is implicit: the state is replicated in the old group); old members outside the new group drop it.
 * ``release``: ``rid``: drop the state.
+* ``load``: ``rank``, ``model``, ``component``, ``family``: on that rank only, make the weights resident. The
+  backbone of a family the worker can build (``build``) is really constructed there (tiny seeded, or a
+  checkpoint), moved to the device and given SP hooks; other components (text encoders, VAE: the encode and
+  decode stages are stand-ins) and families without a torch model are recorded as resident, nothing more.
+* ``unload``: ``rank``, ``model``, ``component``: on that rank only, drop the module (``gc.collect()``, and
+  ``torch.cuda.empty_cache()`` on CUDA) and report whether it is really gone (a weak reference).
+
+Modules are keyed by the catalog model (``create`` may name it with ``model``; else the request's family,
+as callers that build ``Worker(rank, world, {family: model})`` do). A run needs the module on every rank of
+its group: once any ``load``/``unload`` has been seen (every rank sees every command, so all ranks agree)
+a missing one is an error (``MissingWeights``, raised on every rank of the group, so no collective waits);
+before that (legacy: every model everywhere) it is built on first use with ``build``.
 """
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -44,19 +58,41 @@ class RequestState:
         return [self.latent] + [self.cond[k] for k in sorted(self.cond)]
 
 
+class MissingWeights(RuntimeError):
+    """A run on a rank that does not hold the module its request needs (with a placement)."""
+
+
+SP_FAMILIES = ("flux", "sd3")
+
+
+def module_size(model) -> tuple[int, int]:
+    """(parameters, bytes of parameters and buffers) of a module."""
+    params = sum(p.numel() for p in model.parameters())
+    nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return params, nbytes
+
+
 class Worker:
-    def __init__(self, rank: int, world: int, models: dict[str, object], device: str | None = None) -> None:
+    def __init__(self, rank: int, world: int, models: dict[str, object] | None = None, device: str | None = None,
+                 build=None, config=None) -> None:
+        """``models``: modules held from the start, keyed by model (or family); ``build(model, family)``: a new
+        module for that model's backbone (None: the family has none); ``config(family)``: its config without
+        building it (what ``create`` needs on a rank that does not hold the backbone)."""
         self.rank, self.world = rank, world
         # NCCL (CUDA) needs device tensors; gloo (CPU) host ones
         self.device = torch.device(device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
                                               else "cpu"))
-        models = {f: m.to(self.device) for f, m in models.items()}
         self.groups = BlockGroups(rank, world)
         self.ctx = SPContext(self.groups)
-        self.models = models
-        for family, model in models.items():
-            if family in ("flux", "sd3"):
-                enable_sequence_parallel(model, family, self.ctx)
+        self.build, self.config = build, config
+        self.models: dict[str, object] = {}  # key (catalog model, or family) -> module on this rank
+        self.families: dict[str, str] = {}  # key -> family
+        self.resident: set[tuple[str, str]] = set()  # (model, component) loaded on this rank
+        self.placed = False  # a load or unload was seen: modules come only from loads
+        for key, model in (models or {}).items():
+            self._hold(key, key, model)
+        self.on_weight = None  # on_weight(cmd, op, info): called on the acting rank after load/unload/lazy build
+        self.model_of: dict[str, str] = {}  # request -> module key
         self.specs: dict[str, RequestSpec] = {}  # every request, on every rank
         self.where: dict[str, tuple[int, ...]] = {}  # its current group, on every rank
         self.states: dict[str, RequestState] = {}  # only on the ranks of its group
@@ -68,14 +104,110 @@ class Worker:
     def handle(self, cmd: dict):
         return getattr(self, "_" + cmd["op"])(cmd)
 
+    # --- weights ----------------------------------------------------------------------------------
+    def _hold(self, key: str, family: str, model) -> None:
+        model = model.to(self.device)
+        if family in SP_FAMILIES:
+            enable_sequence_parallel(model, family, self.ctx)
+        self.models[key], self.families[key] = model, family
+
+    def held(self) -> dict[str, int]:
+        """What this rank holds: module key -> parameters."""
+        return {k: module_size(m)[0] for k, m in sorted(self.models.items())}
+
+    def _built(self, key: str, family: str) -> dict:
+        t0 = time.perf_counter()
+        model = self.build(key, family) if self.build is not None else None
+        if model is None:
+            return {"module": False, "params": 0, "bytes": 0, "seconds": 0.0}
+        self._hold(key, family, model)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        params, nbytes = module_size(self.models[key])
+        return {"module": True, "params": params, "bytes": nbytes, "seconds": time.perf_counter() - t0}
+
+    def _load(self, cmd):
+        self.placed = True
+        if self.rank != cmd["rank"]:
+            return None
+        key, comp = cmd["model"], cmd["component"]
+        if comp == "backbone" and key in self.models:  # already built here: nothing to do
+            params, nbytes = module_size(self.models[key])
+            info = {"module": True, "params": params, "bytes": nbytes, "seconds": 0.0}
+        elif comp == "backbone":
+            info = self._built(key, cmd["family"])
+        else:  # text encoders and VAE have no module yet (encode/decode are stand-ins): resident in name only
+            info = {"module": False, "params": 0, "bytes": 0, "seconds": 0.0}
+        self.resident.add((key, comp))
+        info.update(name=f"{key}/{comp}", held=self.held())
+        if self.on_weight is not None:
+            self.on_weight(cmd, "load", info)
+        return info
+
+    def _unload(self, cmd):
+        self.placed = True
+        if self.rank != cmd["rank"]:
+            return None
+        key, comp = cmd["model"], cmd["component"]
+        self.resident.discard((key, comp))
+        model = self.models.pop(key, None) if comp == "backbone" else None
+        if model is not None:
+            self.families.pop(key, None)
+        info = {"name": f"{key}/{comp}", "module": model is not None, "params": 0, "bytes": 0, "gone": True}
+        if model is not None:
+            info["params"], info["bytes"] = module_size(model)
+            ref = weakref.ref(model)
+            del model
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            info["gone"] = ref() is None  # nothing else keeps the module (and its tensors) alive
+        info.update(held=self.held())
+        if self.on_weight is not None:
+            self.on_weight(cmd, "unload", info)
+        return info
+
+    def _module(self, cmd, rid: str, ranks):
+        """The module run ``cmd`` needs, on every rank of its group (built lazily without a placement)."""
+        key = self.model_of.get(rid, self.specs[rid].family)
+        if key not in self.models and not self.placed and self.build is not None:
+            info = self._built(key, self.specs[rid].family)
+            if info["module"] and self.on_weight is not None:
+                self.on_weight(cmd, "build", dict(info, model=key, held=self.held()))
+        have = key in self.models
+        if self.placed and len(ranks) > 1:  # agree, so that no rank waits in a collective for a failed one
+            flag = torch.tensor([int(have)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.groups.group(ranks))
+            if not bool(flag.item()):
+                raise MissingWeights(f"rank {self.rank}: {key} backbone is not resident on every rank of {ranks}"
+                                     + ("" if have else " (not here)"))
+        if not have:
+            raise MissingWeights(f"rank {self.rank}: {key} backbone is not resident here"
+                                 + (" (placement: load it first)" if self.placed else ""))
+        return self.models[key]
+
+    def _family_config(self, spec: RequestSpec, rid: str):
+        key = self.model_of.get(rid, spec.family)
+        if key in self.models:
+            return self.models[key]
+        for k, m in self.models.items():
+            if self.families.get(k) == spec.family:
+                return m
+        if self.config is not None:
+            return _Configured(self.config(spec.family))
+        raise KeyError(f"rank {self.rank}: no {spec.family} model or config for {rid}")
+
+    # --- requests ----------------------------------------------------------------------------------
     def _create(self, cmd):
         spec, ranks = cmd["spec"], tuple(cmd["ranks"])
         self.specs[spec.rid], self.where[spec.rid] = spec, ranks
+        self.model_of[spec.rid] = cmd.get("model") or spec.family
         if self.rank in ranks:
             self.states[spec.rid] = self._materialise(spec, ranks)
 
     def _materialise(self, spec: RequestSpec, ranks) -> RequestState:
-        t = make_request_tensors(self.models[spec.family], spec)  # drawn on the CPU: same on every device kind
+        # drawn on the CPU: same on every device kind; needs only the family's config
+        t = make_request_tensors(self._family_config(spec, spec.rid), spec)
         sched = make_scheduler(spec.family)
         set_timesteps(sched, spec)
         cond = {k: v.to(self.device) for k, v in t.cond.items()}
@@ -94,7 +226,7 @@ class Worker:
                (spec.family, spec.height, spec.width, spec.frames) or s.step != states[0].step for s in states):
             raise ValueError(f"batch {rids} mixes shapes or step positions")
         steps = min(cmd["steps"], spec.steps - states[0].step)
-        model = self.models[spec.family]
+        model = self._module(cmd, rids[0], ranks)
         self.ctx.use(ranks)
         times = []
         for s in states:
@@ -142,6 +274,7 @@ class Worker:
     def _release(self, cmd):
         self.states.pop(cmd["rid"], None)
         self.where.pop(cmd["rid"], None)
+        self.model_of.pop(cmd["rid"], None)
 
     def _migrate(self, cmd):
         rid, new = cmd["rid"], tuple(cmd["ranks"])
@@ -180,6 +313,13 @@ class Worker:
             st = self.states[rid]
             return {"latent": st.latent.detach().cpu().clone(), "step": st.step}
         return None
+
+
+class _Configured:
+    """Stands in for a module where only its ``config`` is read (``make_request_tensors``)."""
+
+    def __init__(self, config) -> None:
+        self.config = config
 
 
 def tiny_models(families=("flux", "sd3"), num_attention_heads: int = 4) -> dict[str, object]:

@@ -19,37 +19,68 @@ A run stops at its next step boundary when its request is released (cancelled, r
 for it is refused: the controller marks it in a shared stop table, the group's lead reads the mark before
 each step and broadcasts the decision to its group, and the assignment ends with an early ``done``.
 
+Placement (a service started with ``--models``): the first plan update after connecting carries
+``initial`` loads (the weights the deployment holds per GPU); later ones carry unloads, then loads, for the
+GPU's rank only. A load of a torch family's backbone really builds the module on that rank (tiny seeded, or
+``--checkpoint``), with SP hooks; text encoders, VAEs and families without a torch model are recorded as
+resident only (no module, no sleep: there is nothing to move). Initial loads run before the first
+assignment and are not reported; any other is reported (``StepReport.loaded``) once its rank has built it.
+An unload drops the module and collects it. Every load/unload is logged with the parameters it built or
+freed and what the rank holds (``weights: GPU ...`` lines). With a placement, a stage whose component is
+not resident on its GPUs is an error: logged, and the assignment ends early (done, 0 steps). Without one
+(no load ever received) every model is available everywhere: a backbone is built on first use.
+
 Limits of this first version: latents are not checkpointed, so a request requeued
-elsewhere restarts from fresh noise at its last reported step.
+elsewhere restarts from fresh noise at its last reported step. A load that fails on its rank is logged and
+not reported (the contract has no way to say so yet): the service keeps that GPU loading.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import queue
 import threading
 import time
 import zlib
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from executor.runtime import Worker
-from models.torch import RequestSpec, load_transformer, set_timesteps, tiny_transformer
+from models.torch import RequestSpec, load_transformer, set_timesteps, tiny_config, tiny_transformer
 
 log = logging.getLogger("ditplan.executor")
 TORCH_FAMILIES = ("flux", "sd3")
 
 
-def _models(checkpoints: dict[str, str], world: int = 4) -> dict:
-    """Checkpoints where given, else tiny models with enough heads for every degree up to ``world``."""
-    out = {}
-    for fam in TORCH_FAMILIES:
-        if fam in checkpoints:
-            out[fam] = load_transformer(fam, checkpoints[fam], dtype=torch.float32)
-        else:
-            out[fam] = tiny_transformer(fam, num_attention_heads=max(4, min(8, world)))
-    return out
+def _heads(world: int) -> int:
+    return max(4, min(8, world))  # enough heads for every SP degree up to ``world``
+
+
+def model_builder(checkpoints: dict[str, str], world: int = 4):
+    """``build(model, family)``: that model's transformer (the family's checkpoint where given, else tiny
+    seeded); None for families without a torch model here."""
+    def build(model: str, family: str):
+        if family not in TORCH_FAMILIES:
+            return None
+        if family in checkpoints:
+            return load_transformer(family, checkpoints[family], dtype=torch.float32)
+        return tiny_transformer(family, num_attention_heads=_heads(world))
+    return build
+
+
+def model_config(checkpoints: dict[str, str], world: int = 4):
+    """``config(family)``: the transformer's config without building it (tiny, or the checkpoint's JSON)."""
+    def config(family: str):
+        if family in checkpoints:
+            root = Path(checkpoints[family])
+            path = root / "transformer" / "config.json"
+            return SimpleNamespace(**json.loads((path if path.is_file() else root / "config.json").read_text()))
+        return SimpleNamespace(**tiny_config(family, _heads(world)))
+    return config
 
 
 STOP_SLOTS = 256  # shared stop table: slot cid % STOP_SLOTS holds cid + 1 when run cid must stop
@@ -57,8 +88,9 @@ STOP_SLOTS = 256  # shared stop table: slot cid % STOP_SLOTS holds cid + 1 when 
 
 def worker_main(rank: int, world: int, commands, results, checkpoints: dict[str, str], stops=None) -> int:
     """One device: execute commands from this rank's queue until ``stop``; returns commands executed."""
-    worker = Worker(rank, world, _models(checkpoints, world))
+    worker = Worker(rank, world, build=model_builder(checkpoints, world), config=model_config(checkpoints, world))
     worker.on_step = lambda cmd, i, n, s: results.put(("step", cmd["id"], i, n, s))
+    worker.on_weight = lambda cmd, op, info: results.put(("weight", cmd["id"], rank, op, info))
     if stops is not None:
         worker.should_stop = lambda cmd, k: stops[cmd["id"] % STOP_SLOTS] == cmd["id"] + 1
     results.put(("ready", rank))
@@ -102,6 +134,12 @@ class Controller:
         self._ids = itertools.count()
         self.assignments_run = 0
         self.errors: list[str] = []
+        # Placement: set by the first load or unload; then stages run only where their component is resident.
+        self.placed = False
+        self.resident: dict[int, set[tuple[str, str]]] = {}  # GPU -> (model, component), as commanded
+        self.held: dict[int, dict[str, int]] = {}  # GPU -> module -> parameters, as its rank last said
+        self.loads: dict[int, tuple] = {}  # load command id -> (epoch, WeightLoad, initial), until built
+        self.weight_events: list[dict] = []  # every load / unload / lazy build a rank acknowledged
         self._stop = threading.Event()
         self._reader = threading.Thread(target=self._read_results, name="executor-results", daemon=True)
 
@@ -141,7 +179,7 @@ class Controller:
         if spec is None:
             return False
         if rid not in self.where:
-            self.send({"op": "create", "spec": spec, "ranks": ranks})
+            self.send({"op": "create", "spec": spec, "ranks": ranks, "model": self.link.requests[rid].model})
         elif self.where[rid] != ranks:
             self.send({"op": "migrate", "rid": rid, "ranks": ranks})
         self.where[rid] = ranks
@@ -157,6 +195,75 @@ class Controller:
         except PlannerError as exc:  # cancelled or re-planned meanwhile
             log.info("report for %s refused: %s", args[1], exc.details)
             return False
+
+    def _report_loaded(self, epoch: int, weight) -> bool:
+        from planner.service.client import PlannerError
+        from planner.service.messages import StepReport
+        try:
+            self.link.report(StepReport(self.link.executor_id, epoch, loaded=(weight,)))
+            return True
+        except PlannerError as exc:
+            log.warning("loaded report for %s/%s on GPU %d refused: %s", weight.model, weight.component,
+                        weight.gpu, exc.details)
+            return False
+
+    def _report_load_failed(self, epoch: int, weight) -> None:
+        from planner.service.client import PlannerError
+        from planner.service.messages import StepReport
+        try:
+            self.link.report(StepReport(self.link.executor_id, epoch, load_failed=(weight,)))
+        except PlannerError as exc:
+            log.warning("load_failed report refused: %s", exc.details)
+
+    # --- placement ------------------------------------------------------------------------------
+    def _weight_cmd(self, op: str, w, epoch: int = 0, initial: bool = False) -> None:
+        from models.catalog import get_model
+        rank = w.gpu - self.first_gpu
+        if not 0 <= rank < self.world:
+            log.warning("%s of %s/%s for GPU %d: not one of this executor's GPUs; ignored", op, w.model,
+                        w.component, w.gpu)
+            return
+        held = self.resident.setdefault(w.gpu, set())
+        if op == "load":
+            held.add((w.model, w.component))
+            cid = next(self._ids)
+            self.loads[cid] = (epoch, w, initial)  # before the rank can answer
+            self.send({"op": "load", "rank": rank, "model": w.model, "component": w.component,
+                       "family": get_model(w.model).family}, cid)
+        else:
+            held.discard((w.model, w.component))
+            self.send({"op": "unload", "rank": rank, "model": w.model, "component": w.component})
+
+    def missing(self, model: str, stage, gpus) -> list[int]:
+        """With a placement: the GPUs of ``gpus`` that lack the component ``stage`` runs on."""
+        from models.catalog import STAGE_COMPONENT
+        if not self.placed:
+            return []
+        comp = STAGE_COMPONENT[stage.value]
+        return [g for g in gpus if (model, comp) not in self.resident.get(g, ())]
+
+    def _on_weight(self, cid: int, rank: int, op: str, info: dict) -> None:
+        gpu = rank + self.first_gpu
+        self.held[gpu] = dict(info["held"])
+        name = info.get("name") or f"{info['model']}/backbone"
+        if op == "build":
+            note = "built on first use: no placement"
+        elif op == "unload":
+            note = "freed" if info["gone"] else "NOT freed: something still holds the module"
+        elif (load := self.loads.pop(cid, None)) is None:
+            note = "no such load command"
+        elif load[2]:
+            note = "initial: not reported"
+        else:
+            note = "reported loaded" if self._report_loaded(load[0], load[1]) else "loaded report refused"
+        event = dict(info, gpu=gpu, op=op, name=name, note=note)
+        self.weight_events.append(event)
+        log.info("weights: GPU %d %s %s: module=%s params=%d bytes=%d%s (%s); holds %s, %d params", gpu, op, name,
+                 "yes" if info["module"] else "no", info["params"], info["bytes"],
+                 f" gone={'yes' if info['gone'] else 'no'}" if "gone" in info else
+                 f" seconds={info.get('seconds', 0.0):.3f}", note,
+                 ",".join(f"{k}/backbone={v}" for k, v in info["held"].items()) or "no-module",
+                 sum(info["held"].values()))
 
     def stop_run(self, cid: int) -> None:
         """Ask run ``cid`` to stop at its next step boundary (its lead decides, its group follows)."""
@@ -176,13 +283,23 @@ class Controller:
                     self.running.pop(cid, None)
                 if not self._report(epoch, ids, stage, 1, (seconds,), i == n - 1) and i < n - 1:
                     self.stop_run(cid)  # the service no longer wants this work
-            elif kind == "nothing" or (kind == "error" and rest[0] in self.runs):
-                # stopped before any step (only reported steps count; the service replans the rest)
+            elif kind == "weight":
+                self._on_weight(*rest)
+            elif kind == "nothing" or (kind == "error" and rest[0] in self.running):
+                # stopped before any step (only reported steps count; the service replans the rest);
+                # an error on several ranks of a group ends the assignment once
                 epoch, ids, stage = self.runs[rest[0]]
                 self.running.pop(rest[0], None)
                 self._report(epoch, ids, stage, 0, (), True)
                 if kind == "error":
                     self.errors.append(str(rest))
+            elif kind == "error" and rest[0] in self.loads:
+                epoch, w, initial = self.loads.pop(rest[0])
+                self.resident.get(w.gpu, set()).discard((w.model, w.component))
+                log.error("weights: GPU %d load %s/%s failed: %s", w.gpu, w.model, w.component, rest[2])
+                self.errors.append(str(rest))
+                if not initial:  # the service frees the GPU and forgets the weights
+                    self._report_load_failed(epoch, w)
             elif kind == "error":
                 self.errors.append(str(rest))
 
@@ -194,10 +311,17 @@ class Controller:
         threading.Thread(target=go, daemon=True).start()
 
     def handle(self, delta) -> None:
+        from models.catalog import STAGE_COMPONENT
         from planner.request import Stage
         for cid, ids in list(self.running.items()):  # cancelled or requeued while running: stop at a boundary
             if set(ids) & set(delta.released):
                 self.stop_run(cid)
+        if delta.unloads or delta.loads:
+            self.placed = True
+        for w in delta.unloads:  # first, then loads in order per GPU, then the rest (one queue per rank)
+            self._weight_cmd("unload", w)
+        for ld in delta.loads:
+            self._weight_cmd("load", ld.weight, delta.plan_epoch, ld.initial)
         for rid in delta.released:
             if self.where.pop(rid, None) is not None:
                 self.send({"op": "release", "rid": rid})
@@ -214,7 +338,14 @@ class Controller:
                 continue
             self.assignments_run += 1
             ranks, ids = self.ranks(a.gpus), tuple(a.request_ids)
-            if a.stage is Stage.ENCODE:
+            model = self.link.requests[ids[0]].model
+            if lacking := self.missing(model, a.stage, a.gpus):
+                why = (f"{ids}: {a.stage.value} needs {model}/{STAGE_COMPONENT[a.stage.value]}, not resident on "
+                       f"GPU(s) {lacking}; ending the assignment early")
+                log.error("%s", why)
+                self.errors.append(why)
+                self._report(epoch, ids, a.stage, 0, (), True)
+            elif a.stage is Stage.ENCODE:
                 for rid in ids:
                     self.ensure(rid, ranks, 0)
                 self._report(epoch, ids, a.stage, 0, (), True)
@@ -239,6 +370,10 @@ class Controller:
         self._stop.set()
         if self._reader.is_alive():
             self._reader.join(5)
+        for gpu in sorted(set(self.resident) | set(self.held)):
+            log.info("weights at exit: GPU %d resident %s; modules %s", gpu,
+                     ",".join(f"{m}/{c}" for m, c in sorted(self.resident.get(gpu, ()))) or "-",
+                     ",".join(f"{k}/backbone={v}" for k, v in self.held.get(gpu, {}).items()) or "-")
 
 
 def run_executor(server: str, devices: int, executor_id: str = "executor0", first_gpu: int = 0,

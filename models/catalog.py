@@ -102,6 +102,10 @@ class ModelSpec:
         """bf16 weights of backbone, text encoders and VAE on one GPU."""
         return sum(self.component_bytes(c) for c in COMPONENTS)
 
+    def embedding_bytes(self) -> int:
+        """bf16 prompt embeddings of one request: what encode hands to the backbone's GPUs."""
+        return self.text_tokens * self.hidden * BF16_BYTES
+
     def latent_bytes(self, shape: Shape) -> int:
         """fp32 latent of one request: what a pause keeps and a move ships."""
         lh, lw = self.latent_hw(shape)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from models.catalog import UnknownModelError
+from models.catalog import CATALOG, UnknownModelError
 from models.profiles import ProfileError, load_profile, builtin_profiles
 from planner.errors import InputError
 
@@ -70,9 +70,10 @@ def whatif(
     late: str = typer.Option("serve", help="cpsat/milp: 'serve' runs requests that can no longer make their "
                              "deadline in capacity no on-time request needs; 'reject' ends them with a reason."),
     placement: str = typer.Option("auto", help="Starting placement of the weights: 'auto' (every model on every GPU "
-                                  "when they fit, else 'split'), 'replicate', 'split' (each node's GPUs in proportion "
-                                  "to each model's GPU-seconds) or MODEL:GPUS,... per node. Peers keep it; cpsat "
-                                  "loads and evicts weights as the load shifts."),
+                                  "when they fit, else 'split'; hetu-ilp: its own encode/decode GPUs apart), 'replicate', "
+                                  "'split' (each node's GPUs in proportion to each model's GPU-seconds) or "
+                                  "MODEL:GPUS,... per node. Peers keep it; cpsat loads and evicts weights as the "
+                                  "load shifts."),
     offline_budget: float = typer.Option(4.0, min=0.01, help="offline-bound: CP-SAT deterministic seconds."),
     profile: List[Path] = typer.Option([], help="Extra profile JSON (e.g. from `ditplan profile`)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics per policy (DESIGN 3.3)."),
@@ -115,7 +116,10 @@ def whatif(
             records = generate(wl, n=n, rate=rate, seed=seed)
             source = f"workload {wl} (n={len(records)}, seed={seed})"
         requests = to_requests(records, cost, topo, slo_scale)
-        check_fits(requests, topo, {r.id: r.line for r in records if r.line} if trace is not None else None)
+        check_fits(requests, topo, {r.id: f"line {r.line}" for r in records if r.line} if trace is not None else None)
+        if placement == "stages":
+            raise InputError("--placement stages (encode and decode GPUs apart) is hetu-ilp's own; it takes it "
+                             "by itself under auto when the models do not all fit")
         start = static_placement(topo, requests, cost, placement)
         validate_placement(start, topo)
     except (InputError, ProfileError, UnknownModelError, KeyError, ValueError) as exc:
@@ -261,6 +265,12 @@ def serve(
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
     late: str = typer.Option("serve", help="cpsat/milp: 'serve' runs requests that can no longer make their "
                              "deadline in spare capacity; 'reject' ends them (state rejected, with a reason)."),
+    models: Optional[str] = typer.Option(None, help="Models this deployment serves, comma-separated, placed per GPU "
+                                         "by --placement (default: every model requests name, on every GPU; they "
+                                         "must fit together)."),
+    placement: str = typer.Option("auto", help="With --models: auto (replicate if all fit, else split evenly), "
+                                  "replicate, split, or MODEL:GPUS,... per node. cpsat re-places weights as the "
+                                  "load shifts; other policies keep this placement."),
 ) -> None:
     """Run the gRPC planning service."""
     import logging
@@ -273,13 +283,18 @@ def serve(
         raise fail(f"--journal-sync {journal_sync!r} must be full or normal")
     if late not in ("serve", "reject"):
         raise fail(f"--late {late!r} must be serve or reject")
+    served = tuple(m.strip() for m in (models or "").split(",") if m.strip())
+    for m in served:
+        if m not in CATALOG:
+            raise fail(f"--models: {m!r} unknown model; known: {', '.join(sorted(CATALOG))}")
     config = ServeConfig(host=host, port=port, cluster=cluster, policy=policy, simulate=simulate, speed=speed,
                          noise=noise, seed=seed, state_dir=str(state_dir), journal_sync=journal_sync,
                          slo_scale=slo_scale, round_s=round_s, max_queue=max_queue,
                          heartbeat_timeout_s=heartbeat_timeout, min_plan_gap_s=min_plan_gap,
                          plan_window=plan_window, planner_process=planner_process, metrics_port=metrics_port,
                          tls_cert=str(tls_cert) if tls_cert else None, tls_key=str(tls_key) if tls_key else None,
-                         token=token or None, max_workers=max_workers, late=late)
+                         token=token or None, max_workers=max_workers, late=late, models=served,
+                         placement=placement)
     try:
         run_server(config, announce=lambda line: print(line, flush=True))
     except (InputError, KeyError, ValueError, OSError) as exc:
@@ -351,7 +366,7 @@ def status(
     try:
         with _client(server, token, tls_ca, timeout) as client:
             views = client.list(states=state)
-            now = client.info().now
+            info = client.info()
     except PlannerError as exc:
         raise _refused(exc) from None
     if json_out:
@@ -360,9 +375,13 @@ def status(
     t = Table(title=f"{len(views)} requests on {server}")
     for col in ("id", "state", "steps", "deadline in s", "predicted finish in s", "finish", "note"):
         t.add_column(col, justify="left" if col in ("id", "state", "note") else "right")
-    for row in status_rows(views, now):
+    for row in status_rows(views, info.now):
         t.add_row(*row)
     out.print(t)
+    if info.placement:
+        from planner.placement import Placement
+        out.print(f"placement (backbones by GPU): {Placement.from_names(info.placement).describe()}; "
+                  f"{info.weight_loads} weight loads so far", highlight=False)
 
 
 @app.command()

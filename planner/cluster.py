@@ -109,6 +109,25 @@ class Cluster:
             return math.inf
         return max(self.link_bandwidth(a, b) for a, b in pairs)
 
+class DeploymentView(Cluster):
+    """The cluster as one deployment of a static placement sees it: the same GPUs and links, but
+    SP blocks only inside the deployment's GPUs, so a peer never waits for a block it does not own."""
+
+    def __init__(self, base: Cluster, gpus) -> None:
+        self.__dict__.update({k: v for k, v in base.__dict__.items() if k != "max_node_gpus"})
+        self._mine = frozenset(gpus)
+        self._own_blocks: dict[int, tuple[tuple[int, ...], ...]] = {}
+
+    def blocks(self, k: int) -> tuple[tuple[int, ...], ...]:
+        if k not in self._own_blocks:
+            self._own_blocks[k] = tuple(b for b in Cluster.blocks(self, k) if self._mine.issuperset(b))
+        return self._own_blocks[k]
+
+    @property
+    def max_node_gpus(self) -> int:  # the widest SP degree the deployment has a block for
+        return max((k for k in SP_DEGREES if self.blocks(k)), default=1)
+
+
 def _node_links(kind: GpuKind, n: int, nvlink, nvlink_bw: float, pcie_bw: float, where: str):
     """Edges (a, b, bandwidth, link) among local GPUs 0..n-1 of a node."""
     if nvlink is None:

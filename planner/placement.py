@@ -30,7 +30,7 @@ from planner.errors import PlacementError
 from planner.request import Request
 
 Weight = tuple[str, str]  # (model, component)
-PLACEMENT_MODES = ("auto", "replicate", "split")
+PLACEMENT_MODES = ("auto", "replicate", "split", "stages")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,24 @@ class WeightLoad:
     @property
     def bytes(self) -> int:
         return get_model(self.model).component_bytes(self.component)
+
+
+def weight_name(model: str, component: str) -> str:
+    """The wire and problem-file spelling of a weight: ``flux-dev/backbone``."""
+    return f"{model}/{component}"
+
+
+def parse_weight(text: str, where: str = "weight") -> Weight:
+    """``model/component`` -> (model, component); a ``PlacementError`` names ``where`` and the value."""
+    model, sep, component = str(text).partition("/")
+    if not sep or component not in COMPONENTS:
+        raise PlacementError(f"{where} = {text!r} is not MODEL/COMPONENT with COMPONENT one of "
+                             f"{', '.join(COMPONENTS)}")
+    try:
+        get_model(model)
+    except Exception as exc:
+        raise PlacementError(f"{where} = {text!r}: {exc}") from None
+    return model, component
 
 
 def load_seconds(cluster: Cluster, model: str, component: str) -> float:
@@ -74,6 +92,15 @@ class Placement:
     def replicate(cls, n_gpus: int, models: Iterable[str]) -> "Placement":
         models = tuple(models)
         return cls.of_models([models] * n_gpus)
+
+    @classmethod
+    def from_names(cls, per_gpu: Sequence[Iterable[str]], where: str = "placement") -> "Placement":
+        """Per GPU, ``model/component`` names (the wire format)."""
+        return cls(tuple(frozenset(parse_weight(w, f"{where}[{g}]") for w in ws) for g, ws in enumerate(per_gpu)))
+
+    def names(self) -> tuple[tuple[str, ...], ...]:
+        """Per GPU, sorted ``model/component`` names."""
+        return tuple(tuple(sorted(weight_name(m, c) for m, c in res)) for res in self.resident)
 
     @property
     def size(self) -> int:
@@ -146,14 +173,17 @@ def smallest_footprint(model: str, request: Request | None = None, max_sp: int =
 
 
 def check_fits(requests: Sequence[Request], cluster: Cluster,
-               lines: Mapping[str, int] | None = None) -> None:
-    """Refuse a request no placement can ever serve (its model's footprint exceeds every GPU)."""
+               where: Mapping[str, str] | None = None) -> None:
+    """Refuse a request no placement can ever serve (its model's footprint exceeds every GPU).
+
+    ``where`` labels a request in the error (``line 7``, ``requests[3]``).
+    """
     largest = max(g.memory for g in cluster.gpus)
     for r in requests:
         need = smallest_footprint(r.model, r, cluster.max_node_gpus)
         if need > largest:
-            where = f"line {lines[r.id]}: " if lines and r.id in lines else ""
-            raise PlacementError(f"{where}request {r.id!r}: model {r.model} needs {need} bytes on one GPU "
+            label = f"{where[r.id]}: " if where and r.id in where else ""
+            raise PlacementError(f"{label}request {r.id!r}: model {r.model} needs {need} bytes on one GPU "
                               f"(weights {get_model(r.model).weight_bytes} + activations) but the largest GPU "
                               f"of {cluster.name} has {largest} bytes")
 
@@ -224,23 +254,29 @@ def parse_split(text: str) -> dict[str, int]:
 
 
 def static_placement(cluster: Cluster, requests: Sequence[Request], cost: CostModel,
-                     spec: str = "auto") -> Placement:
+                     spec: str = "auto", models: Iterable[str] | None = None,
+                     shares: Mapping[str, float] | None = None, split: str = "split") -> Placement:
     """The placement a static baseline runs on.
 
     ``replicate``: every model on every GPU. ``split``: each node's GPUs split
     across the trace's models in proportion to their GPU-seconds (at least one
-    GPU each). ``auto``: replicate when everything fits, else split.
-    ``MODEL:GPUS,...``: that many GPUs of each node per model.
+    GPU each). ``stages``: encode/decode GPUs apart (:func:`stage_placement`).
+    ``auto``: replicate when everything fits, else ``split`` (``split`` or
+    ``stages``, the policy's own). ``MODEL:GPUS,...``: that many GPUs of each
+    node per model. ``models`` and ``shares`` replace the trace's models and
+    GPU-seconds (a service has no trace to weigh).
     """
-    models = sorted({r.model for r in requests})
+    models = sorted(set(models) if models is not None else {r.model for r in requests})
     if not models:
         return Placement.replicate(cluster.size, ())
     if spec == "auto":
-        spec = "replicate" if fits_everywhere(models, cluster, requests) else "split"
+        spec = "replicate" if fits_everywhere(models, cluster, requests) else split
     if spec == "replicate":
         return Placement.replicate(cluster.size, models)
+    if spec == "stages":
+        return stage_placement(cluster, requests, cost, models)
     if spec == "split":
-        shares = gpu_seconds_by_model(requests, cost)
+        shares = dict(shares) if shares is not None else gpu_seconds_by_model(requests, cost)
         per_node = [apportion(len(node), shares) for node in cluster.nodes] \
             if min(len(n) for n in cluster.nodes) >= len(models) else None
         if per_node is None:  # nodes smaller than the model count: split the whole cluster
@@ -262,6 +298,51 @@ def static_placement(cluster: Cluster, requests: Sequence[Request], cost: CostMo
                               f"the node has {len(node)}")
         owner.update(_layout(node, counts))
     return Placement.of_models([[owner[g]] if g in owner else [] for g in range(cluster.size)])
+
+
+def stage_placement(cluster: Cluster, requests: Sequence[Request], cost: CostModel,
+                    models: Sequence[str]) -> Placement:
+    """Hetu-DiT's disaggregated encode and decode workers as a placement.
+
+    Per node, the last GPUs hold every model's text encoders and VAE and run
+    every encode and decode; the others hold backbones only: all of them
+    where they fit together, else split by each model's diffuse GPU-seconds.
+    How many stage GPUs: the node apportioned between encode + decode and
+    diffuse GPU-seconds (at least one each), so the split follows the trace.
+    """
+    stage_w = frozenset((m, c) for m in models for c in ("text", "vae"))
+    stage_bytes = sum(get_model(m).component_bytes(c) for m, c in stage_w)
+    smallest = min(g.memory for g in cluster.gpus)
+    if stage_bytes > smallest:
+        raise PlacementError(f"placement stages: the text encoders and VAEs of {', '.join(models)} need "
+                             f"{stage_bytes} bytes on one GPU, a GPU of {cluster.name} has {smallest}")
+    stage_s, diffuse_s = 0.0, {m: 0.0 for m in models}
+    for r in requests:
+        spec = get_model(r.model)
+        stage_s += cost.encode_time(spec, r.shape) + cost.decode_time(spec, r.shape)
+        diffuse_s[r.model] += r.steps * cost.step_time(spec, r.shape, 1, 1)
+    if not any(diffuse_s.values()):  # no trace to weigh (a service): equal shares
+        diffuse_s = {m: 1.0 for m in models}
+        stage_s = stage_s or 1.0 / max(1, cluster.max_node_gpus)
+    act = max((smallest_footprint(r.model, r, cluster.max_node_gpus) - get_model(r.model).weight_bytes
+               for r in requests), default=0)
+    together = sum(get_model(m).component_bytes("backbone") for m in models) + act <= smallest
+    resident: dict[int, frozenset[Weight]] = {}
+    for node in cluster.nodes:
+        if len(node) < 2:
+            raise PlacementError(f"placement stages: a node of {cluster.name} has {len(node)} GPU; "
+                                 "encode/decode GPUs apart need at least 2")
+        n_stage = apportion(len(node), {"stage": stage_s, "diffuse": sum(diffuse_s.values())})["stage"]
+        diffuse, stage = node[:len(node) - n_stage], node[len(node) - n_stage:]
+        for g in stage:
+            resident[g] = stage_w
+        if together:
+            for g in diffuse:
+                resident[g] = frozenset((m, "backbone") for m in models)
+        else:
+            for g, m in _layout(diffuse, apportion(len(diffuse), diffuse_s)).items():
+                resident[g] = frozenset({(m, "backbone")})
+    return Placement(tuple(resident[g] for g in range(cluster.size)))
 
 
 def validate_placement(placement: Placement, cluster: Cluster) -> None:

@@ -12,7 +12,6 @@ noise comes from one seeded generator.
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -27,7 +26,7 @@ from planner.plan import Assignment, RoundPlan
 from planner.policies.base import Policy
 from planner.problem import build_problem
 from planner.request import Request, RequestState, RequestStatus, Stage
-from planner.state import PlannerState
+from planner.state import PlannerState, handoff_time
 
 EPS = 1e-9
 MAX_IDLE_PLANS = 3
@@ -111,7 +110,8 @@ class Simulator:
         rng = np.random.default_rng(cfg.seed)
         statuses = {r.id: RequestStatus(r) for r in requests}
         order = [statuses[r.id] for r in requests]
-        placement = static_placement(self.cluster, requests, self.cost, cfg.placement)
+        placement = static_placement(self.cluster, requests, self.cost, cfg.placement,
+                                     split=getattr(self.policy, "split_placement", "split"))
         validate_placement(placement, self.cluster)
         initial = placement
         weight_events: list[WeightEvent] = []
@@ -234,11 +234,7 @@ def diffuse_costs(cluster: Cluster, cost: CostModel, a: Assignment,
     lead = members[0].request
     bw = cluster.block_bandwidth(a.gpus) if a.sp > 1 else None
     step = cost.step_time(lead.spec, lead.shape, a.sp, len(members), link_bw=bw)
-    move = 0.0
-    for st in members:
-        if st.steps_done > 0 and st.latent_gpus and set(st.latent_gpus) != set(a.gpus):
-            bwm = cluster.transfer_bandwidth(st.latent_gpus, a.gpus)
-            move = max(move, cost.transfer_time(lead.spec.latent_bytes(lead.shape), bwm))
+    move = max((handoff_time(cluster, cost, st, Stage.DIFFUSE, a.gpus) for st in members), default=0.0)
     return move, step
 
 
@@ -275,6 +271,7 @@ def start_segment(cluster: Cluster, cost: CostModel, a: Assignment, now: float,
             st.encoded, st.state = True, RequestState.RUNNING
     else:
         duration = cost.decode_time(lead.spec, lead.shape, batch)
+        duration += max(handoff_time(cluster, cost, st, Stage.DECODE, a.gpus) for st in members)
         for st in members:
             st.state = RequestState.DECODING
     for st in members:

@@ -47,12 +47,8 @@ class PlannerState:
         return self.cost.step_time(req.spec, req.shape, len(gpus), batch, link_bw=bw)
 
     def migration_time(self, status: RequestStatus, gpus: tuple[int, ...]) -> float:
-        """Seconds to bring the request's latent onto ``gpus`` (0 if already there)."""
-        if status.steps_done == 0 or not status.latent_gpus or set(status.latent_gpus) == set(gpus):
-            return 0.0
-        req = status.request
-        bw = self.cluster.transfer_bandwidth(status.latent_gpus, gpus)
-        return self.cost.transfer_time(req.spec.latent_bytes(req.shape), bw)
+        """Seconds to bring the request's latent (or its prompt embeddings) onto ``gpus`` before diffusing."""
+        return handoff_time(self.cluster, self.cost, status, Stage.DIFFUSE, gpus)
 
     def stage_time(self, status: RequestStatus, stage: Stage, batch: int = 1) -> float:
         req = status.request
@@ -89,3 +85,28 @@ class PlannerState:
                 for g in r.latent_gpus:
                     out[g] += share
         return out
+
+
+def handoff_time(cluster: Cluster, cost: CostModel, st: RequestStatus, stage: Stage,
+                 gpus: Sequence[int]) -> float:
+    """Seconds to bring what ``stage`` needs onto ``gpus`` from where the request's state lives.
+
+    Diffuse: the latent after some steps (a migration), or the prompt
+    embeddings from an encode on another GPU; decode: the latent, if it is
+    decoded on a GPU outside the block that diffused it.
+    """
+    if not st.latent_gpus:
+        return 0.0
+    spec = st.request.spec
+    if stage is Stage.DIFFUSE:
+        if st.steps_done > 0 and set(st.latent_gpus) != set(gpus):
+            size = spec.latent_bytes(st.request.shape)
+        elif st.steps_done == 0 and st.encoded and not set(st.latent_gpus) & set(gpus):
+            size = spec.embedding_bytes()
+        else:
+            return 0.0
+    elif stage is Stage.DECODE and gpus[0] not in st.latent_gpus:
+        size = spec.latent_bytes(st.request.shape)
+    else:
+        return 0.0
+    return cost.transfer_time(size, cluster.transfer_bandwidth(st.latent_gpus, tuple(gpus)))

@@ -2,11 +2,13 @@
 
 The executor runs tiny seeded FLUX/SD3 models at the planned SP degree and reports measured step times;
 every request must finish with all its steps reported and a measured step time. ``fcfs-sp2`` forces
-SP degree 2, so the closed loop also runs Ulysses attention across the two ranks.
+SP degree 2, so the closed loop also runs Ulysses attention across the two ranks. With ``--models`` the
+service places weights per GPU and the executor really builds and frees the modules it is told to.
 """
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 import time
@@ -14,16 +16,19 @@ from pathlib import Path
 
 import pytest
 
+from planner.placement import WeightLoad
+from planner.request import Stage
 from planner.service.admission import RequestSpec
 from planner.service.client import PlannerClient
+from planner.service.messages import AssignmentMsg, LoadMsg, PlanDelta, RequestData
 
 ROOT = Path(__file__).resolve().parents[1]
 DITPLAN = [sys.executable, "-c", "from planner.cli import main; main()"]
 
 
 @contextlib.contextmanager
-def closed_loop(tmp_path, cluster: str, policy: str, *executor_args: str):
-    """A real ``ditplan serve`` (no --simulate) with a ``ditplan executor`` connected to it.
+def closed_loop(tmp_path, cluster: str, policy: str, *executor_args: str, serve_args: tuple[str, ...] = ()):
+    """A real ``ditplan serve`` (no --simulate, plus ``serve_args``) with a ``ditplan executor`` connected to it.
 
     Yields (client, executor process, deadline, outcome): the deadline (60 s from the start)
     covers connecting and the test's work; ``outcome["out"]`` holds the executor's output
@@ -33,7 +38,7 @@ def closed_loop(tmp_path, cluster: str, policy: str, *executor_args: str):
     with open(tmp_path / "serve.log", "w") as log:
         serve = subprocess.Popen(DITPLAN + ["serve", "--port", "0", "--cluster", cluster, "--policy", policy,
                                             "--state-dir", str(tmp_path / "state"), "--log-level", "warning",
-                                            "--heartbeat-timeout", "30"],
+                                            "--heartbeat-timeout", "30", *serve_args],
                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
         executor = None
         try:
@@ -79,6 +84,11 @@ def test_serve_drives_torch_executor(tmp_path, policy, sp):
                 assert v.sp == sp and len(v.gpus) == sp
     assert out["returncode"] == 0, out["out"]
     assert "assignment(s) run" in out["out"]
+    # no --models: no loads, each backbone built on first use on the ranks that run it
+    events = weight_events(out["out"])
+    assert events and {e["op"] for e in events} == {"build"}, events
+    assert {e["name"] for e in events} == {"flux-dev/backbone", "sd3-medium/backbone"}
+    assert all(e["module"] and e["params"] > 0 for e in events)
 
 
 def test_cancel_stops_a_running_assignment_at_a_step_boundary(tmp_path):
@@ -103,3 +113,144 @@ def test_cancel_stops_a_running_assignment_at_a_step_boundary(tmp_path):
         # far less than the ~400 steps the cancelled run had left
         assert waited < 100 * step_s + 5, (waited, step_s)
     assert out["returncode"] == 0, out["out"]
+
+
+# "weights: GPU 0 load sd3-medium/backbone: module=yes params=N bytes=B seconds=S (reported loaded); holds
+# flux-dev/backbone=N1,sd3-medium/backbone=N2, T params": one line per load / unload the executor's rank did
+WEIGHT_LINE = re.compile(r"weights: GPU (\d+) (load|unload|build) (\S+): module=(yes|no) params=(\d+) bytes=(\d+)"
+                         r"(?: gone=(yes|no))?(?: seconds=\S+)? \(([^)]*)\); holds (\S+), (\d+) params")
+
+
+def weight_events(out: str) -> list[dict]:
+    return [dict(gpu=int(m[1]), op=m[2], name=m[3], module=m[4] == "yes", params=int(m[5]), bytes=int(m[6]),
+                 gone=m[7], note=m[8], held=m[9], total=int(m[10])) for m in WEIGHT_LINE.finditer(out)]
+
+
+def run_to_done(c, executor, deadline, spec: RequestSpec) -> None:
+    assert c.submit([spec])[0].accepted
+    while c.get(spec.id).state != "done":
+        assert executor.poll() is None, executor.stdout.read()
+        assert time.monotonic() < deadline, c.get(spec.id)
+        time.sleep(0.1)
+
+
+def test_placement_loads_builds_and_frees_torch_modules(tmp_path):
+    """One L20 serving flux-dev, cpsat: an sd3-medium request makes the planner load sd3-medium (the rank
+    builds its transformer and reports it loaded); a cogvideox-5b request then needs room, so the planner
+    evicts weights: a freed backbone's module is really gone from the rank."""
+    with closed_loop(tmp_path, "1xL20", "cpsat", "--devices", "1", "--max-idle", "20",
+                     serve_args=("--models", "flux-dev")) as (c, executor, deadline, out):
+        first = c.info().placement
+        assert first == (("flux-dev/backbone", "flux-dev/text", "flux-dev/vae"),)
+        run_to_done(c, executor, deadline, RequestSpec("s1", "sd3-medium", 512, 512, 1, 3, deadline_in_s=300.0))
+        info = c.info()
+        assert info.weight_loads >= 1 and "sd3-medium/backbone" in info.placement[0], info
+        assert c.get("s1").steps_done == 3 and c.get("s1").measured_step_s is not None
+        with_sd3 = set(info.placement[0])
+        # flux-dev (31 GiB) + sd3-medium (14 GiB) + cogvideox-5b (20 GiB) > 48 GiB: something must go
+        run_to_done(c, executor, deadline, RequestSpec("c1", "cogvideox-5b", 256, 256, 9, 2, deadline_in_s=300.0))
+        last = c.info()
+        assert "cogvideox-5b/backbone" in last.placement[0] and last.weight_loads > info.weight_loads
+        evicted = with_sd3 - set(last.placement[0])
+        assert evicted
+    assert out["returncode"] == 0, out["out"]
+    events = weight_events(out["out"])
+    by = {(e["op"], e["name"]): e for e in events}
+    # the deployment's weights: built before any assignment, not reported
+    for comp in ("backbone", "text", "vae"):
+        assert by["load", f"flux-dev/{comp}"]["note"] == "initial: not reported", events
+    flux = by["load", "flux-dev/backbone"]
+    assert flux["module"] and flux["params"] > 0
+    # the planner's load: a real module on rank 0, reported to the service
+    sd3 = by["load", "sd3-medium/backbone"]
+    assert sd3["module"] and sd3["params"] > 0 and sd3["note"] == "reported loaded"
+    assert f"sd3-medium/backbone={sd3['params']}" in sd3["held"]
+    for name in ("sd3-medium/text", "sd3-medium/vae", "cogvideox-5b/backbone"):  # no torch module: recorded
+        assert not by["load", name]["module"] and by["load", name]["note"] == "reported loaded"
+    assert {e["name"] for e in events if e["op"] == "unload"} == evicted
+    for name in evicted:
+        e = by["unload", name]
+        if name.endswith("/backbone") and not name.startswith("cogvideox"):
+            assert e["module"] and e["params"] > 0 and e["gone"] == "yes", e  # dropped and collected
+            assert name not in e["held"]
+    modules = [e for e in events if e["module"] and e["op"] in ("load", "unload")]
+    held = 0
+    for e in modules:  # what the rank holds goes up with every built module and down with every freed one
+        held += e["params"] if e["op"] == "load" else -e["params"]
+        assert e["total"] == held, (e, modules)
+    assert not [e for e in events if e["op"] == "build"]  # with a placement, nothing is built on first use
+    assert "not resident" not in out["out"]
+
+
+def _placement_world(rank, world):
+    """Two gloo ranks: a load builds on its rank only; a run on a block with a rank lacking the module fails
+    on every rank of the block (no collective left waiting); an unload really frees the module."""
+    from executor.runtime import MissingWeights, Worker
+    from executor.service import model_builder, model_config
+    from models.torch import RequestSpec as Spec
+
+    w = Worker(rank, world, build=model_builder({}, world), config=model_config({}, world))
+    load = {"op": "load", "model": "sd3-medium", "component": "backbone", "family": "sd3", "id": 0}
+    run = {"op": "run", "rids": ["r"], "steps": 1, "id": 2}
+    out = {"load": w.handle(dict(load, rank=0)), "held": w.held()}
+    w.handle({"op": "create", "spec": Spec("r", "sd3", 8, 8, 2, seed=1), "ranks": (0, 1), "model": "sd3-medium",
+              "id": 1})  # rank 1 holds no sd3 module: the request's tensors come from the family's config
+    try:
+        w.handle(run)
+        out["run"] = "ran"
+    except MissingWeights:
+        out["run"] = "missing"
+    w.handle(dict(load, rank=1))
+    out["times"] = w.handle(run)  # SP 2 over both ranks once both hold the module
+    out["unload"] = w.handle({"op": "unload", "rank": 0, "model": "sd3-medium", "component": "backbone", "id": 3})
+    out["after"] = w.held()
+    return out
+
+
+def test_worker_loads_on_its_rank_fails_a_run_without_weights_and_frees_on_unload():
+    from executor.launch import spawn_world
+    r0, r1 = spawn_world(_placement_world, 2, timeout=120)
+    assert r0["load"]["module"] and r0["load"]["params"] > 0 and r1["load"] is None
+    assert r0["held"] == {"sd3-medium": r0["load"]["params"]} and r1["held"] == {}
+    assert r0["run"] == r1["run"] == "missing"
+    assert len(r0["times"]) == len(r1["times"]) == 1
+    assert r0["unload"]["gone"] and r0["unload"]["params"] == r0["load"]["params"] and r1["unload"] is None
+    assert r0["after"] == {} and r1["after"] == {"sd3-medium": r0["load"]["params"]}
+
+
+class _Link:
+    """Stands in for ExecutorLink: request data known, reports recorded."""
+
+    executor_id = "e0"
+
+    def __init__(self, *data: RequestData) -> None:
+        self.requests = {d.id: d for d in data}
+        self.reports: list = []
+
+    def report(self, *reports, timeout=None):
+        self.reports.extend(reports)
+        return len(reports)
+
+
+def test_controller_ends_a_stage_whose_weights_are_not_resident():
+    """With a placement, a diffuse on a GPU lacking the backbone ends at once (done, 0 steps), nothing runs;
+    without one (no load ever received) the same assignment runs, its module built on first use."""
+    import queue
+
+    from executor.service import Controller
+
+    data = RequestData("s1", "sd3-medium", 512, 512, 1, 4, 100.0, 0, True)
+    diffuse = AssignmentMsg(("s1",), Stage.DIFFUSE, (1,), 4, 0, 1.0, 0.25, 0.0, True)
+    for placed in (True, False):
+        link, cmds = _Link(data), [queue.Queue(), queue.Queue()]
+        ctl = Controller(link, 2, 0, 64, cmds, queue.Queue())
+        loads = [LoadMsg(WeightLoad(0, "sd3-medium", "backbone"), 0.1, True)] if placed else []
+        ctl.handle(PlanDelta(7, 0.0, requests=[data], loads=loads, assignments=[diffuse]))
+        sent = [cmds[1].get_nowait()["op"] for _ in range(cmds[1].qsize())]
+        if placed:
+            assert sent == ["load"] and ctl.missing("sd3-medium", Stage.DIFFUSE, (0, 1)) == [1]
+            (rep,) = link.reports
+            assert rep.request_ids == ("s1",) and rep.steps == 0 and rep.done and rep.plan_epoch == 7
+            assert "not resident on GPU(s) [1]" in ctl.errors[0]
+        else:
+            assert sent == ["create", "setstep", "run"] and not link.reports and not ctl.errors

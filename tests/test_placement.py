@@ -173,7 +173,7 @@ def test_a_request_no_gpu_can_hold_is_refused_with_line_model_bytes_and_gpu(tmp_
     small.write_text(json.dumps({"nodes": [{"kind": "L20", "gpus": 4, "memory_gib": 24}]}))
     cluster = parse_cluster(str(small))
     with pytest.raises(PlacementError, match=r"line 7: request 'x': model flux-dev needs \d+ bytes"):
-        check_fits([Request("x", "flux-dev", IMG, 28, 0.0, 9.0)], cluster, {"x": 7})
+        check_fits([Request("x", "flux-dev", IMG, 28, 0.0, 9.0)], cluster, {"x": "line 7"})
     trace = tmp_path / "t.jsonl"
     trace.write_text('{"id": "ok", "arrival": 0, "model": "sd3-medium", "height": 512, "width": 512, "frames": 1, "steps": 4}\n'
                      '{"id": "big", "arrival": 1, "model": "flux-dev", "height": 1024, "width": 1024, "frames": 1, "steps": 4}\n')
@@ -183,3 +183,47 @@ def test_a_request_no_gpu_can_hold_is_refused_with_line_model_bytes_and_gpu(tmp_
     needed = get_model("flux-dev").weight_bytes
     assert "line 2" in flat and "flux-dev" in flat and "largest GPU" in flat and str(24 * 1024**3) in flat
     assert int(flat.split("needs ")[1].split(" ")[0]) > needed
+
+
+# --- stage-level placement (hetu-ilp) and deployments of a split -----------------------------------
+
+def test_stage_placement_puts_encode_and_decode_gpus_apart_and_the_backbones_together():
+    p = static_placement(L20, mixed(), COST, "stages")
+    stage = [g for g in range(4) if not p.models_on(g)]
+    assert stage and stage == list(range(4 - len(stage), 4))  # the node's last GPUs: blocks stay aligned
+    for g in stage:
+        assert p.resident[g] == {(m, c) for m in ("flux-dev", "cogvideox-5b") for c in ("text", "vae")}
+    for g in set(range(4)) - set(stage):  # 23.8 + 11.1 GB of backbones fit one 48 GB GPU together
+        assert p.resident[g] == {("flux-dev", "backbone"), ("cogvideox-5b", "backbone")}
+    # auto is hetu-ilp's stages, every other peer's split, when the models do not all fit
+    assert static_placement(L20, mixed(), COST, "auto", split="stages") == p
+    assert static_placement(L20, mixed(), COST, "auto") == static_placement(L20, mixed(), COST, "split")
+
+
+def test_hetu_ilp_encodes_and_decodes_on_its_stage_gpus():
+    reqs = mixed(n_img=4, n_vid=2)
+    result = Simulator(L20, COST, make_policy("hetu-ilp"), SimConfig(seed=0)).run(reqs)  # checks every plan
+    assert summarize(result)["finished"] == len(reqs)
+    p = result.initial_placement
+    stage = {g for g in range(4) if not p.models_on(g)}
+    assert stage
+    for seg in result.segments:
+        where = set(seg.gpus)
+        assert (where <= stage) == (seg.stage is not Stage.DIFFUSE), seg
+    records = timeline_records(result)
+    segs = [x for x in records if x["type"] == "segment"]
+    weights = [x for x in records if x["type"] in ("load", "unload")]
+    outcomes = {x["id"]: x for x in records if x["type"] == "request"}
+    assert check_timeline(reqs, L20, segs, outcomes, weights) == []
+
+
+def test_a_peer_on_a_split_uses_the_blocks_of_its_own_gpus():
+    # FLUX on 3 GPUs of 4 (a 2-block and a single). Only k = 4 (9.1 s of steps) makes a 12 s deadline
+    # (k = 2: 15.1 s): edf must treat the request as late now (best effort), not wait for a 4-block
+    # its deployment never owns.
+    three = Placement.of_models([["cogvideox-5b"]] + [["flux-dev"]] * 3)
+    reqs = [Request("i", "flux-dev", IMG, 28, 0.0, 12.0)]
+    state = PlannerState(0.0, L20, COST, [RequestStatus(reqs[0], encoded=True)], [0.0] * 4, three)
+    plan = make_policy("edf").plan(state)
+    assert [(a.stage, set(a.gpus) <= {1, 2, 3}) for a in plan.assignments] == [(Stage.DIFFUSE, True)]
+    assert check_plan(state, plan) == []

@@ -47,4 +47,5 @@ def make_policy(name: str, **options) -> Policy:
     # A peer runs one deployment per group of GPUs holding the same models (planner/policies/static.py).
     from planner.policies.static import OnStaticPlacement
 
-    return OnStaticPlacement(policy.name, lambda: factory(**kwargs))
+    return OnStaticPlacement(policy.name, lambda: factory(**kwargs),
+                             getattr(policy, "split_placement", "split"))

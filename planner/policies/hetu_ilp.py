@@ -45,6 +45,14 @@ the next 0.5 s tick (``RoundPlan.wake_at``).
 block's first GPU (the rest of the block is held for it), then all of its
 diffuse steps in one assignment on the whole block (non-preemptive, as in
 Hetu-DiT), then decode downscaled to one GPU of the block, freeing the rest.
+
+**Placement.** When the models do not all fit on every GPU, hetu-ilp runs
+on the ``stages`` placement of Hetu-DiT's disaggregated encode/decode
+workers (``use_disaggregated_encode_decode``; ``planner.placement.
+stage_placement``): a few GPUs per node hold the text encoders and VAEs and
+run every encode and decode, the rest hold backbones. A task then encodes on
+a free encode GPU of its node (a dispatch needs one; the ILP counts them per
+node) while its diffuse block is held, and decodes on a free decode GPU.
 """
 from __future__ import annotations
 
@@ -122,6 +130,7 @@ class HetuIlpPolicy:
     """Hetu-DiT's ILP dispatcher: efficient degrees, deadline rewards, 0.5 s cadence."""
 
     name = "hetu-ilp"
+    split_placement = "stages"  # its placement when the models do not all fit (see the module doc)
 
     def __init__(self) -> None:
         self._times = BatchTimes()
@@ -146,7 +155,7 @@ class HetuIlpPolicy:
         bound_ids = {i for ids in self._bound for i in ids} | {i for a in out for i in a.request_ids}
         for st in sorted(state.waiting(), key=deadline_order):  # stray decodes (robustness)
             if st.id not in bound_ids and st.next_stage is Stage.DECODE and alloc.free_count():
-                blk = alloc.take(1, st.latent_gpus[:1])
+                blk = _take_holder(state, alloc, st, "vae")
                 if blk is not None:
                     out.append(Assignment((st.id,), Stage.DECODE, blk))
 
@@ -164,8 +173,8 @@ class HetuIlpPolicy:
                 self._last_solve = now
                 self.solves += 1
                 dispatched = set()
-                for task, blk in launched:
-                    out.append(self._start(state, task, blk))
+                for task, blk, enc in launched:
+                    out.append(self._start(task, blk, enc))
                     dispatched.add(task.ids)
                 tasks = [t for t in tasks if t.ids not in dispatched]
                 self._free_after_solve = frozenset(alloc.free_gpus())
@@ -186,7 +195,7 @@ class HetuIlpPolicy:
             lead = ms[0]
             if all(m.in_flight for m in ms):
                 if lead.state is RequestState.RUNNING and lead.encoded and lead.steps_done == 0:
-                    for g in blk[1:]:  # encoding: keep the rest of the block for its diffuse
+                    for g in blk:  # encoding: keep the (rest of the) block for its diffuse
                         if alloc.is_free((g,)):
                             alloc.take(1, (g,))
                 continue
@@ -197,11 +206,14 @@ class HetuIlpPolicy:
                 req = lead.request
                 act = req.spec.activation_bytes(req.shape, len(blk), len(ms))
                 got = alloc.take(len(blk), blk, act) or alloc.take(len(blk), lead.latent_gpus, act)
+                if got is not None and not state.placement.runs(got, req.model, "diffuse"):
+                    alloc.release(got)
+                    got = None
                 if got is not None:
                     self._bound[ids] = got
                     out.append(Assignment(ids, Stage.DIFFUSE, got, lead.remaining_steps))
             elif stage is Stage.DECODE:
-                got = alloc.take(1, lead.latent_gpus[:1]) or alloc.take(1, lead.latent_gpus)
+                got = _take_holder(state, alloc, lead, "vae")
                 if got is not None:
                     del self._bound[ids]
                     out.append(Assignment(ids, Stage.DECODE, got))
@@ -209,10 +221,10 @@ class HetuIlpPolicy:
                 del self._bound[ids]
         return out
 
-    def _start(self, state: PlannerState, task: _Task, blk: tuple[int, ...]) -> Assignment:
+    def _start(self, task: _Task, blk: tuple[int, ...], enc: tuple[int, ...] | None) -> Assignment:
         self._bound[task.ids] = blk
         if not task.lead.encoded:
-            return Assignment(task.ids, Stage.ENCODE, blk[:1])
+            return Assignment(task.ids, Stage.ENCODE, enc or blk[:1])
         return Assignment(task.ids, Stage.DIFFUSE, blk, task.lead.remaining_steps)
 
     # --- queued tasks --------------------------------------------------------------
@@ -239,9 +251,11 @@ class HetuIlpPolicy:
         """(k, node, reward) options: allowed degrees on nodes with a free k-block that fits."""
         t = task.times
         fits: dict[int, list[int]] = {}
+        model = task.lead.request.model
         for k in t.degrees:
             nodes = sorted({state.cluster.node_of(b[0]) for b in state.cluster.blocks(k)
-                            if alloc.is_free(b) and alloc.headroom(b) >= t.act[k]})
+                            if alloc.is_free(b) and alloc.headroom(b) >= t.act[k]
+                            and state.placement.runs(b, model, "diffuse")})
             if nodes:
                 fits[k] = nodes
         allowed = [k for k in efficient_degrees(t) if k in fits]
@@ -254,10 +268,17 @@ class HetuIlpPolicy:
     def _solve(self, state: PlannerState, alloc: BlockAllocator, tasks: list[_Task]
                ) -> tuple[list[tuple[_Task, tuple[int, ...]]], bool, dict]:
         cluster = state.cluster
-        caps = {}  # node -> {j: free aligned j-blocks}
+        caps = {}  # node -> {j: free aligned j-blocks of backbone GPUs}
+        diffusers = [bool(state.placement.models_on(g)) for g in range(cluster.size)]
         for n, node in enumerate(cluster.nodes):
-            caps[n] = {j: sum(1 for b in cluster.blocks(j) if b[0] in node and alloc.is_free(b))
+            caps[n] = {j: sum(1 for b in cluster.blocks(j) if b[0] in node and alloc.is_free(b)
+                              and all(diffusers[g] for g in b))
                        for j in (1, 2, 4, 8) if j <= len(node)}
+        # Encode GPUs apart from the backbones (stages placement): a dispatch that encodes needs one free.
+        encoders = {n: sum(1 for g in node if not diffusers[g] and alloc.is_free((g,))
+                           and any(c == "text" for _, c in state.placement.resident[g]))
+                    for n, node in enumerate(cluster.nodes)}
+        apart = {i for i, t in enumerate(tasks) if not t.lead.encoded and not _encodes_with_backbone(state, t)}
         options = {i: self._options(state, alloc, t) for i, t in enumerate(tasks)}
         prob = pulp.LpProblem("hetu_dispatch", pulp.LpMaximize)
         x: dict[tuple[int, int, int], pulp.LpVariable] = {}
@@ -280,6 +301,9 @@ class HetuIlpPolicy:
                 terms = [(k // j) * v for (i, k, m), v in x.items() if m == n and k >= j]
                 if terms:
                     prob += pulp.lpSum(terms) <= cap, f"pack_{n}_{j}"
+            terms = [v for (i, k, m), v in x.items() if m == n and i in apart]
+            if terms:
+                prob += pulp.lpSum(terms) <= encoders[n], f"encoders_{n}"
         status = prob.solve(_cbc())
         info = {"ilp_vars": len(x), "ilp_tasks": len(tasks), "status": pulp.LpStatus.get(status, str(status))}
         picks = [key for key, v in x.items() if v.value() is not None and v.value() > 0.5]
@@ -313,22 +337,58 @@ class HetuIlpPolicy:
         return picks
 
     @staticmethod
-    def _place(state: PlannerState, alloc: BlockAllocator, tasks: list[_Task],
-               picks: list[tuple[int, int, int]]) -> list[tuple[_Task, tuple[int, ...]]]:
-        """Blocks for the chosen (task, k, node), largest degree first, buddy best fit in the node."""
+    def _place(state: PlannerState, alloc: BlockAllocator, tasks: list[_Task], picks: list[tuple[int, int, int]]
+               ) -> list[tuple[_Task, tuple[int, ...], tuple[int, ...] | None]]:
+        """(task, block, encode GPU apart or None) for the chosen (task, k, node), largest degree
+        first, buddy best fit in the node."""
         cluster = state.cluster
         out = []
         for i, k, n in sorted(picks, key=lambda p: (-p[1], deadline_order(tasks[p[0]].lead))):
             task = tasks[i]
             need = task.times.act[k]
+            model = task.lead.request.model
             node = set(cluster.nodes[n])
-            cands = [b for b in cluster.blocks(k)
-                     if b[0] in node and alloc.is_free(b) and alloc.headroom(b) >= need]
+            cands = [b for b in cluster.blocks(k) if b[0] in node and alloc.is_free(b)
+                     and alloc.headroom(b) >= need and state.placement.runs(b, model, "diffuse")]
             if not cands:
                 continue
             blk = min(cands, key=lambda b: (free_chunk(alloc, cluster, b), b[0]))
             got = alloc.take(k, blk, need)
-            if got is not None:
-                out.append((task, got))
+            if got is None:
+                continue
+            enc = None
+            if not task.lead.encoded and not state.placement.holds(got[0], model, "text"):
+                enc = _take_holder(state, alloc, task.lead, "text", n)
+                if enc is None:  # no free encode GPU after all: not dispatched this round
+                    alloc.release(got)
+                    continue
+            out.append((task, got, enc))
         return out
 
+
+def _encodes_with_backbone(state: PlannerState, task: _Task) -> bool:
+    """Some GPU holding the task's backbone also holds its text encoders (encode on the block)."""
+    model = task.lead.request.model
+    p = state.placement
+    return any(p.holds(g, model, "text") for g in p.gpus_with(model))
+
+
+def _take_holder(state: PlannerState, alloc: BlockAllocator, st: RequestStatus, component: str,
+                 node: int | None = None) -> tuple[int, ...] | None:
+    """Take one free GPU holding ``st``'s ``component``.
+
+    Decode (``node`` None): where the latent is if free, else the allocator's
+    best free GPU, as before placement; if that lacks the VAE, a free VAE GPU
+    of the latent's node. Encode: a free GPU of ``node`` with the text encoders.
+    """
+    p, model = state.placement, st.request.model
+    if node is None:
+        got = alloc.take(1, st.latent_gpus[:1])
+        if got is None or p.holds(got[0], model, component):
+            return got
+        alloc.release(got)
+        node = state.cluster.node_of(st.latent_gpus[0]) if st.latent_gpus else 0
+    for g in state.cluster.nodes[node]:
+        if p.holds(g, model, component) and alloc.is_free((g,)):
+            return alloc.take(1, (g,))
+    return None

@@ -28,19 +28,22 @@ fired.
 """
 from __future__ import annotations
 
+import math
 import time
 
 from models.catalog import get_model
 from planner.checker import check_plan
+from planner.placement import WeightLoad
 from planner.plan import RoundPlan
 from planner.policies.base import make_policy, register
 from planner.problem import ProblemRequest, RoundProblem, build_problem
 from planner.solvers import cpsat, milp
-from planner.solvers.commit import (LATE_MODES, Committed, commit_on_time, fill_best_effort, idle_gaps,
+from planner.solvers.commit import (LATE_MODES, Committed, Gaps, commit_on_time, fill_best_effort, idle_gaps,
                                     load_stranded, rejections)
 from planner.solvers.data import (TICK_S, ScheduleData, ScheduleParams, build_schedule, chain_parts, has_latent,
                                   kept_degrees)
 from planner.solvers.greedy import greedy
+from planner.solvers.reserve import PlacementLoop, keep_loaded
 from planner.solvers.solution import Schedule, evaluate
 from planner.state import PlannerState
 
@@ -126,7 +129,8 @@ class SchedulePolicy:
     def __init__(self, time_limit_s: float = 0.003, piece_s: float = 0.25, late: str = "serve",
                  batching: bool = True, max_jobs: int = 32, seed: int = 0, num_workers: int = 1,
                  wall_limit_s: float | None = None, check: bool = True, late_piece_s: float = 0.0,
-                 late_share: float = 0.5, node_fit: str = "best", reject_grace_s: float = 0.0) -> None:
+                 late_share: float = 0.5, node_fit: str = "best", reject_grace_s: float = 0.0,
+                 reserve_share: float = 0.5) -> None:
         if late not in LATE_MODES:
             raise ValueError(f"late must be one of {', '.join(LATE_MODES)}, not {late!r}")
         if piece_s <= 0:
@@ -144,11 +148,13 @@ class SchedulePolicy:
         self.wall_limit_s = wall_limit_s
         self.check = check
         self._fallback = None
+        self.loop = PlacementLoop(reserve_share)  # 0: no reserves
         self.reset()
 
     def reset(self) -> None:
-        """Forget the previous plan (a new run)."""
+        """Forget the previous plan and the recent arrivals (a new run)."""
         self._prev: dict[tuple[str, ...], tuple[tuple[int, ...], float]] = {}
+        self.loop.reset()
 
     # -- one scope -----------------------------------------------------------------
     def solve(self, data: ScheduleData, hint: Schedule, limit_s: float) -> Schedule:
@@ -182,7 +188,8 @@ class SchedulePolicy:
         return plan
 
     def _plan(self, state: PlannerState, t0: float) -> RoundPlan:
-        return self.plan_problem(build_problem(state))
+        ages = {st.id: max(0.0, state.now - st.request.arrival) for st in state.requests}
+        return self.plan_problem(build_problem(state), ages)
 
     def solved_scopes(self, problem: RoundProblem) -> list[tuple[tuple[int, ...], list[ProblemRequest]]]:
         """(GPUs, requests) of each scope this instant solves: those with an idle GPU (nothing can start
@@ -193,8 +200,9 @@ class SchedulePolicy:
                if any(g in idle for g in gpus)]
         return sorted(out, key=lambda sc: (-sum(g in idle for g in sc[0]), sc[0]))
 
-    def plan_problem(self, problem: RoundProblem) -> RoundPlan:
-        """The plan of one RoundProblem (what ``plan`` does after building it, before the checker).
+    def plan_problem(self, problem: RoundProblem, ages: dict[str, float] | None = None) -> RoundPlan:
+        """The plan of one RoundProblem (what ``plan`` does after building it, before the checker);
+        ``ages``: seconds since each request arrived, for the placement loop.
 
         Scopes are solved in turn; a fresh request (no latent yet) that a scope
         leaves out moves on to the next one, so it is tried on every node with
@@ -209,12 +217,14 @@ class SchedulePolicy:
         fell_back = False
         stats = {"scopes": 0, "jobs": 0, "on_time": 0, "solve_ms": 0.0, "status": []}
         prev = dict(self._prev)
+        self.loop.observe(problem, ages or {})
+        reserved = self.loop.owners()
         solved = self.solved_scopes(problem)
         # Each scope gets the budget, up to MAX_FULL_SCOPES of them; beyond, they share that total.
         limit = self.time_limit_s * min(1.0, MAX_FULL_SCOPES / max(1, len(solved)))
         for gpus, reqs in solved:
             reqs = reqs + carry
-            data = build_schedule(problem, reqs, gpus, self.params)
+            data = build_schedule(problem, reqs, gpus, self.params, reserved)
             sched, fb = self.schedule(data, now, limit)
             fell_back |= fb
             commit_on_time(data, sched, problem, self.piece_s, gaps, out)
@@ -234,16 +244,29 @@ class SchedulePolicy:
         best_effort += carry
         committed = {rid for a in out.assignments for rid in a.request_ids}
         leftover = [r for r in best_effort if r.id not in committed]
-        out.assignments += fill_best_effort(leftover, problem, gaps, self.late_piece_s, self.params.batching,
-                                            self.late_share)
-        served = {rid for a in out.assignments for rid in a.request_ids}
-        load_stranded([r for r in leftover if r.id not in served], problem, gaps, out)
+        self.fill_gaps(leftover, problem, gaps, reserved, out)
+        if reserved:
+            stats["reserved"] = len(reserved)
         live = waiting | {r.id for r in problem.in_flight}
         self._prev = {k: v for k, v in prev.items() if all(rid in live for rid in k)}
         if out.loads:
             stats["loads"] = len(out.loads)
         return RoundPlan(tuple(out.assignments), solver=self.name, fallback=fell_back, rejections=tuple(rejected),
                          stats=stats, unloads=tuple(out.unloads), loads=tuple(out.loads))
+
+    def fill_gaps(self, leftover: list[ProblemRequest], problem: RoundProblem, gaps: Gaps,
+                  reserved: dict[int, str], out: Committed) -> None:
+        """Best effort in the gaps. A reserved GPU takes only its model's late work, and loads that
+        model's weights when nothing is planned there (``planner/solvers/reserve.py``)."""
+        out.assignments += fill_best_effort(leftover, problem, gaps, self.late_piece_s, self.params.batching,
+                                            self.late_share, reserved)
+        served = {rid for a in out.assignments for rid in a.request_ids}
+        held = gaps.split(reserved)
+        load_stranded([r for r in leftover if r.id not in served], problem, gaps, out, reserved)
+        free = [g for g, u in held.until.items() if u == math.inf]
+        for g, model, loads, evicts in keep_loaded(problem, self.loop.reserves, self.loop.act, free):
+            out.unloads += [WeightLoad(g, *w.split("/")) for _, w in evicts]
+            out.loads += [WeightLoad(g, model, c) for _, c in loads]
 
     def fallback(self, state: PlannerState, t0: float, reason: str) -> RoundPlan:
         if self._fallback is None:

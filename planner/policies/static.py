@@ -5,17 +5,31 @@ systems run several models: each group of GPUs with the same resident
 backbones serves only those models' requests, with its own instance of the
 peer policy, and sees every other GPU as busy. On a replicated placement
 there is one group and the peer plans exactly as it always did.
+
+GPUs that hold no backbone, only text encoders and VAEs (encode and decode
+workers, ``stages`` placement), serve every group of their models: each
+group in turn sees the ones no earlier group took this round.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable
 
+from planner.cluster import Cluster, DeploymentView
 from planner.plan import RoundPlan
 from planner.policies.base import Policy
 from planner.state import PlannerState
 
 _NEVER = 1e12  # "busy" horizon of GPUs outside a group (finite: peers do arithmetic on it)
+
+
+def stage_gpus(state: PlannerState) -> dict[int, frozenset[str]]:
+    """GPU -> models whose encode or decode it runs, for the GPUs that hold no backbone."""
+    out = {}
+    for g, res in enumerate(state.placement.resident):
+        if res and not any(c == "backbone" for _, c in res):
+            out[g] = frozenset(m for m, _ in res)
+    return out
 
 
 def placement_groups(state: PlannerState) -> list[tuple[frozenset[str], tuple[int, ...]]]:
@@ -31,10 +45,20 @@ def placement_groups(state: PlannerState) -> list[tuple[frozenset[str], tuple[in
 class OnStaticPlacement:
     """Run ``factory()`` policies, one per placement group, and merge their plans."""
 
-    def __init__(self, name: str, factory: Callable[[], Policy]) -> None:
+    def __init__(self, name: str, factory: Callable[[], Policy], split_placement: str = "split") -> None:
         self.name = name
+        self.split_placement = split_placement  # what ``auto`` becomes when the models do not all fit
         self._factory = factory
         self._inner: dict[tuple[int, ...], Policy] = {}
+        self._views: dict[tuple[int, frozenset[int]], DeploymentView] = {}
+
+    def _view(self, cluster: Cluster, gpus: set[int]) -> DeploymentView:
+        key = (id(cluster), frozenset(gpus))
+        if key not in self._views:
+            if len(self._views) > 64:
+                self._views.clear()
+            self._views[key] = DeploymentView(cluster, gpus)
+        return self._views[key]
 
     def _policy(self, gpus: tuple[int, ...]) -> Policy:
         if gpus not in self._inner:
@@ -45,10 +69,12 @@ class OnStaticPlacement:
         groups = placement_groups(state)
         if len(groups) == 1 and len(groups[0][1]) == state.cluster.size:
             return self._policy(groups[0][1]).plan(state)
+        shared = stage_gpus(state)
+        used: set[int] = set()  # shared GPUs a group's plan took this round
         taken: set[str] = set()
         parts: list[RoundPlan] = []
         for models, gpus in groups:
-            mine = set(gpus)
+            mine = set(gpus) | {g for g, ms in shared.items() if ms & models and g not in used}
             reqs = []
             for r in state.requests:
                 if r.id in taken or r.request.model not in models:
@@ -59,15 +85,17 @@ class OnStaticPlacement:
                 reqs.append(r)
             if not reqs:
                 continue
-            if all(state.gpu_free_at[g] > state.now for g in gpus):
+            if all(state.gpu_free_at[g] > state.now for g in mine):
                 # Nothing starts here now: fresh requests stay free for another group of their model.
                 taken.update(r.id for r in reqs if r.in_flight or r.latent_gpus)
                 continue
             ids = {r.id for r in reqs}
             free_at = [t if g in mine else max(t, state.now + _NEVER) for g, t in enumerate(state.gpu_free_at)]
-            view = dataclasses.replace(state, requests=reqs, gpu_free_at=free_at,
-                                       just_paused=state.just_paused & ids)
-            parts.append(self._policy(gpus).plan(view))
+            view = dataclasses.replace(state, cluster=self._view(state.cluster, mine), requests=reqs,
+                                       gpu_free_at=free_at, just_paused=state.just_paused & ids)
+            part = self._policy(gpus).plan(view)
+            parts.append(part)
+            used.update(g for a in part.assignments for g in a.gpus if g in shared)
             taken |= ids
         return _merge(parts)
 

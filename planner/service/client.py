@@ -154,7 +154,7 @@ class PlanStream:
     def __iter__(self) -> Iterator[PlanDelta]:
         try:
             for m in self.call:
-                yield delta_from_pb(m)
+                yield convert.delta_from_pb(m)
         except grpc.RpcError as exc:
             if exc.code() is grpc.StatusCode.CANCELLED and not self.call.is_active():
                 return
@@ -162,20 +162,6 @@ class PlanStream:
 
     def cancel(self) -> None:
         self.call.cancel()
-
-
-def delta_from_pb(m: pb.PlanUpdate) -> PlanDelta:
-    from planner.service.messages import AssignmentMsg, MigrationMsg, PauseMsg, RequestData
-    return PlanDelta(
-        plan_epoch=m.plan_epoch, server_time=m.server_time,
-        requests=[RequestData(r.id, r.model, r.height, r.width, r.frames, r.steps, r.deadline, r.steps_done,
-                              r.encoded) for r in m.requests],
-        assignments=[AssignmentMsg(tuple(a.request_ids), convert.PB_TO_STAGE[a.stage], tuple(a.gpus), a.steps,
-                                   a.start_step, a.predicted_s, a.predicted_step_s, a.predicted_move_s, a.lead)
-                     for a in m.assignments],
-        pauses=[PauseMsg(p.request_id, tuple(p.gpus)) for p in m.pauses],
-        migrations=[MigrationMsg(x.request_id, tuple(x.from_gpus), tuple(x.to_gpus)) for x in m.migrations],
-        released=list(m.released))
 
 
 def record_to_pb(r: TraceRecord) -> pb.TraceRecord:

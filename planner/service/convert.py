@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import math
 
+from planner.placement import WeightLoad
 from planner.plan import Assignment, RoundPlan
 from planner.request import Stage
 from planner.service.admission import RequestSpec
 from planner.service.gen import planner_pb2 as pb
-from planner.service.messages import (ExecutorView, PlanDelta, RequestView, ServerInfoView, StepReport,
-                                      SubmitOutcome)
+from planner.service.messages import (AssignmentMsg, ExecutorView, LoadMsg, MigrationMsg, PauseMsg, PlanDelta,
+                                      RequestData, RequestView, ServerInfoView, StepReport, SubmitOutcome)
 from planner.service.stateless import PlanIn, PlanOut, ProgressIn
 
 STAGE_TO_PB = {Stage.ENCODE: pb.STAGE_ENCODE, Stage.DIFFUSE: pb.STAGE_DIFFUSE, Stage.DECODE: pb.STAGE_DECODE}
@@ -91,7 +92,8 @@ def info_to_pb(i: ServerInfoView) -> pb.ServerInfo:
         plan_epoch=i.plan_epoch, version=i.version, slo_scale=i.slo_scale, max_queue=i.max_queue,
         executors=[pb.ExecutorInfo(executor_id=e.executor_id, gpus=list(e.gpus), last_seen=e.last_seen)
                    for e in i.executors],
-        requests_by_state=i.requests_by_state)
+        requests_by_state=i.requests_by_state, weight_loads=i.weight_loads,
+        placement=[pb.GpuWeights(weights=list(ws)) for ws in i.placement])
 
 
 def info_from_pb(m: pb.ServerInfo) -> ServerInfoView:
@@ -100,10 +102,19 @@ def info_from_pb(m: pb.ServerInfo) -> ServerInfoView:
         plan_epoch=m.plan_epoch,
         executors=tuple(ExecutorView(e.executor_id, tuple(e.gpus), e.last_seen) for e in m.executors),
         requests_by_state=dict(m.requests_by_state), version=m.version, slo_scale=m.slo_scale,
-        max_queue=m.max_queue)
+        max_queue=m.max_queue, placement=tuple(tuple(g.weights) for g in m.placement),
+        weight_loads=m.weight_loads)
 
 
 # --- executors ------------------------------------------------------------
+def weight_to_pb(w: WeightLoad) -> pb.Weight:
+    return pb.Weight(gpu=w.gpu, model=w.model, component=w.component)
+
+
+def weight_from_pb(m: pb.Weight) -> WeightLoad:
+    return WeightLoad(m.gpu, m.model, m.component)
+
+
 def delta_to_pb(d: PlanDelta) -> pb.PlanUpdate:
     return pb.PlanUpdate(
         plan_epoch=d.plan_epoch, server_time=d.server_time,
@@ -118,19 +129,38 @@ def delta_to_pb(d: PlanDelta) -> pb.PlanUpdate:
         pauses=[pb.Pause(request_id=p.request_id, gpus=list(p.gpus)) for p in d.pauses],
         migrations=[pb.Migration(request_id=m.request_id, from_gpus=list(m.from_gpus), to_gpus=list(m.to_gpus))
                     for m in d.migrations],
-        released=list(d.released))
+        released=list(d.released), unloads=[weight_to_pb(w) for w in d.unloads],
+        loads=[pb.WeightLoad(weight=weight_to_pb(x.weight), predicted_s=x.predicted_s, initial=x.initial)
+               for x in d.loads])
+
+
+def delta_from_pb(m: pb.PlanUpdate) -> PlanDelta:
+    return PlanDelta(
+        plan_epoch=m.plan_epoch, server_time=m.server_time,
+        requests=[RequestData(r.id, r.model, r.height, r.width, r.frames, r.steps, r.deadline, r.steps_done,
+                              r.encoded) for r in m.requests],
+        assignments=[AssignmentMsg(tuple(a.request_ids), PB_TO_STAGE[a.stage], tuple(a.gpus), a.steps,
+                                   a.start_step, a.predicted_s, a.predicted_step_s, a.predicted_move_s, a.lead)
+                     for a in m.assignments],
+        pauses=[PauseMsg(p.request_id, tuple(p.gpus)) for p in m.pauses],
+        migrations=[MigrationMsg(x.request_id, tuple(x.from_gpus), tuple(x.to_gpus)) for x in m.migrations],
+        released=list(m.released), unloads=[weight_from_pb(w) for w in m.unloads],
+        loads=[LoadMsg(weight_from_pb(x.weight), x.predicted_s, x.initial) for x in m.loads])
 
 
 def report_from_pb(m: pb.StepReport) -> StepReport:
     return StepReport(executor_id=m.executor_id, plan_epoch=m.plan_epoch, request_ids=tuple(m.request_ids),
                       stage=PB_TO_STAGE.get(m.stage), steps=m.steps, step_seconds=tuple(m.step_seconds),
-                      done=m.done)
+                      done=m.done, loaded=tuple(weight_from_pb(w) for w in m.loaded),
+                      load_failed=tuple(weight_from_pb(w) for w in m.load_failed))
 
 
 def report_to_pb(r: StepReport) -> pb.StepReport:
     return pb.StepReport(executor_id=r.executor_id, plan_epoch=r.plan_epoch, request_ids=list(r.request_ids),
                          stage=STAGE_TO_PB.get(r.stage, pb.STAGE_UNSPECIFIED), steps=r.steps,
-                         step_seconds=list(r.step_seconds), done=r.done)
+                         step_seconds=list(r.step_seconds), done=r.done,
+                         loaded=[weight_to_pb(w) for w in r.loaded],
+                         load_failed=[weight_to_pb(w) for w in r.load_failed])
 
 
 # --- plans and what-if ----------------------------------------------------
@@ -142,7 +172,8 @@ def plan_in_to_pb(p: PlanIn) -> pb.PlanRequest:
                                      state=STATE_TO_PB.get(r.state, pb.REQUEST_STATE_UNSPECIFIED),
                                      encoded=r.encoded, steps_done=r.steps_done, latent_gpus=list(r.latent_gpus),
                                      sp=r.sp) for r in p.requests],
-        gpu_free_at=list(p.gpu_free_at), just_paused=list(p.just_paused), served_models=list(p.served_models))
+        gpu_free_at=list(p.gpu_free_at), just_paused=list(p.just_paused), served_models=list(p.served_models),
+        placement=[pb.GpuWeights(weights=list(ws)) for ws in p.placement])
 
 
 def plan_in_from_pb(m: pb.PlanRequest, default_cluster: str = "", default_policy: str = "") -> PlanIn:
@@ -154,7 +185,7 @@ def plan_in_from_pb(m: pb.PlanRequest, default_cluster: str = "", default_policy
     return PlanIn(now=m.now, cluster=m.cluster or default_cluster, gpu_kind=m.gpu_kind,
                   policy=m.policy or default_policy, round_s=m.round_s, requests=reqs,
                   gpu_free_at=list(m.gpu_free_at), just_paused=list(m.just_paused),
-                  served_models=list(m.served_models))
+                  served_models=list(m.served_models), placement=[list(g.weights) for g in m.placement])
 
 
 def plan_out_to_pb(out: PlanOut) -> pb.PlanReply:
@@ -169,7 +200,8 @@ def plan_to_pb(plan: RoundPlan) -> pb.RoundPlan:
     m = pb.RoundPlan(
         assignments=[pb.Assignment(request_ids=list(a.request_ids), stage=STAGE_TO_PB[a.stage], gpus=list(a.gpus),
                                    steps=a.steps) for a in plan.assignments],
-        solver=plan.solver, fallback=plan.fallback, stats_json=json.dumps(plan.stats, default=str, sort_keys=True))
+        solver=plan.solver, fallback=plan.fallback, stats_json=json.dumps(plan.stats, default=str, sort_keys=True),
+        unloads=[weight_to_pb(w) for w in plan.unloads], loads=[weight_to_pb(w) for w in plan.loads])
     if plan.wake_at is not None:
         m.wake_at = plan.wake_at
     return m
@@ -180,7 +212,8 @@ def plan_from_pb(m: pb.RoundPlan) -> RoundPlan:
         assignments=tuple(Assignment(tuple(a.request_ids), PB_TO_STAGE[a.stage], tuple(a.gpus), a.steps)
                           for a in m.assignments),
         wake_at=m.wake_at if m.HasField("wake_at") else None, solver=m.solver, fallback=m.fallback,
-        stats=json.loads(m.stats_json) if m.stats_json else {})
+        stats=json.loads(m.stats_json) if m.stats_json else {},
+        unloads=tuple(weight_from_pb(w) for w in m.unloads), loads=tuple(weight_from_pb(w) for w in m.loads))
 
 
 def _pct(d: dict) -> pb.Percentiles:

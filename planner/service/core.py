@@ -22,6 +22,17 @@ bits are the journal's start count, so epochs grow across restarts). An
 assignment is fenced by its epoch: a report must name the epoch of its
 request's current assignment, else FAILED_PRECONDITION.
 
+Placement: with ``CoreConfig.models`` the core keeps a ``Placement`` (per
+GPU, the resident weights), starting from ``static_placement`` with equal
+shares (there is no trace to weigh) or the ``placement`` split. An executor
+is told, when it connects, the weights its GPUs hold (``initial`` loads: the
+deployment brings them up, as the simulator's initial placement at time 0).
+A plan's unloads free their bytes at once; its loads keep their GPU busy
+until the executor reports them in ``StepReport.loaded``. Placement is not
+journaled: after a restart it is the configured one again. Without
+``models`` every model requests name is resident on every GPU (they must
+fit together: admission refuses one that does not).
+
 Threads: gRPC handlers call the public methods; one loop thread plans. All
 state is under one lock; the policy runs outside it on a snapshot, and its
 assignments are re-validated against the live state before dispatch.
@@ -43,6 +54,9 @@ from typing import Iterable, Sequence
 from models.catalog import get_model
 from models.cost import CostModel
 from planner.cluster import Cluster
+from planner.errors import PlacementError
+from planner.placement import (Placement, WeightLoad, check_fits, load_seconds, static_placement,
+                               validate_placement)
 from planner.plan import Assignment, RoundPlan
 from planner.policies.base import make_policy
 from planner.request import Request, RequestState, RequestStatus, Stage
@@ -50,8 +64,9 @@ from planner.service.admission import RequestSpec, validate_batch, validate_spec
 from planner.service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                                     ResourceExhausted, ServiceError, Unavailable)
 from planner.service.journal import Journal, JournalError, Recovered
-from planner.service.messages import (STATES, AssignmentMsg, ExecutorView, MigrationMsg, PauseMsg, PlanDelta,
-                                      RequestData, RequestView, ServerInfoView, StepReport, SubmitOutcome)
+from planner.service.messages import (STATES, AssignmentMsg, ExecutorView, LoadMsg, MigrationMsg, PauseMsg,
+                                      PlanDelta, RequestData, RequestView, ServerInfoView, StepReport,
+                                      SubmitOutcome)
 from planner.service.planning import PlannerProcess, plan_checked
 from planner.service.sessions import ExecutorSession
 from planner.service.stats import Stats
@@ -88,6 +103,21 @@ class CoreConfig:
     # Options of the policy (e.g. late="reject", wall_limit_s=0.5): real time rules in a service.
     policy_options: dict = field(default_factory=dict)
     version: str = ""
+    # The models this deployment serves, placed per GPU by ``placement`` (auto | replicate | split |
+    # MODEL:GPUS,...). Empty: every model requests name, on every GPU.
+    models: tuple[str, ...] = ()
+    placement: str = "auto"
+
+
+def initial_placement(config: CoreConfig) -> Placement | None:
+    """The placement a deployment of ``config.models`` starts from (None: replicate what arrives)."""
+    if not config.models:
+        return None
+    shares = {m: 1.0 for m in config.models}
+    placement = static_placement(config.cluster, (), config.cost, config.placement, models=config.models,
+                                 shares=shares)
+    validate_placement(placement, config.cluster)
+    return placement
 
 
 @dataclass(eq=False)
@@ -144,6 +174,9 @@ class PlannerCore:
         self.journal = journal
         self.stats = Stats()
         self._policy = make_policy(config.policy, **config.policy_options)
+        self._placement = initial_placement(config)
+        self._places_models = bool(getattr(self._policy, "places_models", False))
+        self._models_seen: set[str] = set()  # without a placement: the models on every GPU
         self._fallback = make_policy(config.fallback_policy) if config.fallback_policy != config.policy else None
         self._shape_costs: dict[tuple, _ShapeCosts] = {}
         self._ideal = self._ideal_latency
@@ -159,6 +192,8 @@ class PlannerCore:
         self._owner: list[str | None] = [None] * n
         self._busy: list[Flight | None] = [None] * n
         self._free_at: list[float] = [0.0] * n
+        self._loading: dict[int, list[WeightLoad]] = {}  # GPU -> loads not yet reported, in order
+        self._load_end: list[float] = [0.0] * n  # predicted end of a GPU's loads
         self._sessions: dict[str, ExecutorSession] = {}
         self._epoch = recovered.generation << 32
         self._just_paused: list[Tracked] = []
@@ -221,6 +256,8 @@ class PlannerCore:
                         self.stats.done_missed += 1
             self._tracked[row.id] = t
             self._by_seq.append(t)
+            if row.outcome is None:
+                self._models_seen.add(row.model)
         self._dirty = bool(self._live)
         if rec.rows:
             log.info("recovered %d requests (%d unfinished) from %s", len(rec.rows), len(self._live),
@@ -245,11 +282,17 @@ class PlannerCore:
                 self._count_refused(exc, len(specs))
                 raise
             with self._cv:
+                models = set(self._models_seen)
                 for i, r in enumerate(reqs):
                     if r.id in self._tracked:
                         exc = AlreadyExists(f"requests[{i}]: field 'id' = {r.id!r} already exists")
                         self._count_refused(exc, len(specs))
                         raise exc
+                    if (why := self._unservable(r, models)) is not None:
+                        exc = InvalidArgument(f"requests[{i}]: {why}")
+                        self._count_refused(exc, len(specs))
+                        raise exc
+                    models.add(r.model)
                 free = self._capacity()
                 if len(reqs) > free:
                     exc = ResourceExhausted(self._full_message(len(reqs), free))
@@ -271,12 +314,15 @@ class PlannerCore:
             free = self._capacity()
             ok: list[Request] = []
             seen: set[str] = set()
+            models = set(self._models_seen)
             for i, r in enumerate(results):
                 if isinstance(r, SubmitOutcome):
                     continue
                 exc: ServiceError | None = None
                 if r.id in self._tracked or r.id in seen:
                     exc = AlreadyExists(f"requests[{i}]: field 'id' = {r.id!r} already exists")
+                elif (why := self._unservable(r, models)) is not None:
+                    exc = InvalidArgument(f"requests[{i}]: {why}")
                 elif len(ok) >= free:
                     exc = ResourceExhausted(self._full_message(1, 0))
                 if exc is not None:
@@ -284,12 +330,38 @@ class PlannerCore:
                     results[i] = _refusal(r.id, exc)
                 else:
                     seen.add(r.id)
+                    models.add(r.model)
                     ok.append(r)
             tracked, fut = self._reserve(ok)
         self._commit_admission(tracked, fut)
         with self._cv:
             by_id = {t.id: self._outcome(t, now) for t in tracked}
         return [r if isinstance(r, SubmitOutcome) else by_id[r.id] for r in results]
+
+    def _unservable(self, r: Request, models: set[str]) -> str | None:
+        """Under the lock: why this deployment can never run ``r`` (None: it can).
+
+        ``models``: those on every GPU when there is no placement (the ones
+        admitted so far, this call's included)."""
+        try:
+            check_fits([r], self.cluster)
+        except PlacementError as exc:
+            return str(exc)
+        if self._placement is not None:
+            if r.model not in self.config.models and not self._places_models:
+                return (f"field 'model' = {r.model!r} is not served here (models: {', '.join(self.config.models)}) "
+                        f"and policy {self.config.policy} does not load models")
+            return None
+        if r.model in models:
+            return None
+        together = sorted(models | {r.model})
+        need = sum(get_model(m).weight_bytes for m in together)
+        smallest = min(g.memory for g in self.cluster.gpus)
+        if need <= smallest:
+            return None
+        return (f"field 'model' = {r.model!r} does not fit beside {', '.join(sorted(models))} on every GPU "
+                f"({need} bytes of weights for {', '.join(together)}; a GPU of {self.cluster.name} has {smallest}): "
+                f"start the service with --models to place models per GPU")
 
     # --- live-set bookkeeping (under the lock) --------------------------------
     def _add_live(self, t: Tracked) -> None:
@@ -338,6 +410,7 @@ class PlannerCore:
             self._seq += 1
             self._tracked[r.id] = t
             self._by_seq.append(t)
+            self._models_seen.add(r.model)
             out.append(t)
         self._pending_n += len(out)
         if not out:
@@ -475,7 +548,9 @@ class PlannerCore:
             execs = tuple(ExecutorView(s.id, s.gpus, s.last_seen_service) for s in self._sessions.values())
             return ServerInfoView(now, self.clock.speed, self.clock.simulated, self.cluster.name, self.cluster.size,
                                   self.config.policy, self._epoch, execs, {s: counts.get(s, 0) for s in STATES},
-                                  self.config.version, self.config.slo_scale, self.config.max_queue)
+                                  self.config.version, self.config.slo_scale, self.config.max_queue,
+                                  self._placement.names() if self._placement is not None else (),
+                                  self.stats.weight_loads)
 
     def slo_attainment(self) -> float | None:
         """Met / decided so far: done requests, and live ones already past their deadline (certain misses)."""
@@ -577,9 +652,14 @@ class PlannerCore:
             now = self.clock.now()
             sess = ExecutorSession(executor_id, gpus, heartbeats, now)
             self._sessions[executor_id] = sess
+            first = PlanDelta(self._epoch, now)
             for g in gpus:
                 self._owner[g], self._busy[g], self._free_at[g] = executor_id, None, now
-            sess.push(PlanDelta(self._epoch, now))
+                self._loading.pop(g, None)
+                if self._placement is not None:  # what the deployment brings the GPU up with
+                    first.loads += [LoadMsg(WeightLoad(g, m, c), load_seconds(self.cluster, m, c), initial=True)
+                                    for m, c in sorted(self._placement.resident[g])]
+            sess.push(first)
             self._dirty = True
             self._cv.notify_all()
         log.info("executor %r connected with GPUs %s", executor_id, list(gpus))
@@ -602,6 +682,7 @@ class PlannerCore:
         for g in sess.gpus:
             if self._owner[g] == sess.id:
                 self._owner[g] = None
+                self._loading.pop(g, None)  # its weights stay placed: the next executor of g brings them up
         flights = {id(f): f for f in self._busy if f is not None and sess.id in f.executors}
         requeued = 0
         for f in flights.values():
@@ -650,8 +731,10 @@ class PlannerCore:
                 raise FailedPrecondition(f"executor {rep.executor_id!r} is not connected: open StreamPlans first "
                                          "(or it was declared lost; its work was requeued)")
             sess.last_seen, sess.last_seen_service = time.monotonic(), self.clock.now()
+            if rep.loaded or rep.load_failed:
+                self._apply_loaded(sess, rep.loaded, rep.load_failed)
             if not rep.request_ids:
-                return  # heartbeat
+                return  # heartbeat, or loads only
             fut = self._apply_report(sess, rep)
         if wait and fut is not None:
             _wait(fut)
@@ -706,6 +789,32 @@ class PlannerCore:
         if rep.done:
             fut = self._end_flight(flight, now) or fut
         return fut
+
+    def _apply_loaded(self, sess: ExecutorSession, loaded: Sequence[WeightLoad],
+                      failed: Sequence[WeightLoad] = ()) -> None:
+        """Under the lock: weights whose load ended (``failed``: not resident after all); a GPU whose
+        loads have all ended is idle."""
+        for name, ws in (("loaded", loaded), ("load_failed", failed)):
+            for w in ws:
+                if not 0 <= w.gpu < self.cluster.size or self._owner[w.gpu] != sess.id:
+                    raise FailedPrecondition(f"field {name!r}: GPU {w.gpu} is not owned by executor {sess.id!r}")
+                if w not in self._loading.get(w.gpu, ()):
+                    raise FailedPrecondition(f"field {name!r}: no load of {w.model}/{w.component} on GPU "
+                                             f"{w.gpu} is in flight")
+        now = self.clock.now()
+        if failed:
+            self._placement = self._placement.apply(unloads=failed)
+            self.stats.weight_load_failures += len(failed)
+            log.error("executor %r: loads failed: %s", sess.id,
+                      ", ".join(f"GPU {w.gpu} {w.model}/{w.component}" for w in failed))
+        for w in (*loaded, *failed):
+            pending = self._loading[w.gpu]
+            pending.remove(w)
+            if not pending:
+                del self._loading[w.gpu]
+                self._free_at[w.gpu] = now
+                self._dirty = True
+        self._cv.notify_all()
 
     def _end_flight(self, flight: Flight, now: float):
         """Under the lock: the assignment ended at ``now`` (simulator ``end_segment`` semantics)."""
@@ -817,17 +926,20 @@ class PlannerCore:
                 t.snap = copy.copy(t.status)
             statuses.append(t.snap)
             models.add(t.status.request.model)
-        served = tuple(sorted(models))
-        state = PlannerState(now, self.cluster, self.cost, statuses, free_at, served, self.config.round_s,
+        placement = self._placement if self._placement is not None else tuple(sorted(models))
+        state = PlannerState(now, self.cluster, self.cost, statuses, free_at, placement, self.config.round_s,
                              frozenset(t.id for t in just))
         return _Snapshot(now, state, just)
 
     def _any_idle_gpu(self) -> bool:
-        return any(o is not None and f is None for o, f in zip(self._owner, self._busy))
+        return any(o is not None and f is None and g not in self._loading
+                   for g, (o, f) in enumerate(zip(self._owner, self._busy)))
 
     def _gpu_free_at(self, g: int, now: float) -> float:
         if self._owner[g] is None:
             return now + LOST_GPU_S
+        if g in self._loading:
+            return max(self._load_end[g], now + OVERRUN_S)
         f = self._busy[g]
         if f is not None:
             return max(f.segment.end, now + OVERRUN_S)
@@ -858,6 +970,7 @@ class PlannerCore:
         started: list[Assignment] = []
         for rid, reason in plan.rejections:
             self._reject(rid, reason)
+        self._apply_weight_changes(plan, now, deltas)
         for a in plan.assignments:
             if not self._startable(a, now):
                 log.debug("dropping stale assignment %s", a)
@@ -912,6 +1025,30 @@ class PlannerCore:
         waiting = (t.status for t in itertools.chain(self._started.values(), (self._tracked[q[2]] for q in self._queued[:1])))
         self._wake = next_wake(plan, now, waiting, self.config.round_s)
 
+    def _apply_weight_changes(self, plan: RoundPlan, now: float, deltas: dict[str, PlanDelta]) -> None:
+        """Under the lock: the plan's unloads (at once) and loads (their GPU busy until reported), on
+        GPUs still owned and idle; each goes to the GPU's executor."""
+        if not (plan.unloads or plan.loads):
+            return
+        if self._placement is None:
+            log.warning("plan changes placement but the service has none (no --models): ignored")
+            return
+        idle = {g for g in {w.gpu for w in (*plan.unloads, *plan.loads)}
+                if self._owner[g] is not None and self._busy[g] is None and g not in self._loading}
+        unloads = [w for w in plan.unloads if w.gpu in idle and self._placement.holds(w.gpu, w.model, w.component)]
+        loads = [w for w in plan.loads if w.gpu in idle and not self._placement.holds(w.gpu, w.model, w.component)]
+        self._placement = self._placement.apply(unloads, loads)
+        for w in unloads:
+            deltas[self._owner[w.gpu]].unloads.append(w)
+        for w in loads:
+            secs = load_seconds(self.cluster, w.model, w.component)
+            pending = self._loading.setdefault(w.gpu, [])
+            self._load_end[w.gpu] = (self._load_end[w.gpu] if len(pending) else now) + secs
+            pending.append(w)
+            deltas[self._owner[w.gpu]].loads.append(LoadMsg(w, secs))
+            self.stats.weight_loads += 1
+            self.stats.weight_load_s += secs
+
     def _startable(self, a: Assignment, now: float) -> bool:
         for rid in a.request_ids:
             t = self._live.get(rid)
@@ -919,8 +1056,12 @@ class PlannerCore:
                 return False
             if a.stage is Stage.DIFFUSE and not 1 <= a.steps <= t.status.remaining_steps:
                 return False
+            if self._placement is not None and not self._placement.runs(a.gpus, t.status.request.model,
+                                                                        a.stage.value):
+                return False
         for g in a.gpus:
-            if self._owner[g] is None or self._busy[g] is not None or self._free_at[g] > now + TOL:
+            if (self._owner[g] is None or self._busy[g] is not None or g in self._loading
+                    or self._free_at[g] > now + TOL):
                 return False
         return True
 

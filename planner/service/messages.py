@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from planner.placement import WeightLoad
 from planner.request import Stage
 
 # Request states as the service reports them: RequestState values plus "cancelled".
@@ -99,6 +100,15 @@ class MigrationMsg:
     to_gpus: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class LoadMsg:
+    """Load ``weight``; ``initial``: held since the executor connected (no report expected)."""
+
+    weight: WeightLoad
+    predicted_s: float
+    initial: bool = False
+
+
 @dataclass
 class PlanDelta:
     """One plan update for one executor."""
@@ -110,14 +120,17 @@ class PlanDelta:
     pauses: list[PauseMsg] = field(default_factory=list)
     migrations: list[MigrationMsg] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    unloads: list[WeightLoad] = field(default_factory=list)  # applied first, then loads, then the rest
+    loads: list[LoadMsg] = field(default_factory=list)
 
     def empty(self) -> bool:
-        return not (self.requests or self.assignments or self.pauses or self.migrations or self.released)
+        return not (self.requests or self.assignments or self.pauses or self.migrations or self.released
+                    or self.unloads or self.loads)
 
 
 @dataclass(frozen=True)
 class StepReport:
-    """An executor's report on one assignment; no request ids: a heartbeat."""
+    """An executor's report on one assignment, or on finished weight loads (``loaded``); neither: a heartbeat."""
 
     executor_id: str
     plan_epoch: int = 0
@@ -126,6 +139,8 @@ class StepReport:
     steps: int = 0
     step_seconds: tuple[float, ...] = ()
     done: bool = False
+    loaded: tuple[WeightLoad, ...] = ()
+    load_failed: tuple[WeightLoad, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -149,3 +164,5 @@ class ServerInfoView:
     version: str
     slo_scale: float
     max_queue: int
+    placement: tuple[tuple[str, ...], ...] = ()  # per GPU, "model/component"; (): live models replicated
+    weight_loads: int = 0

@@ -54,6 +54,11 @@ class CoreCollector:
                 ("ditplan_submitted", "Requests admitted.", stats.submitted),
                 ("ditplan_executors_lost", "Executors declared lost.", stats.executors_lost),
                 ("ditplan_requeued", "Requests requeued after an executor loss.", stats.requeued),
+                ("ditplan_weight_loads", "Weight loads dispatched to executors.", stats.weight_loads),
+                ("ditplan_weight_load_seconds", "Predicted seconds of the weight loads dispatched.",
+                 stats.weight_load_s),
+                ("ditplan_weight_load_failures", "Weight loads an executor reported failed.",
+                 stats.weight_load_failures),
                 ("ditplan_rejected", "Requests the planner rejected (they could not meet their deadline).",
                  stats.rejected)):
             yield CounterMetricFamily(name, doc, value=value)

@@ -13,6 +13,7 @@ statuses, GPU free times, clock, just-paused ids) and answers with the plan.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import time
@@ -58,7 +59,7 @@ def plan_checked(policy, fallback, state: PlannerState, check: bool = True) -> P
             violations += 1
             plan = None
         if plan is not None:
-            plan = RoundPlan(plan.assignments, plan.wake_at, plan.solver or fallback.name, True, plan.stats)
+            plan = dataclasses.replace(plan, solver=plan.solver or fallback.name, fallback=True)
     if plan is None:
         plan = RoundPlan(fallback=True)
     return PlanResult(plan, (time.perf_counter() - t0) * 1e3, violations)

@@ -77,6 +77,8 @@ class ServeConfig:
     late: str = "serve"  # solver policies: serve late requests in spare capacity, or reject them
     wall_limit_s: float | None = 0.5  # solver policies: wall-clock cap of one solve (real time rules here)
     reject_grace_s: float = 1.0  # --late reject: reject only requests that would miss by more (planning latency)
+    models: tuple[str, ...] = ()  # served models, placed per GPU; (): every model requests name, everywhere
+    placement: str = "auto"  # with models: auto | replicate | split | MODEL:GPUS,...
 
 
 class PlannerServer:
@@ -122,7 +124,8 @@ class PlannerServer:
                               plan_window=cfg.plan_window, planner_process=cfg.planner_process,
                               policy_options={"late": cfg.late, "wall_limit_s": cfg.wall_limit_s,
                                               "reject_grace_s": cfg.reject_grace_s},
-                              cluster_spec=cfg.cluster, version=_version())
+                              cluster_spec=cfg.cluster, version=_version(), models=tuple(cfg.models),
+                              placement=cfg.placement)
         self.core = PlannerCore(core_cfg, self._journal, recovered, clock)
         self.core.start()
         if cfg.simulate:

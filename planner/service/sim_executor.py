@@ -6,7 +6,9 @@ simulator would charge for it: the latent move plus its steps at the cost
 model's step time (times a seeded lognormal factor per step with
 ``noise > 0``), on the service clock (real time, or accelerated with
 ``--speed``). It reports once per assignment, with the measured (here:
-simulated) time of each step.
+simulated) time of each step. A weight load takes its predicted seconds,
+one after another on a GPU, and is reported when it ends; initial loads
+(the placement at connect) are resident at once.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class SimulatedExecutor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ditplan-sim-executor", daemon=True)
         self.session = None
+        self._load_free: dict[int, float] = {}  # GPU -> end of its last load (service clock)
 
     def start(self) -> None:
         self.session = self.core.connect_executor(self.executor_id, range(self.core.cluster.size), heartbeats=False)
@@ -63,6 +66,13 @@ class SimulatedExecutor:
                     log.debug("simulated report refused: %s", exc.message)
 
     def _start(self, delta: PlanDelta):
+        for ld in delta.loads:
+            if ld.initial:
+                continue
+            g = ld.weight.gpu
+            end = max(delta.server_time, self._load_free.get(g, delta.server_time)) + ld.predicted_s
+            self._load_free[g] = end
+            yield end, StepReport(self.executor_id, delta.plan_epoch, loaded=(ld.weight,))
         for a in delta.assignments:
             if not a.lead:
                 continue

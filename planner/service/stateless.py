@@ -23,7 +23,8 @@ from models.cost import CostModel
 from models.gpus import GPU_KINDS
 from planner.checker import check_plan
 from planner.cluster import _SHORT, Cluster, parse_cluster
-from planner.errors import InputError
+from planner.errors import InputError, PlacementError
+from planner.placement import Placement, check_fits, validate_placement
 from planner.plan import RoundPlan
 from planner.policies.base import make_policy, policy_names
 from planner.request import RequestState, RequestStatus
@@ -138,7 +139,8 @@ class PlanIn:
     round_s: float = 0.0  # 0: 2 s
     gpu_free_at: Sequence[float] = ()  # per GPU; empty: all idle at ``now``
     just_paused: Sequence[str] = ()
-    served_models: Sequence[str] = ()  # empty: the requests' models
+    served_models: Sequence[str] = ()  # replicated on every GPU; empty: the requests' models
+    placement: Sequence[Sequence[str]] = ()  # per GPU, "model/component"; set: overrides served_models
 
 
 @dataclass(frozen=True)
@@ -195,16 +197,30 @@ def plan_round(p: PlanIn) -> PlanOut:
     for rid in p.just_paused:
         if rid not in seen:
             raise InvalidArgument(f"field 'just_paused' = {rid!r} is not one of the requests")
-    served = tuple(p.served_models) or tuple(sorted({s.request.model for s in statuses}))
-    for m in served:
-        if m not in CATALOG:
-            raise InvalidArgument(f"field 'served_models' = {m!r} unknown model; known: {', '.join(sorted(CATALOG))}")
-    state = PlannerState(float(p.now), cluster, cost, statuses, free_at, served, float(round_s),
-                         frozenset(p.just_paused))
+    state = PlannerState(float(p.now), cluster, cost, statuses, free_at, _placement(p, cluster, statuses),
+                         float(round_s), frozenset(p.just_paused))
     t0 = time.perf_counter()
     plan = policy.plan(state)
     ms = (time.perf_counter() - t0) * 1e3
     return PlanOut(plan, check_plan(state, plan), ms)
+
+
+def _placement(p: PlanIn, cluster: Cluster, statuses: Sequence[RequestStatus]) -> Placement:
+    if p.placement:
+        if len(p.placement) != cluster.size:
+            raise InvalidArgument(f"field 'placement' has {len(p.placement)} entries; the cluster has "
+                                  f"{cluster.size} GPUs")
+        try:
+            placement = Placement.from_names(p.placement, "field 'placement'")
+            validate_placement(placement, cluster)
+        except PlacementError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return placement
+    served = tuple(p.served_models) or tuple(sorted({s.request.model for s in statuses}))
+    for m in served:
+        if m not in CATALOG:
+            raise InvalidArgument(f"field 'served_models' = {m!r} unknown model; known: {', '.join(sorted(CATALOG))}")
+    return Placement.replicate(cluster.size, served)
 
 
 # --- WhatIf -----------------------------------------------------------------
@@ -252,6 +268,10 @@ def whatif(w: WhatIfIn, should_stop: Callable[[], str | None] = lambda: None) ->
     cost = cost_model(cluster.kind.name)
     records = validate_records(w.records)
     requests = to_requests(records, cost, cluster, w.slo_scale)
+    try:
+        check_fits(requests, cluster, {r["id"]: f"records[{i}]" for i, r in enumerate(w.records)})
+    except PlacementError as exc:
+        raise InvalidArgument(str(exc)) from None
     config = SimConfig(round_s=w.round_s, noise=w.noise, seed=w.seed)
     calls = 0
 

@@ -23,6 +23,9 @@ class Stats:
     done_met: int = 0
     done_missed: int = 0
     rejected: int = 0  # ended by the planner (--late reject)
+    weight_loads: int = 0  # weight loads dispatched
+    weight_load_s: float = 0.0  # their predicted seconds
+    weight_load_failures: int = 0  # loads an executor reported failed
     solver_bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(SOLVER_BUCKETS_MS) + 1))
     solver_ms_sum: float = 0.0
 

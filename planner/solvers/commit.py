@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 from planner.placement import WeightLoad
 from planner.plan import Assignment
@@ -39,7 +39,7 @@ def piece_steps(step_s: float, piece_s: float, rem: int) -> int:
 
 
 @dataclass
-class _Gaps:
+class Gaps:
     """Idle GPUs and, for each, seconds until the schedule needs it (inf: never)."""
 
     until: dict[int, float]
@@ -47,6 +47,11 @@ class _Gaps:
     def take(self, blk: Sequence[int]) -> None:
         for g in blk:
             del self.until[g]
+
+    def split(self, gpus: Iterable[int]) -> "Gaps":
+        """Remove ``gpus`` from these gaps; return the gaps they had."""
+        gpus = set(gpus)
+        return Gaps({g: self.until.pop(g) for g in sorted(self.until) if g in gpus})
 
 
 @dataclass
@@ -64,7 +69,7 @@ def _weight(g: int, w: str) -> WeightLoad:
 
 
 def commit_on_time(data: ScheduleData, sched: Schedule, problem: RoundProblem, piece_s: float,
-                   gaps: _Gaps, out: Committed) -> None:
+                   gaps: Gaps, out: Committed) -> None:
     """Add the work of the present jobs that starts now to ``out``; marks the GPUs it uses.
 
     A job whose alternative loads weights first starts its loads (and the
@@ -93,9 +98,16 @@ def commit_on_time(data: ScheduleData, sched: Schedule, problem: RoundProblem, p
             gaps.take((alt.block[0],))
 
 
-def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundProblem, gaps: _Gaps,
-              piece_s: float) -> Assignment | None:
-    """Best-effort work of ``pr`` (with ``mates`` in the same state) in the gaps, or None."""
+def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundProblem, gaps: Gaps,
+              piece_s: float, reserved: Mapping[int, str] = {}) -> Assignment | None:
+    """Best-effort work of ``pr`` (with ``mates`` in the same state) in the gaps, or None; GPUs
+    ``reserved`` for another model are left out."""
+    if any(reserved.get(g, pr.model) != pr.model for g in gaps.until):
+        view = Gaps({g: u for g, u in gaps.until.items() if reserved.get(g, pr.model) == pr.model})
+        a = _fill_one(pr, mates, problem, view, piece_s)
+        if a is not None:
+            gaps.take(a.gpus)
+        return a
     ids = tuple(r.id for r in [pr, *mates])
     b = len(ids)
     if pr.stage in ("encode", "decode"):
@@ -144,9 +156,11 @@ def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundPro
     return Assignment(ids, Stage.DIFFUSE, blk, q)
 
 
-def fill_best_effort(candidates: Sequence[ProblemRequest], problem: RoundProblem, gaps: _Gaps,
-                     piece_s: float, batching: bool = True, share: float = 1.0) -> list[Assignment]:
-    """Best-effort work in the gaps (see the module doc); at most ``share`` of a node's GPUs hold it."""
+def fill_best_effort(candidates: Sequence[ProblemRequest], problem: RoundProblem, gaps: Gaps,
+                     piece_s: float, batching: bool = True, share: float = 1.0,
+                     reserved: Mapping[int, str] = {}) -> list[Assignment]:
+    """Best-effort work in the gaps (see the module doc); at most ``share`` of a node's GPUs hold it,
+    and a GPU ``reserved`` for a model only that model's."""
     if share < 1.0:
         held = [0] * len(problem.nodes)
         for r in problem.in_flight:
@@ -157,7 +171,8 @@ def fill_best_effort(candidates: Sequence[ProblemRequest], problem: RoundProblem
         use = {g.index: 0 for g in problem.gpus}
         for r in candidates:
             for g in use:
-                use[g] += (g in r.latent_gpus) + problem.runs((g,), r.model, r.stage)
+                if reserved.get(g, r.model) == r.model:
+                    use[g] += (g in r.latent_gpus) + problem.runs((g,), r.model, r.stage)
         for n, node in enumerate(problem.nodes):
             room = max(1, math.floor(share * len(node))) - held[n]  # late work always progresses
             free = sorted((g for g in node if g in gaps.until), key=lambda g: (use[g], -g))
@@ -174,31 +189,34 @@ def fill_best_effort(candidates: Sequence[ProblemRequest], problem: RoundProblem
         if batching and pr.stage != "decode" and pr.max_batch > 1:
             same = [r for r in order if r.id != pr.id and r.id not in done and _same_state(r, pr)]
             mates = same[:pr.max_batch - 1]
-        a = _fill_one(pr, mates, problem, gaps, piece_s)
+        a = _fill_one(pr, mates, problem, gaps, piece_s, reserved)
         if a is None and mates:
             mates = []
-            a = _fill_one(pr, mates, problem, gaps, piece_s)
+            a = _fill_one(pr, mates, problem, gaps, piece_s, reserved)
         if a is not None:
             out.append(a)
             done.update(a.request_ids)
     return out
 
 
-def load_stranded(candidates: Sequence[ProblemRequest], problem: RoundProblem, gaps: _Gaps,
-                  out: Committed) -> None:
+def load_stranded(candidates: Sequence[ProblemRequest], problem: RoundProblem, gaps: Gaps,
+                  out: Committed, reserved: Mapping[int, str] = {}) -> None:
     """Load the weights of best-effort requests whose next stage no GPU can run, onto a gap GPU.
 
     On-time work loads what it needs through the schedule; late work only
-    runs where weights already are, so a model resident nowhere would wait
-    for ever. One GPU per stranded model, the gap that lasts longest."""
+    runs where weights already are, so a model resident nowhere (or only on
+    GPUs ``reserved`` for another model, or without room for its
+    activations next to other weights) would wait for ever. One GPU per
+    stranded model, the gap that lasts longest."""
     done: set[str] = set()
     mem = {g.index: g.memory_free for g in problem.gpus}
     for pr in sorted(candidates, key=lambda r: (r.deadline, r.id)):
         if pr.model in done or not gaps.until:
             continue
-        if any(problem.runs((g.index,), pr.model, pr.stage) for g in problem.gpus):
-            continue
         need = pr.act_bytes[min(pr.act_bytes)] + 1 if pr.stage != "decode" else 0
+        if any(problem.runs((g.index,), pr.model, pr.stage) and mem[g.index] >= need for g in problem.gpus
+               if reserved.get(g.index, pr.model) == pr.model):
+            continue
         for g in sorted(gaps.until, key=lambda g: (-gaps.until[g], g)):
             loads, _, evicts = load_plan(problem, (g,), pr.model, pr.stage, need, mem)
             if loads:
@@ -233,5 +251,5 @@ def rejections(problem: RoundProblem, late: str, grace_s: float = 0.0) -> list[t
     return out
 
 
-def idle_gaps(problem: RoundProblem) -> _Gaps:
-    return _Gaps({g.index: math.inf for g in problem.gpus if g.free_in <= 1e-9})
+def idle_gaps(problem: RoundProblem) -> Gaps:
+    return Gaps({g.index: math.inf for g in problem.gpus if g.free_in <= 1e-9})

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from models.catalog import get_model
 from planner.problem import ProblemRequest, RoundProblem
@@ -199,8 +199,14 @@ def chain_parts(stage: str, enc: float, move: float, rem: int, step: float, dec:
     return (enc if stage == "encode" else 0.0), move + rem * step, dec
 
 
+def _may_decode(g: int, pr: ProblemRequest, reserved: Mapping[int, str]) -> bool:
+    """``g`` is not reserved for another model, or the latent lives there (a job may finish where it
+    runs; ``planner/solvers/reserve.py``)."""
+    return reserved.get(g, pr.model) == pr.model or g in pr.latent_gpus
+
+
 def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int],
-          mem: dict[int, int], release: int) -> list[Alt]:
+          mem: dict[int, int], release: int, reserved: Mapping[int, str] = {}) -> list[Alt]:
     """On-time alternatives of a job whose members share one state (one request, or a batch)."""
     lead_pr = members[0].pr
     b = len(members)
@@ -212,6 +218,8 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
     model = lead_pr.model
     if stage == "decode":
         for g in gpus:
+            if not _may_decode(g, lead_pr, reserved):
+                continue
             loads, load_s, evicts = load_plan(problem, (g,), model, stage, 0, mem)
             if loads is None:
                 continue
@@ -222,9 +230,12 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
         return out
     step = lead_pr.step_s if b == 1 else lead_pr.batch_step_s[b]
     node_of = problem.node_of
+    allowed = [g for g in gpus if reserved.get(g, model) == model]
+    own = {g for m in members if has_latent(m.pr) for g in m.pr.latent_gpus}
     for k in kept_degrees(step):
         need = lead_pr.act_bytes[k] * b + b  # per GPU; activations grow linearly with the batch
-        for blk, (loads, load_s, evicts) in _candidate_blocks(problem, gpus, k, model, stage, need, mem):
+        for blk, (loads, load_s, evicts) in _candidate_blocks(problem, gpus, k, model, stage, need, mem,
+                                                                  allowed, own):
             move, migrate = 0.0, False
             for m in members:
                 if has_latent(m.pr) and set(m.pr.latent_gpus) != set(blk):
@@ -264,12 +275,18 @@ MAX_LOADING_BLOCKS = 2  # per degree: loading alternatives beyond these are domi
 
 
 def _candidate_blocks(problem: RoundProblem, gpus: Sequence[int], k: int, model: str, stage: str, need: int,
-                      mem: dict[int, int]) -> list[tuple[tuple[int, ...], "_Loads"]]:
+                      mem: dict[int, int], allowed: Sequence[int] | None = None, own: set[int] = frozenset()
+                      ) -> list[tuple[tuple[int, ...], "_Loads"]]:
     """Blocks of ``k`` a chain may use: every block that holds its weights, and the
-    :data:`MAX_LOADING_BLOCKS` loading ones with the fewest loading GPUs, then the earliest free."""
+    :data:`MAX_LOADING_BLOCKS` loading ones with the fewest loading GPUs, then the earliest free.
+
+    ``allowed``: the GPUs not reserved for other models; ``own``: the latent's block, usable anyway."""
     ready, loading = [], []
     info = problem.gpu_of
-    for blk in aligned_blocks(gpus, problem.nodes, k):
+    blocks = aligned_blocks(gpus if allowed is None else allowed, problem.nodes, k)
+    if own and len(own) == k and tuple(sorted(own)) not in blocks and own <= set(gpus):
+        blocks.append(tuple(sorted(own)))
+    for blk in blocks:
         ld = load_plan(problem, blk, model, stage, need, mem)
         if ld[0] is None:
             continue
@@ -345,11 +362,12 @@ def _state_key(m: _Member) -> tuple:
 
 def build_schedule(problem: RoundProblem, requests: Iterable[ProblemRequest] | None = None,
                    gpus: Sequence[int] | None = None, params: ScheduleParams = ScheduleParams(),
-                   ) -> ScheduleData:
+                   reserved: Mapping[int, str] = {}) -> ScheduleData:
     """The schedule data of ``requests`` on ``gpus`` (default: the whole problem).
 
     Requests in no job (they cannot be on time on these GPUs, or are beyond
-    ``max_jobs``) are left to best effort.
+    ``max_jobs``) are left to best effort. ``reserved``: GPU -> the only model
+    that may start work there (``planner/solvers/reserve.py``).
     """
     gpus = tuple(g.index for g in problem.gpus) if gpus is None else tuple(gpus)
     gpu_info = {g.index: g for g in problem.gpus}
@@ -368,7 +386,7 @@ def build_schedule(problem: RoundProblem, requests: Iterable[ProblemRequest] | N
         nonlocal horizon
         lead = group[0].pr
         release = ticks_up(lead.ready_in)
-        alts = _alts(group, problem, gpus, mem, release)
+        alts = _alts(group, problem, gpus, mem, release, reserved)
         if not alts:
             return False
         jobs.append(Job(len(jobs), tuple(m.pr.id for m in group), lead.stage, lead.remaining_steps, release,
