@@ -67,6 +67,12 @@ class Cluster:
     def node_of(self, gpu: int) -> int:
         return self.gpus[gpu].node
 
+    @cached_property
+    def slowest_node_link(self) -> float:
+        """The slowest link between two GPUs of one node (inf when every node has one GPU)."""
+        return min((self.link_bandwidth(a, b) for node in self.nodes for i, a in enumerate(node)
+                    for b in node[i + 1:]), default=math.inf)
+
     def blocks(self, k: int) -> tuple[tuple[int, ...], ...]:
         """Every aligned block of ``k`` GPUs inside one node (buddy blocks)."""
         if k not in self._blocks:

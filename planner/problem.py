@@ -19,7 +19,7 @@ from models.catalog import STAGE_COMPONENT, get_model
 from planner.request import RequestState, RequestStatus
 from planner.state import PlannerState
 
-FORMAT = "ditplan.round-problem/3"
+FORMAT = "ditplan.round-problem/4"
 _INT_KEYED = ("step_s", "move_s", "act_bytes", "batch_encode_s", "batch_decode_s")
 _INT_KEYED2 = ("batch_step_s",)  # batch size -> SP degree -> seconds
 
@@ -51,6 +51,9 @@ class ProblemRequest:
     # stage and remaining steps are those after that segment).
     ready_in: float = 0.0
     steps_done: int = 0
+    # Seconds to move its prompt embeddings from an encode GPU to another GPU of a node (the
+    # slowest link there): what diffusing away from where it encoded costs before the first step.
+    embed_s: float = 0.0
 
     @property
     def fastest_step_s(self) -> float:
@@ -203,7 +206,8 @@ def _problem_request(state: PlannerState, st: RequestStatus) -> ProblemRequest:
         move_s={n: _move_s(state, st, node) for n, node in enumerate(cluster.nodes)},
         sp_prev=st.sp, was_running=st.id in state.just_paused,
         act_bytes={k: spec.activation_bytes(r.shape, k) for k in degrees},
-        latent_bytes=spec.latent_bytes(r.shape), ready_in=ready_in, steps_done=st.steps_done)
+        latent_bytes=spec.latent_bytes(r.shape), ready_in=ready_in, steps_done=st.steps_done,
+        embed_s=cost.transfer_time(spec.embedding_bytes(), cluster.slowest_node_link))
 
 
 def _move_s(state: PlannerState, st: RequestStatus, node: tuple[int, ...]) -> float:

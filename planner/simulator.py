@@ -44,7 +44,8 @@ class SimConfig:
     horizon_s: float | None = None  # stop here; unfinished requests count as misses
     check_plans: bool = True  # run the independent checker on every plan
     record_problems: bool = False  # keep every round's RoundProblem (for solver benchmarks)
-    placement: str = "auto"  # the starting placement (planner.placement.static_placement)
+    # The starting placement: a static_placement spec (planner.placement), or the Placement itself.
+    placement: str | Placement = "auto"
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,8 @@ class Simulator:
         rng = np.random.default_rng(cfg.seed)
         statuses = {r.id: RequestStatus(r) for r in requests}
         order = [statuses[r.id] for r in requests]
-        placement = static_placement(self.cluster, requests, self.cost, cfg.placement,
-                                     split=getattr(self.policy, "split_placement", "split"))
+        placement = cfg.placement if isinstance(cfg.placement, Placement) else static_placement(
+            self.cluster, requests, self.cost, cfg.placement, split=getattr(self.policy, "split_placement", "split"))
         validate_placement(placement, self.cluster)
         initial = placement
         weight_events: list[WeightEvent] = []

@@ -227,3 +227,26 @@ def test_a_peer_on_a_split_uses_the_blocks_of_its_own_gpus():
     plan = make_policy("edf").plan(state)
     assert [(a.stage, set(a.gpus) <= {1, 2, 3}) for a in plan.assignments] == [(Stage.DIFFUSE, True)]
     assert check_plan(state, plan) == []
+
+
+def test_cpsat_encodes_apart_on_the_gpu_that_holds_the_text_encoders():
+    # GPU 0 holds only FLUX's text encoders (an encode GPU), GPU 1 its backbone and VAE: no GPU holds all
+    # of FLUX. Encoding on GPU 1 would first load 9.8 GB of text encoders; encoding apart costs 0.1 s
+    # and a 3 MB embeddings move.
+    two = parse_cluster("2xL20")
+    placement = Placement((frozenset({("flux-dev", "text")}), frozenset({("flux-dev", "backbone"), ("flux-dev", "vae")})))
+    req = Request("i", "flux-dev", IMG, 28, 0.0, 60.0)
+    state = PlannerState(0.0, two, COST, [RequestStatus(req)], [0.0, 0.0], placement)
+    plan = make_policy("cpsat").plan(state)
+    assert [(a.stage, a.gpus) for a in plan.assignments] == [(Stage.ENCODE, (0,))] and not plan.loads
+    assert check_plan(state, plan) == []
+
+    result = Simulator(two, COST, make_policy("cpsat"), SimConfig(placement=placement)).run([req])
+    assert not result.weight_loads and summarize(result)["slo_attainment"] == 1.0
+    stages = [(s.stage, s.gpus) for s in result.segments]
+    assert stages[0] == (Stage.ENCODE, (0,)) and all(g == (1,) for st, g in stages[1:] if st is not Stage.ENCODE)
+    diffuse = [s for s in result.segments if s.stage is Stage.DIFFUSE]
+    handoff = COST.transfer_time(get_model("flux-dev").embedding_bytes(), two.link_bandwidth(0, 1))
+    assert diffuse[0].start - result.segments[0].end == pytest.approx(0.0, abs=1e-9)
+    assert diffuse[0].end - diffuse[0].start == pytest.approx(handoff + diffuse[0].steps * COST.step_time(
+        get_model("flux-dev"), IMG, 1, 1), rel=1e-9)

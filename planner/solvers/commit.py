@@ -1,7 +1,8 @@
 """Schedule -> RoundPlan: commit the work that starts now, fill spare capacity, reject what is lost.
 
 * **On-time work.** Every present job whose chain starts at tick 0 starts
-  its next stage now: encode on ``block[0]``, decode on ``block[0]``, or at
+  its next stage now: encode on ``block[0]`` (or the GPU that encodes
+  apart), decode on ``block[0]``, or at
   most ``piece_s`` seconds of diffuse steps on the whole block, so the next
   step boundary plans again (that is where preemption and elastic SP
   happen).
@@ -83,11 +84,17 @@ def commit_on_time(data: ScheduleData, sched: Schedule, problem: RoundProblem, p
                 gaps.until[g] = min(gaps.until[g], s0 * TICK_S)
         if s != 0 or job.in_flight or any(rid not in waiting for rid in job.ids):
             continue
+        apart = job.stage == "encode" and alt.encode_gpu >= 0
+        if apart:  # the encode runs now on its own GPU, whether or not the block loads meanwhile
+            out.assignments.append(Assignment(job.ids, Stage.ENCODE, (alt.encode_gpu,), 0))
+            gaps.take((alt.encode_gpu,))
         if alt.loads:
             model = problem.requests_by_id[job.ids[0]].model
             out.unloads += [_weight(g, w) for g, w in alt.evicts]
             out.loads += [WeightLoad(g, model, c) for g, c in alt.loads]
             gaps.take(alt.block)
+            continue
+        if apart:
             continue
         if job.stage == "diffuse":
             q = piece_steps(alt.step_s, piece_s, job.rem)

@@ -78,9 +78,9 @@ def build_model(data: ScheduleData) -> tuple[cp_model.CpModel, _Vars]:
         for a, alt in enumerate(job.alts):
             xa = m.new_bool_var(f"x{j}_{a}")
             m.add(s <= alt.latest).only_enforce_if(xa)
-            per_gpu[alt.block[0]].append(m.new_optional_fixed_size_interval_var(s, alt.span, xa, f"i{j}_{a}"))
-            for g in alt.block[1:]:
-                per_gpu[g].append(m.new_optional_fixed_size_interval_var(s + alt.lead, alt.diff, xa, f"i{j}_{a}_{g}"))
+            for g, off, n in alt.holds:
+                per_gpu[g].append(m.new_optional_fixed_size_interval_var(s + off if off else s, n, xa,
+                                                                         f"i{j}_{a}_{g}"))
             cost = W.gpu_ms * alt.gpu_ms + W.finish_ms * job.weight * alt.span
             if alt.migrate:
                 cost += W.migration * job.weight

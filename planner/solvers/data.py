@@ -14,7 +14,15 @@ block ``b`` of ``k`` GPUs inside one node (an *alternative*):
     b[1:]:           [ latent move + steps at degree k ...... ]
 
 so it holds ``b[0]`` for ``span`` ticks from its start ``s`` and the other
-GPUs for ``diff`` ticks from ``s + lead``. Only the work that starts now
+GPUs for ``diff`` ticks from ``s + lead``. A fresh request may also encode
+apart, on a GPU ``e`` of the node that holds its text encoders while ``b``
+does not (text encoders are large and run once: stage-level placement):
+
+    e:      [ encode ]
+    b[0]:            [ embeddings move + steps ...... | decode ]
+    b[1:]:           [ embeddings move + steps ...... ]
+
+``Alt.holds`` lists every (GPU, offset, ticks) either shape holds. Only the work that starts now
 is committed; the next step boundary plans again, so a preemption is just the
 remaining chain starting later, maybe at another degree.
 
@@ -88,6 +96,16 @@ class Alt:
     loads: tuple[tuple[int, str], ...] = ()
     load_s: float = 0.0
     evicts: tuple[tuple[int, str], ...] = ()  # (gpu, "model/component") unloaded to make room
+    encode_gpu: int = -1  # the GPU that encodes apart from the block (-1: block[0] encodes)
+    encode: int = 0  # ticks that GPU is held from the start
+
+    @property
+    def holds(self) -> tuple[tuple[int, int, int], ...]:
+        """(GPU, offset from the start, ticks) of every interval the alternative holds."""
+        if self.encode_gpu < 0:
+            return ((self.block[0], 0, self.span), *((g, self.lead, self.diff) for g in self.block[1:]))
+        return ((self.encode_gpu, 0, self.encode), (self.block[0], self.lead, self.span - self.lead),
+                *((g, self.lead, self.diff) for g in self.block[1:]))
 
     @property
     def loading_gpus(self) -> int:
@@ -132,10 +150,7 @@ class ScheduleData:
 
     def job_intervals(self, j: int, a: int, start: int) -> list[tuple[int, int, int]]:
         """(gpu, start, end) ticks the job holds on alternative ``a`` starting at ``start``."""
-        alt = self.jobs[j].alts[a]
-        out = [(alt.block[0], start, start + alt.span)]
-        out += [(g, start + alt.lead, start + alt.lead + alt.diff) for g in alt.block[1:]]
-        return out
+        return [(g, start + off, start + off + n) for g, off, n in self.jobs[j].alts[a].holds]
 
 
 @dataclass(frozen=True)
@@ -223,17 +238,28 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
             loads, load_s, evicts = load_plan(problem, (g,), model, stage, 0, mem)
             if loads is None:
                 continue
-            latest = ticks_down(deadline - load_s - dec)
+            # Decoding away from the diffuse block first moves the latent there.
+            move = 0.0 if g in lead_pr.latent_gpus else lead_pr.move_s[problem.node_of[g]]
+            latest = ticks_down(deadline - load_s - move - dec)
             if latest >= release:
-                span = ticks_up(load_s + dec)
-                out.append(Alt((g,), 0, 0, span, latest, span, False, 0.0, 0.0, loads, load_s, evicts))
+                span = ticks_up(load_s + move + dec)
+                out.append(Alt((g,), 0, 0, span, latest, span, False, 0.0, move, loads, load_s, evicts))
         return out
     step = lead_pr.step_s if b == 1 else lead_pr.batch_step_s[b]
     node_of = problem.node_of
     allowed = [g for g in gpus if reserved.get(g, model) == model]
     own = {g for m in members if has_latent(m.pr) for g in m.pr.latent_gpus}
+    encoders = _encoders(problem, gpus, model, reserved) if stage == "encode" else {}
     for k in kept_degrees(step):
         need = lead_pr.act_bytes[k] * b + b  # per GPU; activations grow linearly with the batch
+        if encoders:  # encode apart: the block needs no text encoders
+            for blk, ld in _candidate_blocks(problem, gpus, k, model, "diffuse", need, mem, allowed, own):
+                e = encoders.get(node_of[blk[0]])
+                if e is not None and e not in blk and (ld[0] or not problem.gpu_of[blk[0]].holds(model, "text")):
+                    alt = _apart_alt(blk, e, ld, enc, lead_pr.embed_s, lead_pr.remaining_steps, step[k], dec,
+                                     deadline, release)
+                    if alt is not None:
+                        out.append(alt)
         for blk, (loads, load_s, evicts) in _candidate_blocks(problem, gpus, k, model, stage, need, mem,
                                                                   allowed, own):
             move, migrate = 0.0, False
@@ -241,6 +267,8 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
                 if has_latent(m.pr) and set(m.pr.latent_gpus) != set(blk):
                     move = max(move, m.pr.move_s[node_of[blk[0]]])
                     migrate = True
+                elif m.pr.stage == "diffuse" and m.pr.latent_gpus and not set(m.pr.latent_gpus) & set(blk):
+                    move = max(move, m.pr.embed_s)  # encoded apart: the embeddings come over first
             e, d, dd = chain_parts(stage, enc, move, lead_pr.remaining_steps, step[k], dec)
             latest = ticks_down(deadline - (load_s + e + d + dd))
             if latest < release:
@@ -254,6 +282,37 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
             out.append(Alt(blk, lead, diff, span, latest, span + (k - 1) * diff, migrate, step[k], move,
                            loads, load_s, evicts))
     return out
+
+
+def _encoders(problem: RoundProblem, gpus: Sequence[int], model: str,
+              reserved: Mapping[int, str]) -> dict[int, int]:
+    """Node -> the GPU of the scope that would encode ``model`` apart (it holds the text encoders):
+    the earliest free, then the lowest index."""
+    out: dict[int, tuple[float, int]] = {}
+    for g in gpus:
+        info = problem.gpu_of[g]
+        if info.holds(model, "text") and reserved.get(g, model) == model:
+            key = (info.free_in, g)
+            if info.node not in out or key < out[info.node]:
+                out[info.node] = key
+    return {n: g for n, (_, g) in out.items()}
+
+
+def _apart_alt(blk: tuple[int, ...], e: int, ld: "_Loads", enc: float, embed_s: float, rem: int, step: float,
+               dec: float, deadline: float, release: int) -> Alt | None:
+    """The chain with its encode on ``e`` and the rest on ``blk`` (loads there run meanwhile)."""
+    loads, load_s, evicts = ld
+    d = embed_s + rem * step
+    pre = max(load_s, enc)  # the block starts when its loads and the encode are both done
+    latest = ticks_down(deadline - (pre + d + dec))
+    if latest < release:
+        return None
+    lead = 0 if loads else ticks_down(pre)  # a loading block is held from the start
+    diff = ticks_up(pre + d) - lead
+    span = ticks_up(pre + d + dec)
+    n_enc = ticks_up(enc)
+    gpu_ms = n_enc + (span - lead) + (len(blk) - 1) * diff
+    return Alt(blk, lead, diff, span, latest, gpu_ms, False, step, embed_s, loads, load_s, evicts, e, n_enc)
 
 
 def chain_components(stage: str, first: bool) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ def list_schedule(data: ScheduleData, order: Sequence[int],
         want = prefer.get(job.key) if prefer else None
         best = None
         for a, alt in enumerate(job.alts):
-            s = max(job.release, free[alt.block[0]], *(free[g] - alt.lead for g in alt.block[1:]))
+            s = max(job.release, *(free[g] - off for g, off, _ in alt.holds))
             if s > alt.latest:
                 continue
             # The objective's tiers: not preempting a running request and not moving a latent come

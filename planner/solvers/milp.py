@@ -53,9 +53,8 @@ def build_model(data: ScheduleData) -> tuple[pulp.LpProblem, list, list, list]:
         prob += pulp.lpSum(x) - p == 0
         for a, alt in enumerate(job.alts):
             prob += s - alt.latest <= M * (1 - x[a])
-            ivs.setdefault(alt.block[0], []).append((j, x[a], 0, alt.span))
-            for g in alt.block[1:]:
-                ivs.setdefault(g, []).append((j, x[a], alt.lead, alt.diff))
+            for g, off, n in alt.holds:
+                ivs.setdefault(g, []).append((j, x[a], off, n))
             cost = W.gpu_ms * alt.gpu_ms + W.finish_ms * job.weight * alt.span
             if alt.migrate:
                 cost += W.migration * job.weight
