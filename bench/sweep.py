@@ -1,7 +1,6 @@
 """SLO attainment against arrival rate and against SLO scale, per policy.
 
-Runs every policy on the same seeded TetriServe-style traces (DESIGN 3.1
-workloads) and writes a CSV and a PNG. Usage:
+Runs every policy on the same seeded TetriServe-style traces (``planner.workloads``) and writes a CSV and a PNG. Usage:
 
     python -m bench.sweep [--workloads tetriserve-uniform tetriserve-skewed]
                           [--policies fcfs-sp1 ... tetriserve-dp] [--n 300] [--seeds 0 1]

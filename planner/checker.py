@@ -130,7 +130,7 @@ def _check_placement_changes(state: PlannerState, plan: RoundPlan, after: Placem
 def check_timeline(requests: Sequence[Request], cluster: Cluster, segments: Iterable[Mapping],
                    outcomes: Mapping[str, Mapping] | None = None,
                    weights: Iterable[Mapping] | None = None) -> list[str]:
-    """Problems with a DESIGN 3.3 timeline (segment dicts) for ``requests`` on ``cluster``.
+    """Problems with a timeline (docs/architecture.md, Contracts) (segment dicts) for ``requests`` on ``cluster``.
 
     ``outcomes`` (request id -> the timeline's request record) is checked too:
     finish must be the end of the decode segment and ``met`` must agree with
@@ -272,3 +272,54 @@ def _check_weights(requests: Sequence[Request], cluster: Cluster, segments: Sequ
                 if e > s + TOL and seg["start"] < e - TOL and s < seg["end"] - TOL:
                     problems.append(f"segment {i}: GPU {g} runs while loading {w[0]} {w[1]} [{s}, {e}]")
     return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m planner.checker TRACE TIMELINE --cluster C``: 0 legal, 1 with the problems, 2 bad input.
+
+    The requests (and their deadlines, at ``--slo-scale`` as ``ditplan whatif``
+    gives them) come from the trace, not from the timeline, so the timeline's
+    own deadlines are checked too.
+    """
+    import argparse
+    import sys
+
+    from models.cost import CostModel
+    from planner.cluster import parse_cluster
+    from planner.errors import InputError
+    from planner.metrics import read_timeline
+    from planner.traces import read_trace
+    from planner.whatif import to_requests
+
+    ap = argparse.ArgumentParser(prog="python -m planner.checker",
+                                 description="Check a timeline (ditplan whatif --timeline) against its trace.")
+    ap.add_argument("trace", help="the trace the timeline ran (JSON Lines or Hetu-DiT lines)")
+    ap.add_argument("timeline", help="the timeline (JSON Lines of load, unload, segment and request records)")
+    ap.add_argument("--cluster", default="8xH100", help="the cluster it ran on (NxKIND, MxNxKIND or a JSON file)")
+    ap.add_argument("--slo-scale", type=float, default=1.5, help="deadline scale of requests without a deadline")
+    args = ap.parse_args(argv)
+    try:
+        cluster = parse_cluster(args.cluster)
+        requests = to_requests(read_trace(args.trace), CostModel(cluster.kind), cluster, args.slo_scale)
+        segments, outcomes, weights = read_timeline(args.timeline)
+    except (InputError, OSError, ValueError, KeyError) as exc:
+        print(f"python -m planner.checker: {str(exc).strip(chr(34))}", file=sys.stderr)
+        return 2
+    problems = check_timeline(requests, cluster, segments, outcomes, weights or None)
+    for r in requests:
+        got = outcomes.get(r.id, {}).get("deadline")
+        if got is not None and abs(got - r.deadline) > ROUNDING + 1e-9 * abs(r.deadline):
+            problems.append(f"request {r.id}: the timeline's deadline {got} is not the trace's {r.deadline:.6f} "
+                            f"(at --slo-scale {args.slo_scale:g})")
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.timeline}")
+        return 1
+    print(f"{args.timeline}: legal ({len(segments)} segments, {len(outcomes)} requests, "
+          f"{len(weights)} weight records on {cluster.name})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

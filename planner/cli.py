@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from models.catalog import CATALOG, UnknownModelError
@@ -28,6 +29,7 @@ DEFAULT_CLUSTER = "8xH100"
 DEFAULT_SLO_SCALE = 1.5
 BASELINES = ["fcfs-sp1", "fcfs-sp2", "fcfs-sp4", "fcfs-sp8", "rssp", "edf", "tetriserve-dp"]
 DEFAULT_POLICIES = BASELINES + ["genserve", "cpsat"]  # what `whatif` compares unless told otherwise
+BIG_GANTT_BARS = 20_000  # whatif says it is drawing a Gantt chart this big (about a second) before it does
 
 
 def fail(message: str) -> "typer.Exit":
@@ -37,19 +39,12 @@ def fail(message: str) -> "typer.Exit":
 
 def _policies(requested: list[str]) -> list[str]:
     from planner.policies.base import policy_names
+    from planner.whatif import expand_policies
 
-    known = policy_names() + ["offline-bound"]
-    if not requested:
-        return [p for p in DEFAULT_POLICIES if p in known]
-    chosen: list[str] = []
-    for p in requested:
-        names = [k for k in known if k != "offline-bound"] if p == "all" else [p]
-        for n in names:
-            if n not in known:
-                raise InputError(f"--policy {n!r} is unknown; known: {', '.join(known)} (or 'all')")
-            if n not in chosen:
-                chosen.append(n)
-    return chosen
+    try:
+        return expand_policies(requested, policy_names() + ["offline-bound"], DEFAULT_POLICIES)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 @app.command()
@@ -59,7 +54,8 @@ def whatif(
     n: Optional[int] = typer.Option(None, min=1, help="Requests to generate with --workload."),
     rate: Optional[float] = typer.Option(None, min=1e-9, help="Arrival rate, req/s, with --workload."),
     cluster: str = typer.Option(DEFAULT_CLUSTER, help="8xH100, 2x8xL20, ... or a cluster JSON file."),
-    policy: List[str] = typer.Option([], "--policy", "-p", help="Policy (repeatable, or 'all'). Default: the baselines, genserve and cpsat. "
+    policy: List[str] = typer.Option([], "--policy", "-p", help="Policy (repeatable), 'all' (every round policy "
+                                     "but the slow MILP ones) or 'all+milp'. Default: the baselines, genserve, cpsat. "
                                      "'offline-bound' solves the whole trace offline and reports a proven upper bound."),
     slo_scale: float = typer.Option(DEFAULT_SLO_SCALE, min=1e-9,
                                     help="Deadline = arrival + scale x ideal latency, for requests without one."),
@@ -75,12 +71,16 @@ def whatif(
                                   "MODEL:GPUS,... per node. Peers keep it; cpsat loads and evicts weights as the "
                                   "load shifts."),
     offline_budget: float = typer.Option(4.0, min=0.01, help="offline-bound: CP-SAT deterministic seconds."),
-    profile: List[Path] = typer.Option([], help="Extra profile JSON (e.g. from `ditplan profile`)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics per policy (DESIGN 3.3)."),
+    profile: List[Path] = typer.Option([], help="Extra measured step-time profile JSON (the format of models/profiles/*.json)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics per policy (the what-if JSON contract, docs/architecture.md)."),
     timeline: Optional[Path] = typer.Option(None, help="Write the timeline JSONL (one policy only)."),
-    plot: Optional[Path] = typer.Option(Path("out/whatif"), help="PNG prefix: PREFIX-attainment.png, PREFIX-gantt.png."),
+    plot: Optional[Path] = typer.Option(None, help="PNG prefix: PREFIX-attainment.png, PREFIX-gantt.png "
+                                        "(default: beside --json, e.g. out/m.json -> out/m-*.png; else out/whatif)."),
     no_plot: bool = typer.Option(False, "--no-plot", help="Write no plots."),
-    gantt_policy: Optional[str] = typer.Option(None, help="Policy drawn in the Gantt chart (default: the last)."),
+    gantt_policy: Optional[str] = typer.Option(None, help="Policy drawn in the Gantt chart (default: cpsat if run, "
+                                               "else the first given); 'all': PREFIX-gantt-POLICY.png for each."),
+    gantt_color: str = typer.Option("class", help="Gantt colours: 'class' (model and shape) or 'outcome' "
+                                    "(on time, late, unfinished); missed deadlines are marked either way."),
     dump_problems: Optional[Path] = typer.Option(
         None, help="Write every round's RoundProblem (JSON Lines, one policy only) for solver benchmarks."),
 ) -> None:
@@ -91,7 +91,8 @@ def whatif(
     from planner.placement import check_fits, static_placement, validate_placement
     from planner.simulator import SimConfig
     from planner.traces import read_trace
-    from planner.whatif import run_policies, to_requests
+    from planner.whatif import (PolicyProgress, fmt_duration, gantt_policies, native_stdout_silenced,
+                                run_policies, to_requests)
     from planner.workloads import generate
 
     try:
@@ -103,8 +104,9 @@ def whatif(
         for flag, value in (("--timeline", timeline), ("--dump-problems", dump_problems)):
             if value is not None and len(names) != 1:
                 raise InputError(f"{flag} takes exactly one --policy, got {len(names)}: {', '.join(names)}")
-        if gantt_policy is not None and gantt_policy not in names:
-            raise InputError(f"--gantt-policy {gantt_policy!r} is not among the policies run")
+        drawn = gantt_policies(names, gantt_policy)
+        if gantt_color not in ("class", "outcome"):
+            raise InputError(f"--gantt-color {gantt_color!r} is unknown; use 'class' or 'outcome'")
         topo = parse_cluster(cluster)
         profiles = builtin_profiles() + [load_profile(p) for p in profile]
         cost = CostModel(topo.kind, profiles)
@@ -130,12 +132,35 @@ def whatif(
     console.print(f"[bold]ditplan whatif[/]: {source} on {topo.name} ({topo.size} GPUs), "
                   f"{len(requests)} requests, policies: {', '.join(names)}; placement {placement}: "
                   f"{start.describe()}", highlight=False)
+    # Progress on stderr: a live bar with each policy's ETA on a terminal, else a line every 10 s of a
+    # policy's run (finished requests, elapsed, ETA); on both, one line per policy done with its wall time.
+    # Native solver output (the HiGHS banner) is kept off stdout, which carries only the table.
+    if "all" in policy and "all+milp" not in policy:
+        from planner.whatif import SLOW_POLICIES
+
+        left = [p for p in SLOW_POLICIES if p not in names]
+        if left:
+            console.print(f"--policy all leaves out the slow {', '.join(left)} (minutes per few hundred requests); "
+                          "--policy all+milp runs them too", highlight=False)
+    live = console.is_terminal
+    report = PolicyProgress(names, lambda line: console.print(line, highlight=False),
+                            every_s=float("inf") if live else 10.0)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=not console.is_terminal) as bar:
-        tasks = {p: bar.add_task(p, total=len(requests)) for p in names}
-        runs = run_policies(requests, topo, cost, names, config,
-                            progress=lambda p, done, total: bar.update(tasks[p], completed=done),
-                            offline_budget_s=offline_budget, late=late)
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
+                  disable=not live) as bar:
+        tasks = {p: bar.add_task(p, total=len(requests), start=False) for p in names}
+
+        def started(p: str) -> None:
+            report.start(p)
+            bar.start_task(tasks[p])
+
+        def progressed(p: str, done: int, total: int) -> None:
+            report.update(p, done, total)
+            bar.update(tasks[p], completed=done)
+
+        with native_stdout_silenced():
+            runs = run_policies(requests, topo, cost, names, config, progress=progressed,
+                                offline_budget_s=offline_budget, late=late, on_start=started, on_done=report.done)
     summaries = {name: run.summary for name, run in runs.items()}
     out.print(_table(summaries, f"{source} on {topo.name}, slo-scale {slo_scale}"))
     for name, s in summaries.items():
@@ -156,13 +181,26 @@ def whatif(
 
         count = save_problems(dump_problems, runs[names[0]].result.round_problems)
         console.print(f"wrote {count} round problems to {dump_problems}")
-    if not no_plot and plot is not None:
-        from planner.plots import plot_attainment, plot_gantt
+    if not no_plot:
+        import time
+        from contextlib import nullcontext
 
-        a = plot_attainment(summaries, f"{plot}-attainment.png", f"SLO attainment: {source}, {topo.name}")
-        gp = gantt_policy or names[-1]
-        g = plot_gantt(runs[gp].result, topo.size, f"{plot}-gantt.png")
-        console.print(f"wrote {a} and {g}")
+        from planner.plots import gantt_bars, plot_attainment, plot_gantt
+
+        prefix = plot if plot is not None else json_out.with_suffix("") if json_out is not None else Path("out/whatif")
+        a = plot_attainment(summaries, f"{prefix}-attainment.png", f"SLO attainment: {source}, {topo.name}")
+        console.print(f"wrote {a}", highlight=False)
+        for gp in drawn:
+            path = f"{prefix}-gantt.png" if len(drawn) == 1 else f"{prefix}-gantt-{gp}.png"
+            bars = gantt_bars(runs[gp].result)
+            what = f"drawing the Gantt chart of {gp} ({bars:,} bars on {topo.size} GPUs) ..."
+            if not live and bars >= BIG_GANTT_BARS:  # a second or more: say so in the log
+                console.print(what, highlight=False)
+            t0 = time.perf_counter()
+            with console.status(what, spinner="dots") if live else nullcontext():
+                g = plot_gantt(runs[gp].result, topo, path, color_by=gantt_color)
+            console.print(f"wrote {g}: Gantt chart of {gp} ({fmt_duration(time.perf_counter() - t0)})",
+                          highlight=False)
 
 
 def _fmt(x, spec: str) -> str:
@@ -237,15 +275,19 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 
 @app.command()
 def serve(
-    port: int = typer.Option(50051, min=0, max=65535, help="gRPC port (0: any free port, printed at start)."),
+    port: int = typer.Option(50051, min=0, max=65535, help="gRPC port (0: any free port, printed at start); "
+                             "one in use is an error (exit 2)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (default: loopback only)."),
     cluster: str = typer.Option(DEFAULT_CLUSTER, help="8xH100, 2x8xL20, ... or a cluster JSON file."),
     policy: Optional[str] = typer.Option(None, help="Planning policy (default: cpsat if available, else tetriserve-dp)."),
     simulate: bool = typer.Option(False, "--simulate", help="Run plans on a built-in simulated executor (no GPU)."),
-    speed: float = typer.Option(1.0, min=1e-6, help="With --simulate: simulated seconds per wall second."),
+    speed: float = typer.Option(1.0, min=1e-6, help="With --simulate: simulated seconds per wall second. The "
+                                "virtual clock stands still while the planner solves, so the speed sets the pace, "
+                                "not the outcome."),
     noise: float = typer.Option(0.0, min=0.0, help="With --simulate: sigma of lognormal step-time noise."),
     seed: int = typer.Option(0, help="With --simulate: noise seed."),
-    state_dir: Path = typer.Option(Path("ditplan-state"), help="Journal directory (SQLite, WAL); reused on restart."),
+    state_dir: Path = typer.Option(Path("ditplan-state"), help="Journal directory (SQLite, WAL); reused on restart. "
+                                   "Locked while this server runs: a second server on it exits naming the holder."),
     journal_sync: str = typer.Option("full", help="SQLite synchronous mode: full (survives power loss) or normal."),
     slo_scale: float = typer.Option(DEFAULT_SLO_SCALE, min=1e-9, help="Deadline scale for requests without one."),
     round_s: float = typer.Option(2.0, min=1e-3, help="Planning round length, seconds."),
@@ -272,9 +314,17 @@ def serve(
                                   "replicate, split, or MODEL:GPUS,... per node. cpsat re-places weights as the "
                                   "load shifts; other policies keep this placement."),
 ) -> None:
-    """Run the gRPC planning service."""
+    """Run the gRPC planning service.
+
+    Start-up fails with exit status 2 and a one-line error, leaving nothing open, on a bad option or
+    cluster spec (a cluster JSON with an unknown field included), on a --port (or --metrics-port) already
+    in use, and on a --state-dir another `ditplan serve` holds: the journal is locked (flock on
+    STATE_DIR/lock, which names the holder's pid, host, address and start time) for as long as its server
+    runs. The OS releases the lock when a server dies, even by kill -9, so a restart is never blocked.
+    """
     import logging
 
+    from planner.service.journal import JournalError
     from planner.service.server import ServeConfig, serve as run_server
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
@@ -297,14 +347,21 @@ def serve(
                          placement=placement)
     try:
         run_server(config, announce=lambda line: print(line, flush=True))
-    except (InputError, KeyError, ValueError, OSError) as exc:
+    except (InputError, KeyError, ValueError, OSError, JournalError) as exc:
         raise fail(str(exc).strip('"')) from None
 
 
 def _client(server: str, token: Optional[str], tls_ca: Optional[Path], timeout: float):
-    from planner.service.client import PlannerClient
+    """A connected client: waits up to ``timeout`` for the server (one started a moment ago, too)."""
+    from planner.service.client import PlannerClient, PlannerError
 
-    return PlannerClient(server, token=token or None, tls_ca=str(tls_ca) if tls_ca else None, timeout=timeout)
+    client = PlannerClient(server, token=token or None, tls_ca=str(tls_ca) if tls_ca else None, timeout=timeout)
+    try:
+        client.wait_ready(timeout)
+    except PlannerError:
+        client.close()
+        raise
+    return client
 
 
 _SERVER_OPT = typer.Option(DEFAULT_SERVER, envvar="DITPLAN_SERVER", help="Service address host:port.")
@@ -373,7 +430,7 @@ def status(
         print(status_json(views))
         return
     t = Table(title=f"{len(views)} requests on {server}")
-    for col in ("id", "state", "steps", "deadline in s", "predicted finish in s", "finish", "note"):
+    for col in ("id", "state", "steps", "deadline in s", "predicted finish in s", "finish in s", "note"):
         t.add_column(col, justify="left" if col in ("id", "state", "note") else "right")
     for row in status_rows(views, info.now):
         t.add_row(*row)

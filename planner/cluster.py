@@ -15,6 +15,7 @@ slowest link.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -160,12 +161,34 @@ def _node_links(kind: GpuKind, n: int, nvlink, nvlink_bw: float, pcie_bw: float,
                 yield a, b, pcie_bw, "pcie"
 
 
+# The fields a cluster JSON may hold; anything else is refused (a typo must not silently mean "default").
+TOP_FIELDS = ("nodes", "internode_gbps")
+NODE_FIELDS = ("kind", "gpus", "memory_gib", "nvlink", "nvlink_gbps", "pcie_gbps")
+
+
+def _check_fields(obj: dict, known: tuple[str, ...], where: str) -> None:
+    """Refuse keys of ``obj`` outside ``known``, naming each (with the close match, if any) and the known ones."""
+    unknown = [k for k in obj if k not in known]
+    if not unknown:
+        return
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    noun = "field" if len(unknown) == 1 else "fields"
+    raise ClusterSpecError(f"{where}: unknown {noun} {', '.join(parts)}; known: {', '.join(sorted(known))}")
+
+
 def build_cluster(nodes: list[dict], internode_bw: float, name: str) -> Cluster:
     graph = nx.Graph()
     index_lists: list[list[int]] = []
     gid = 0
     for ni, node in enumerate(nodes):
         where = f"cluster {name!r}: nodes[{ni}]"
+        if not isinstance(node, dict):
+            raise ClusterSpecError(f"{where}: must be an object with fields {', '.join(NODE_FIELDS)}, "
+                                   f"got {node!r}")
+        _check_fields(node, NODE_FIELDS, where)
         kind_name = node.get("kind")
         if not isinstance(kind_name, str) or kind_name.upper() not in GPU_KINDS:
             raise ClusterSpecError(f"{where}: field 'kind' = {kind_name!r} is not one of {sorted(GPU_KINDS)}")
@@ -176,10 +199,13 @@ def build_cluster(nodes: list[dict], internode_bw: float, name: str) -> Cluster:
         mem = node.get("memory_gib", kind.memory / GiB)
         if not isinstance(mem, (int, float)) or mem <= 0:
             raise ClusterSpecError(f"{where}: field 'memory_gib' = {mem!r} must be > 0")
-        nv_bw = float(node.get("nvlink_gbps", kind.link_bw / 1e9)) * 1e9
-        pcie_bw = float(node.get("pcie_gbps", kind.pcie_bw / 1e9)) * 1e9
-        if nv_bw <= 0 or pcie_bw <= 0:
-            raise ClusterSpecError(f"{where}: link bandwidths must be > 0")
+        bws = []
+        for key, default in (("nvlink_gbps", kind.link_bw / 1e9), ("pcie_gbps", kind.pcie_bw / 1e9)):
+            bw = node.get(key, default)
+            if not isinstance(bw, (int, float)) or isinstance(bw, bool) or not bw > 0:
+                raise ClusterSpecError(f"{where}: field {key!r} = {bw!r} must be a number > 0")
+            bws.append(float(bw) * 1e9)
+        nv_bw, pcie_bw = bws
         ids = list(range(gid, gid + n))
         for local, g in enumerate(ids):
             graph.add_node(g, gpu=Gpu(g, ni, local, kind, int(mem * GiB)))
@@ -220,6 +246,8 @@ def parse_cluster(spec: str) -> Cluster:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ClusterSpecError(f"cluster file {spec!r}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if isinstance(doc, dict):
+        _check_fields(doc, TOP_FIELDS, f"cluster {path.name!r}: top level")
     if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
         raise ClusterSpecError(f"cluster file {spec!r}: field 'nodes' must be a list of nodes")
     inter = doc.get("internode_gbps", 50)

@@ -1,4 +1,4 @@
-"""Summaries of a simulation in the DESIGN 3.3 what-if JSON shape, and the timeline."""
+"""Summaries of a simulation in the what-if JSON shape (docs/architecture.md, Contracts), and the timeline."""
 from __future__ import annotations
 
 import json
@@ -84,7 +84,7 @@ def unfinished_reasons(result: SimResult) -> list[str]:
 
 
 def timeline_records(result: SimResult) -> list[dict]:
-    """DESIGN 3.3 timeline: weights resident at the start (loads at 0..0), segments and the
+    """timeline (docs/architecture.md, Contracts): weights resident at the start (loads at 0..0), segments and the
     plans' loads and unloads by time, then one object per request."""
     out: list[dict] = []
     if result.initial_placement is not None:

@@ -10,7 +10,7 @@
   relaxation every schedule of the simulator's semantics satisfies — with
   preemption, SP changes between steps, migration and batching.
 
-So every policy's gap to the limit can be reported (DESIGN section 4).
+So every policy's gap to the limit can be reported (docs/architecture.md).
 
 Model 1: the schedule
 ---------------------

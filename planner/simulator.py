@@ -50,7 +50,7 @@ class SimConfig:
 
 @dataclass(frozen=True)
 class Segment:
-    """One executed piece of work (DESIGN 3.3 timeline)."""
+    """One executed piece of work (timeline (docs/architecture.md, Contracts))."""
 
     request_ids: tuple[str, ...]
     stage: Stage

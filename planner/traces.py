@@ -1,6 +1,6 @@
 """Trace files: read (JSON Lines or Hetu-DiT), validate, resolve deadlines, write.
 
-The JSON Lines contract is DESIGN 3.1. A bad line rejects the whole file with
+The JSON Lines contract is in docs/architecture.md (Contracts). A bad line rejects the whole file with
 a :class:`TraceError` naming the source, the 1-based line, the field and its
 value. Hetu-DiT's format (``Request(request_id=0, timestamp=0.0, height=...,
 width=..., num_frames=..., num_inference_steps=..., prompt='...')`` one per

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from models.catalog import Shape
@@ -53,3 +55,30 @@ def test_outcome_records_are_checked_against_segments_and_deadlines():
     assert any("met=True" in p for p in
                check_timeline(R[1:2], CLUSTER, late, {"b": {"finish": 3.2, "met": True}}))
     assert check_timeline(R[1:2], CLUSTER, late, {"b": {"finish": 3.2, "met": False}}) == []
+
+
+def test_checker_command_checks_a_timeline_file_against_its_trace(tmp_path, capsys):
+    from typer.testing import CliRunner
+
+    from planner.checker import main
+    from planner.cli import app
+    from planner.traces import TraceRecord, write_trace
+
+    trace, timeline = tmp_path / "t.jsonl", tmp_path / "timeline.jsonl"
+    write_trace(trace, [TraceRecord(f"r{i}", 2.0 * i, "flux-dev", 1024, 1024, 1, 28) for i in range(4)])
+    r = CliRunner().invoke(app, ["whatif", "--trace", str(trace), "--cluster", "4xL20", "-p", "edf",
+                                 "--timeline", str(timeline), "--no-plot"])
+    assert r.exit_code == 0, r.output
+    assert main([str(trace), str(timeline), "--cluster", "4xL20"]) == 0
+    assert "legal" in capsys.readouterr().out
+    # Two segments on one GPU at once: the file is refused, naming the overlap.
+    lines = timeline.read_text().splitlines()
+    segs = [i for i, x in enumerate(lines) if '"type":"segment"' in x]
+    a, b = json.loads(lines[segs[0]]), json.loads(lines[segs[-1]])
+    b.update(gpus=a["gpus"], sp=len(a["gpus"]), start=a["start"], end=a["end"])
+    lines[segs[-1]] = json.dumps(b)
+    timeline.write_text("\n".join(lines) + "\n")
+    assert main([str(trace), str(timeline), "--cluster", "4xL20"]) == 1
+    out = capsys.readouterr().out
+    assert "problem(s)" in out and "overlap" in out.lower()
+    assert main([str(trace), str(tmp_path / "missing.jsonl"), "--cluster", "4xL20"]) == 2

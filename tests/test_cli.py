@@ -133,3 +133,89 @@ def test_offline_bound_reports_a_bound_no_policy_beats(tmp_path):
     assert m["offline-bound"]["slo_attainment"] <= bound <= 1.0
     assert all(m[p]["slo_attainment"] <= bound + 1e-9 for p in ("edf", "tetriserve-dp"))
     assert "slo_attainment_upper_bound" not in m["edf"]  # only the offline solve proves a bound
+
+
+# --- issue 11: which policies, progress, quiet stdout, where the plots go ------------------------------------
+
+def test_all_leaves_out_the_slow_milp_policies_unless_asked(tmp_path):
+    out = tmp_path / "m.json"
+    r = invoke("whatif", "--workload", "tetriserve-uniform", "--n", 2, "--cluster", "2xH100", "--policy", "all",
+               "--no-plot", "--json", out)
+    assert r.exit_code == 0, r.output
+    ran = set(json.loads(out.read_text()))
+    assert {"cpsat", "edf", "genserve", "hetu-ilp", "tetriserve-dp"} <= ran
+    assert not ran & {"milp", "milp-highs", "offline-bound"}
+    assert "all+milp" in r.output  # says what it left out and how to get it
+    r = invoke("whatif", "--workload", "tetriserve-uniform", "--n", 2, "--cluster", "2xH100", "--policy", "all+milp",
+               "--no-plot", "--json", out)
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(out.read_text())) == ran | {"milp", "milp-highs"}
+    assert "leaves out" not in r.output
+
+
+def test_no_solver_banner_on_stdout(tmp_path):
+    """HiGHS prints its banner from C on fd 1; stdout must carry the table alone."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", "from planner.cli import main; main()", "whatif", "-p", "milp-highs",
+           "--workload", "tetriserve-uniform", "--n", "3", "--cluster", "2xH100", "--no-plot"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "HiGHS" not in p.stdout and "licence" not in p.stdout, p.stdout[:300]
+    assert p.stdout.lstrip().startswith("workload tetriserve-uniform")  # the table's title comes first
+    assert "milp-highs" in p.stdout
+
+
+def test_progress_lines_carry_the_eta():
+    from planner.whatif import PolicyProgress
+
+    now = [100.0]
+    lines: list[str] = []
+    rep = PolicyProgress(["edf", "milp"], lines.append, every_s=10.0, clock=lambda: now[0])
+    rep.start("milp")
+    for t, done in ((5.0, 10), (12.0, 30), (15.0, 40), (24.0, 60)):
+        now[0] = 100.0 + t
+        rep.update("milp", done, 100)
+    # one line per 10 s at most: at 12 s (30 done: ETA 12 * 70 / 30 = 28 s) and at 24 s (60 done: 16 s)
+    assert lines == ["[2/2] milp: 30/100 requests finished, 12.0 s, ETA 28.0 s",
+                     "[2/2] milp: 60/100 requests finished, 24.0 s, ETA 16.0 s"]
+    now[0] = 100.0 + 400
+    assert rep.eta("milp", 80, 100) == pytest.approx(100.0)  # 400 s for 80: 100 s to go
+    assert rep.eta("milp", 0, 100) == float("inf")  # nothing finished yet: unknown, shown as "?"
+
+
+def test_whatif_reports_each_policy_done_and_the_eta_format():
+    from planner.whatif import fmt_duration
+
+    assert [fmt_duration(s) for s in (7.24, 325.0, 3725.0, float("inf"))] == ["7.2 s", "5m 25s", "1h 02m", "?"]
+    r = invoke("whatif", "--workload", "tetriserve-uniform", "--n", 6, "--cluster", "2xH100", "-p", "edf",
+               "-p", "rssp", "--no-plot")
+    assert r.exit_code == 0, r.output
+    text = r.output
+    assert "[1/2] edf: done in" in text and "[2/2] rssp: done in" in text
+    assert text.index("[1/2] edf") < text.index("[2/2] rssp")
+
+
+def test_plots_go_beside_json_and_the_gantt_is_the_policy_that_matters(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "m.json"
+    r = invoke("whatif", "--workload", "tetriserve-uniform", "--n", 6, "--cluster", "2xH100", "-p", "edf",
+               "-p", "cpsat", "-p", "rssp", "--json", run)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "runs" / "m-attainment.png").exists() and (tmp_path / "runs" / "m-gantt.png").exists()
+    assert not (tmp_path / "out").exists()  # the demo's out/whatif-*.png are left alone
+    assert "Gantt chart of cpsat" in " ".join(r.output.split())
+    # No cpsat: the first policy given.
+    r = invoke("whatif", "--workload", "tetriserve-uniform", "--n", 6, "--cluster", "2xH100", "-p", "rssp",
+               "-p", "edf", "--plot", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    assert "Gantt chart of rssp" in " ".join(r.output.split()) and (tmp_path / "p-gantt.png").exists()
+    # One chart per policy on request.
+    r = invoke("whatif", "--workload", "tetriserve-uniform", "--n", 6, "--cluster", "2xH100", "-p", "rssp",
+               "-p", "edf", "--plot", tmp_path / "q", "--gantt-policy", "all", "--gantt-color", "outcome")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "q-gantt-rssp.png").exists() and (tmp_path / "q-gantt-edf.png").exists()
+    assert not (tmp_path / "q-gantt.png").exists()
+    r = invoke("whatif", "--n", 2, "-p", "edf", "--gantt-policy", "cpsat", "--no-plot")
+    assert r.exit_code == 2 and "'cpsat' is not among the policies run" in " ".join(r.output.split())

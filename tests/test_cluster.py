@@ -63,3 +63,70 @@ def test_bad_json_specs_name_the_field(tmp_path, doc, needle):
     p.write_text(json.dumps(doc))
     with pytest.raises(ClusterSpecError, match=needle):
         parse_cluster(str(p))
+
+
+# --- strict configuration: an unknown field is an error, never a silent default -------------
+@pytest.mark.parametrize("doc,where,field,close", [
+    ({"nodes": [{"kind": "H100", "gpus": 8, "memory_gb": 40}]}, "nodes[0]", "memory_gb", "memory_gib"),
+    ({"nodes": [{"kind": "A40", "gpus": 4}, {"kind": "A40", "gpus": 4, "nvlinks": "none"}]}, "nodes[1]",
+     "nvlinks", "nvlink"),
+    ({"nodes": [{"kind": "H100", "gpus": 8}], "internode_gpbs": 25}, "top level", "internode_gpbs",
+     "internode_gbps"),
+    ({"node": [{"kind": "H100", "gpus": 8}]}, "top level", "node", "nodes"),
+    ({"nodes": [{"kind": "H100", "gpus": 8, "owner": "me"}]}, "nodes[0]", "owner", None),
+])
+def test_unknown_fields_are_refused_naming_field_place_and_known_ones(tmp_path, doc, where, field, close):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(doc))
+    with pytest.raises(ClusterSpecError) as info:
+        parse_cluster(str(p))
+    msg = str(info.value)
+    assert f"{where}: unknown field {field!r}" in msg and "\n" not in msg
+    known = "internode_gbps, nodes" if where == "top level" else "gpus, kind, memory_gib, nvlink, nvlink_gbps, pcie_gbps"
+    assert msg.endswith(f"known: {known}")
+    assert (f"did you mean {close!r}?" in msg) if close else "did you mean" not in msg
+
+
+def test_every_unknown_field_of_a_node_is_named(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"nodes": [{"kind": "H100", "gpus": 8, "memory_gb": 80, "pcie": 16}]}))
+    with pytest.raises(ClusterSpecError, match=r"unknown fields 'memory_gb' \(did you mean 'memory_gib'\?\), "
+                                               r"'pcie' \(did you mean 'pcie_gbps'\?\)"):
+        parse_cluster(str(p))
+
+
+@pytest.mark.parametrize("doc,needle", [
+    ({"nodes": [3]}, r"nodes\[0\]: must be an object"),
+    ({"nodes": [{"kind": "H100", "gpus": 8, "pcie_gbps": "fast"}]}, r"field 'pcie_gbps' = 'fast' must be a number > 0"),
+    ({"nodes": [{"kind": "H100", "gpus": 8, "nvlink_gbps": 0}]}, r"field 'nvlink_gbps' = 0 must be a number > 0"),
+])
+def test_bad_node_values_are_input_errors(tmp_path, doc, needle):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(doc))
+    with pytest.raises(ClusterSpecError, match=needle):
+        parse_cluster(str(p))
+
+
+def test_every_known_field_is_still_accepted(tmp_path):
+    doc = {"nodes": [{"kind": "A40", "gpus": 4, "memory_gib": 48, "nvlink": [[0, 1], [2, 3]], "nvlink_gbps": 56.25,
+                      "pcie_gbps": 32}], "internode_gbps": 25}
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(doc))
+    assert parse_cluster(str(p)).size == 4
+
+
+@pytest.mark.parametrize("command", ["whatif", "serve"])
+def test_the_cli_refuses_an_unknown_cluster_field_with_exit_2(tmp_path, command):
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"nodes": [{"kind": "H100", "gpus": 8, "memory_gb": 80}]}))
+    args = {"whatif": ["whatif", "--workload", "tetriserve-uniform", "--n", "3", "--no-plot"],
+            "serve": ["serve", "--port", "0", "--state-dir", str(tmp_path / "state"), "--no-planner-process"]}[command]
+    r = CliRunner().invoke(app, args + ["--cluster", str(p)])
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "nodes[0]: unknown field 'memory_gb' (did you mean 'memory_gib'?)" in lines[0], r.output
+    assert "Traceback" not in r.output

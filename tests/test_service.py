@@ -6,6 +6,7 @@ kill -9 recovery. Every wait polls with a deadline.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from planner.cli import app
 from planner.request import Stage
 from planner.service.admission import RequestSpec
 from planner.service.client import PlannerClient, PlannerError
+from planner.service.commands import status_rows
 from planner.service.executor_link import ExecutorLink
 from planner.service.gen import planner_pb2 as pb
 from planner.service.messages import StepReport
@@ -334,6 +336,24 @@ def test_dropped_executor_stream_requeues_from_last_reported_step(make_server):
         err = refused(other.report, StepReport("node1", epoch, ("a",), Stage.DIFFUSE, 1, (), False))
         assert err.code is grpc.StatusCode.FAILED_PRECONDITION
         other.close()
+
+
+def test_a_request_waiting_for_its_first_step_is_queued_and_status_times_are_relative(make_server):
+    server = make_server(heartbeat_timeout_s=30)
+    with PlannerClient(server.address, timeout=10) as c:
+        link = ExecutorLink(c, "node0", range(8))
+        link.next_update()
+        c.submit([spec("a", deadline_in_s=120.0, slo_scale=None)])
+        epoch, a = link.next_assignment(timeout=10)
+        assert a.stage is Stage.ENCODE
+        link.report(StepReport("node0", epoch, a.request_ids, a.stage, 0, (), True))
+        link.close()  # before any diffuse step ran: encoded, waiting for its first step
+        view = wait_for(lambda: not c.info().executors and (v := c.get("a")).plan_epoch == 0 and v, what="requeue")
+        assert view.encoded and view.steps_done == 0 and view.state == "queued"  # not preempted: not paused
+        assert [v.id for v in c.list(states=["queued"])] == ["a"] and c.list(states=["paused"]) == []
+    done = dataclasses.replace(view, state="done", finish=view.deadline - 30.0)
+    (row,) = status_rows([done], now=view.deadline - 20.0)
+    assert row[3] == "+20.00" and row[5] == "-10.00 met"  # every time relative to now, in seconds
 
 
 def test_silent_executor_is_lost_after_heartbeat_timeout(make_server):

@@ -6,7 +6,7 @@ Three families, each a diffusers transformer plus its own flow-match scheduler:
 * ``sd3``: ``SD3Transformer2DModel``; the latent is ``(B, C, h, w)``.
 * ``cogvideox``: ``CogVideoXTransformer3DModel`` (tiny build only; no SP processor yet).
 
-``tiny_transformer(family)`` builds a few-layer model from code with seeded random weights (DESIGN 5);
+``tiny_transformer(family)`` builds a few-layer model from code with seeded random weights;
 ``load_transformer(family, path)`` loads a local diffusers checkpoint (``<path>/transformer``, no hub access).
 The encode stage is not modelled here: ``make_request_tensors`` draws the noise latent and stand-in text
 conditioning from the request's seed, so every rank that builds a request gets identical tensors.

@@ -98,7 +98,7 @@ def validate_batch(specs: Sequence[RequestSpec], now: float, ideal: IdealLatency
 
 
 def validate_records(records: Sequence[dict], source: str = "records") -> list[TraceRecord]:
-    """Trace records (dicts of DESIGN 3.1 fields) for WhatIf; duplicate ids are INVALID_ARGUMENT, as in a file."""
+    """Trace records (dicts of the trace file's fields) for WhatIf; duplicate ids are INVALID_ARGUMENT, as in a file."""
     out, seen = [], {}
     for i, r in enumerate(records):
         where = f"{source}[{i}]"

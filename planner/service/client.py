@@ -127,7 +127,7 @@ class PlannerClient:
     def whatif(self, records: Sequence[TraceRecord], cluster: str = "", policies: Sequence[str] = (),
                slo_scale: float = 1.5, seed: int = 0, noise: float = 0.0, round_s: float = 2.0,
                timeout: float | None = None) -> dict[str, dict]:
-        """DESIGN 3.3 metrics per policy (the same JSON as ``ditplan whatif --json``)."""
+        """What-if metrics per policy (the same JSON as ``ditplan whatif --json``)."""
         req = pb.WhatIfRequest(records=[record_to_pb(r) for r in records], cluster=cluster, policies=list(policies),
                                slo_scale=slo_scale, seed=seed, noise=noise, round_s=round_s)
         return json.loads(self._call(self.stub.WhatIf, req, timeout).metrics_json)
@@ -175,7 +175,7 @@ def record_to_pb(r: TraceRecord) -> pb.TraceRecord:
 
 
 def spec_from_record(r: TraceRecord, slo_scale: float | None = None) -> RequestSpec:
-    """The Submit spec of a trace record arriving now: its deadline shifted with it (DESIGN 3.1)."""
+    """The Submit spec of a trace record arriving now: its deadline shifted with it (the trace contract, docs/architecture.md)."""
     deadline_in = r.deadline - r.arrival if r.deadline is not None else None
     scale = r.slo_scale if r.slo_scale is not None else (None if deadline_in is not None else slo_scale)
     return RequestSpec(id=r.id, model=r.model, height=r.height, width=r.width, frames=r.frames, steps=r.steps,

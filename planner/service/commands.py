@@ -22,7 +22,8 @@ class SubmitSummary:
 def submit_trace(client: PlannerClient, records: Sequence[TraceRecord], replay: bool = False,
                  slo_scale: float | None = None, sleep: Callable[[float], None] = time.sleep) -> SubmitSummary:
     """Send a trace: all at once (arrival = now, deadlines shifted with it), or with ``replay`` at the
-    trace's inter-arrival times on the server's clock. Stops at the first refusal."""
+    trace's inter-arrival times on the server's clock (polled, so a simulated clock that stands still
+    while the planner solves keeps the spacing). Stops at the first refusal."""
     records = sorted(records, key=lambda r: r.arrival)
     accepted = 0
     try:
@@ -33,16 +34,20 @@ def submit_trace(client: PlannerClient, records: Sequence[TraceRecord], replay: 
                 accepted += len(chunk)
             return SubmitSummary(accepted)
         speed = client.info().speed or 1.0
-        t0, base = time.monotonic(), records[0].arrival if records else 0.0
+        base = records[0].arrival if records else 0.0
+        first: float | None = None  # service time of the first submit
         i = 0
         while i < len(records):
             j = i
             while j < len(records) and records[j].arrival == records[i].arrival and j - i < SUBMIT_CHUNK:
                 j += 1
-            delay = t0 + (records[i].arrival - base) / speed - time.monotonic()
-            if delay > 0:
-                sleep(delay)
-            client.submit([spec_from_record(r, slo_scale) for r in records[i:j]])
+            if first is not None:
+                target = first + records[i].arrival - base
+                while (lag := target - client.info().now) > 0:
+                    sleep(lag / speed)
+            outs = client.submit([spec_from_record(r, slo_scale) for r in records[i:j]])
+            if first is None:
+                first = outs[0].arrival
             accepted += j - i
             i = j
         return SubmitSummary(accepted)
@@ -51,13 +56,14 @@ def submit_trace(client: PlannerClient, records: Sequence[TraceRecord], replay: 
 
 
 def status_rows(views: Sequence[RequestView], now: float) -> list[list[str]]:
-    """Table rows: id, state, steps, deadline in, predicted finish in, finish (relative to ``now``), note."""
+    """Table rows: id, state, steps, deadline in, predicted finish in, finish in (every time in seconds
+    relative to ``now``: negative is past), note."""
     def rel(t: float | None) -> str:
         return "-" if t is None else f"{t - now:+.2f}"
 
     return [[v.id, v.state, f"{v.steps_done}/{v.steps}", rel(v.deadline),
              rel(v.predicted_finish) if v.state not in ("done", "cancelled", "failed", "rejected") else "-",
-             "-" if v.finish is None else f"{v.finish:.2f}" + (" met" if v.finish <= v.deadline + 1e-9 else " late"),
+             "-" if v.finish is None else rel(v.finish) + (" met" if v.finish <= v.deadline + 1e-9 else " late"),
              v.reason or ""]
             for v in views]
 

@@ -567,9 +567,14 @@ class PlannerCore:
         return t
 
     def _state(self, t: Tracked) -> str:
+        """The state a client sees: ``paused`` only once diffuse steps ran and stopped (preempted); a
+        request waiting for its first step (encoded or not) is ``queued``."""
         if t.outcome is not None:
             return t.outcome
-        return t.status.state.value
+        st = t.status
+        if st.state is RequestState.PAUSED and st.steps_done == 0:
+            return "queued"
+        return st.state.value
 
     def _view(self, t: Tracked, now: float) -> RequestView:
         st, r = t.status, t.status.request
@@ -873,8 +878,9 @@ class PlannerCore:
                 if self._stopping:
                     return
                 gap = self._next_plan_at - time.monotonic()
-                if gap > 0:  # coalesce a burst of events into one plan
-                    self._cv.wait(gap)
+                if gap > 0:  # coalesce a burst of events into one plan (no simulated time passes)
+                    with self.clock.hold():
+                        self._cv.wait(gap)
                     if self._stopping:
                         return
                 self._dirty, self._wake = False, None
@@ -884,7 +890,8 @@ class PlannerCore:
             if snap is None:
                 continue
             try:
-                plan, solver_ms = self._run_policy(snap)
+                with self.clock.hold():  # simulated time stands still while the planner solves
+                    plan, solver_ms = self._run_policy(snap)
             except Exception:  # never let a policy bug stop the service
                 log.exception("planning failed at t=%.3f; retrying next round", snap.now)
                 with self._cv:

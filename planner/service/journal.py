@@ -17,22 +17,40 @@ log is in the OS page cache) but may lose the last commits on power loss.
 
 After a restart :meth:`Journal.open` returns every row: unfinished requests
 come back with their last reported progress, finished ones keep their outcome.
+
+One process at a time: :meth:`Journal.open` takes an exclusive ``flock`` on
+``STATE_DIR/lock`` (which records the holder's pid, host, start time and
+address) and holds it until :meth:`Journal.close` or the process ends. A
+second open, in this process or another, fails at once with
+:class:`JournalLockedError` naming the holder. The OS drops the lock of a
+process that dies (even by ``kill -9``), so a stale lock file never blocks a
+restart.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
+import socket
 import sqlite3
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (one server per state directory is then up to the operator)
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1"
 DB_NAME = "journal.sqlite3"
+LOCK_NAME = "lock"  # flock'ed while a journal is open; holds the holder's pid, host, start and address
 SYNC_MODES = ("full", "normal")
 MAX_GROUP = 512  # operations per transaction at most
 IDLE_TICK_S = 1.0
@@ -69,7 +87,83 @@ _META = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE 
 
 
 class JournalError(RuntimeError):
-    """The journal could not commit."""
+    """The journal could not commit (or open)."""
+
+
+class JournalLockedError(JournalError):
+    """The state directory's journal is open in another server (``holder``: what its lock file says)."""
+
+    def __init__(self, state_dir: Path, holder: dict) -> None:
+        self.state_dir, self.holder = state_dir, holder
+        who = ", ".join(f"{k} {holder[k]}" for k in ("pid", "host", "address", "since") if holder.get(k))
+        super().__init__(f"state dir {str(state_dir)!r} is in use by another ditplan serve "
+                         f"({who or 'holder unknown'}; lock {str(state_dir / LOCK_NAME)!r}); "
+                         "stop it or pick another --state-dir")
+
+
+class StateLock:
+    """An exclusive ``flock`` on ``STATE_DIR/lock``, released on :meth:`release` or when the process dies."""
+
+    def __init__(self, state_dir: Path, owner: dict | None = None) -> None:
+        self.path = state_dir / LOCK_NAME
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(),
+                     "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(owner or {})}
+        self._fd: int | None = None
+        if fcntl is None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalLockedError(state_dir, self._read_holder()) from None
+        except OSError as exc:
+            os.close(fd)
+            raise JournalError(f"cannot lock {str(self.path)!r}: {exc}") from None
+        self._fd = fd
+        try:
+            self._write()
+        except OSError as exc:  # e.g. a full disk: do not keep a lock nobody can read
+            self.release()
+            raise JournalError(f"cannot write {str(self.path)!r}: {exc}") from None
+
+    def update(self, **fields) -> None:
+        """Record more about the holder (the bound address, once known)."""
+        self.info.update(fields)
+        self._write()
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)  # nobody holds it now
+        except OSError:
+            pass
+        os.close(fd)  # drops the flock
+
+    def _write(self) -> None:
+        if self._fd is None:
+            return
+        data = (json.dumps(self.info, sort_keys=True) + "\n").encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def _read_holder(self) -> dict:
+        for _ in range(20):  # the holder writes just after it locks: give it a moment
+            try:
+                text = self.path.read_text().strip()
+            except OSError:
+                text = ""
+            if text:
+                try:
+                    doc = json.loads(text)
+                    if isinstance(doc, dict):
+                        return doc
+                except ValueError:
+                    pass
+            time.sleep(0.01)
+        return {}
 
 
 @dataclass(frozen=True)
@@ -112,8 +206,10 @@ class _Op:
 class Journal:
     """Append-and-update journal with a group-committing writer thread."""
 
-    def __init__(self, path: Path, sync: str, meta_source: Callable[[], dict[str, str]] | None) -> None:
+    def __init__(self, path: Path, sync: str, meta_source: Callable[[], dict[str, str]] | None,
+                 lock: StateLock | None = None) -> None:
         self.path = path
+        self.lock = lock
         self._meta_source = meta_source
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._conn = _connect(path, sync)
@@ -123,15 +219,27 @@ class Journal:
 
     @classmethod
     def open(cls, state_dir: str | Path, sync: str = "full",
-             meta_source: Callable[[], dict[str, str]] | None = None) -> tuple["Journal", Recovered]:
-        """Open (or create) the journal in ``state_dir``; return it and what it holds."""
+             meta_source: Callable[[], dict[str, str]] | None = None,
+             owner: dict | None = None) -> tuple["Journal", Recovered]:
+        """Open (or create) the journal in ``state_dir``; return it and what it holds.
+
+        Locks the directory first (``owner``: more about the holder for the lock file, e.g. its
+        address); :class:`JournalLockedError` when another journal holds it."""
         if sync not in SYNC_MODES:
             raise ValueError(f"journal sync {sync!r} is not one of {SYNC_MODES}")
-        state_dir = Path(state_dir)
+        state_dir = Path(state_dir).absolute()
         state_dir.mkdir(parents=True, exist_ok=True)
-        path = state_dir / DB_NAME
-        j = cls(path, sync, meta_source)
-        rec = j._recover()
+        lock = StateLock(state_dir, owner)
+        try:
+            j = cls(state_dir / DB_NAME, sync, meta_source, lock)
+            try:
+                rec = j._recover()
+            except BaseException:
+                j._conn.close()
+                raise
+        except BaseException:
+            lock.release()
+            raise
         j._thread.start()
         return j, rec
 
@@ -161,8 +269,11 @@ class Journal:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+        if self.lock is not None:
+            self.lock.release()
 
     def _put(self, sql: str, params: Sequence[tuple], wait: bool) -> Future | None:
         fut: Future | None = Future() if wait else None

@@ -5,9 +5,11 @@ what the tests start on a loopback port (``port=0`` picks a free one).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import socket
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from planner.service.clock import SimClock, WallClock
 from planner.service.core import CoreConfig, PlannerCore
 from planner.service.gen import planner_pb2 as pb
 from planner.service.gen import planner_pb2_grpc as pb_grpc
-from planner.service.journal import Journal
+from planner.service.journal import Journal, JournalLockedError  # noqa: F401  (JournalLockedError: re-exported)
 from planner.service.servicer import PlannerServicer
 from planner.service.sim_executor import SimulatedExecutor
 
@@ -81,6 +83,49 @@ class ServeConfig:
     placement: str = "auto"  # with models: auto | replicate | split | MODEL:GPUS,...
 
 
+class PortInUseError(OSError):
+    """The gRPC (or metrics) port is taken: another server listens there."""
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether a listener holds ``host:port`` (probed like gRPC binds: SO_REUSEADDR, no SO_REUSEPORT).
+
+    Probing first keeps gRPC's own multi-line bind error off the terminal in the common case."""
+    if port == 0:
+        return False
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        return False  # gRPC reports what it makes of the host
+    for family, kind, proto, _, addr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+    return False
+
+
+def _bind(server: grpc.Server, host: str, port: int, creds) -> int:
+    """Bind ``server`` to ``host:port``; the bound port. :class:`PortInUseError` when it is taken."""
+    target = f"{host}:{port}"
+    in_use = PortInUseError(f"port {target} is in use (another ditplan serve?); pick another --port or stop it")
+    if _in_use(host, port):
+        raise in_use
+    try:
+        bound = server.add_secure_port(target, creds) if creds is not None else server.add_insecure_port(target)
+    except RuntimeError:  # grpcio >= 1.5x raises where it used to return 0
+        bound = 0
+    if not bound:
+        if _in_use(host, port):  # taken since the probe
+            raise in_use
+        raise OSError(f"cannot bind {target}: check --host (an address of this machine) and --port "
+                      "(below 1024 needs privileges)")
+    return bound
+
+
 class PlannerServer:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
@@ -99,20 +144,56 @@ class PlannerServer:
         return f"{self.config.host}:{self.port}"
 
     def start(self) -> "PlannerServer":
+        """Lock and open the journal, bind the port, start planning and serving.
+
+        Fails before anything is left running: :class:`JournalLockedError` when another server holds
+        ``state_dir``, :class:`PortInUseError` when the port (or the metrics port) is taken."""
         cfg = self.config
         policy = cfg.policy or default_policy()
         make_policy(policy)  # fail fast on an unknown name
         if not cfg.speed > 0:
             raise ValueError(f"--speed must be > 0, got {cfg.speed}")
         cluster = parse_cluster(cfg.cluster)
+        creds = None
+        if cfg.tls_cert or cfg.tls_key:
+            if not (cfg.tls_cert and cfg.tls_key):
+                raise ValueError("TLS needs both --tls-cert and --tls-key")
+            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+        try:
+            self._start(policy, cluster, creds)
+        except BaseException:
+            self.stop(grace=0)  # close what was opened: the journal (and its lock), threads, the port
+            self._grpc = None
+            raise
+        return self
+
+    def _start(self, policy: str, cluster, creds) -> None:
+        cfg = self.config
         cost = CostModel(cluster.kind)
         clock_box: dict = {}
 
         def meta() -> dict[str, str]:  # persisted with every commit: the virtual clock resumes from it
             return {"clock": repr(clock_box["clock"].now())}
 
+        target = f"{cfg.host}:{cfg.port}"
+        # The state directory first: a second server on it learns who holds it, whatever its port.
         self._journal, recovered = Journal.open(cfg.state_dir, cfg.journal_sync,
-                                                meta_source=meta if cfg.simulate else None)
+                                                meta_source=meta if cfg.simulate else None,
+                                                owner={"address": target})
+        interceptors = []
+        token = cfg.token
+        if token:
+            interceptors.append(TokenAuthInterceptor(token))
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="ditplan-rpc"),
+                             interceptors=interceptors,
+                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.so_reuseport", 0)])
+        self._grpc = server
+        self.port = _bind(server, cfg.host, cfg.port, creds)
+        if self._journal.lock is not None:
+            self._journal.lock.update(address=self.address)
+
         if cfg.simulate:
             clock = SimClock(float(recovered.meta.get("clock", "0")), cfg.speed)
         else:
@@ -132,41 +213,26 @@ class PlannerServer:
             self._sim = SimulatedExecutor(self.core, clock, noise=cfg.noise, seed=cfg.seed)
             self._sim.start()
 
-        interceptors = []
-        token = cfg.token
-        if token:
-            interceptors.append(TokenAuthInterceptor(token))
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="ditplan-rpc"),
-                             interceptors=interceptors,
-                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.so_reuseport", 0)])
         pb_grpc.add_PlannerServicer_to_server(PlannerServicer(self.core, policy, cfg.cluster), server)
         self._health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server)
-        target = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert or cfg.tls_key:
-            if not (cfg.tls_cert and cfg.tls_key):
-                raise ValueError("TLS needs both --tls-cert and --tls-key")
-            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
-            self.port = server.add_secure_port(target, creds)
-        else:
-            self.port = server.add_insecure_port(target)
-        if not self.port:
-            raise OSError(f"cannot bind {target}")
         server.start()
-        self._grpc = server
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.metrics_port is not None:
             from planner.service.metrics import start_metrics_server
-            self._metrics_http, self.metrics_port = start_metrics_server(self.core, cfg.metrics_port, cfg.host)
+            try:
+                self._metrics_http, self.metrics_port = start_metrics_server(self.core, cfg.metrics_port, cfg.host)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUseError(f"metrics port {cfg.host}:{cfg.metrics_port} is in use; pick another "
+                                         "--metrics-port or stop what holds it") from None
+                raise OSError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}") from None
         log.info("ditplan serving on %s (cluster %s, policy %s%s)", self.address, cluster.name, policy,
                  f", simulated x{cfg.speed:g}" if cfg.simulate else "")
-        return self
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, finish in-flight ones (``grace`` seconds), flush the journal."""

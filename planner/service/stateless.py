@@ -226,7 +226,7 @@ def _placement(p: PlanIn, cluster: Cluster, statuses: Sequence[RequestStatus]) -
 # --- WhatIf -----------------------------------------------------------------
 @dataclass(frozen=True)
 class WhatIfIn:
-    records: Sequence[dict]  # DESIGN 3.1 fields
+    records: Sequence[dict]  # the trace file's fields
     cluster: str
     policies: Sequence[str]
     slo_scale: float = 1.5
@@ -240,7 +240,7 @@ class _Stop(Exception):
 
 
 def whatif(w: WhatIfIn, should_stop: Callable[[], str | None] = lambda: None) -> dict[str, dict]:
-    """DESIGN 3.3 metrics per policy, as ``ditplan whatif --json`` writes them.
+    """What-if metrics per policy, as ``ditplan whatif --json`` writes them.
 
     ``should_stop`` is polled during the simulations; a non-empty answer
     ("deadline" or "cancelled") ends the call with that status.

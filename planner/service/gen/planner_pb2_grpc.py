@@ -137,7 +137,7 @@ class PlannerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WhatIf(self, request, context):
-        """Stateless: simulate a trace under policies (DESIGN 3.3 metrics).
+        """Stateless: simulate a trace under policies (the what-if metrics of `ditplan whatif --json`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
