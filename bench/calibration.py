@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import write_csv
-from models.catalog import get_model
-from models.cost import CostModel
-from models.profiles import builtin_profiles
+from ditplan.models.catalog import get_model
+from ditplan.models.cost import CostModel
+from ditplan.models.profiles import builtin_profiles
 
 
 def rows() -> list[dict]:

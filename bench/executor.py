@@ -16,8 +16,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from executor.runtime import Worker
-from models.torch import RequestSpec, make_request_tensors, make_scheduler, predict, set_timesteps, tiny_transformer
+from ditplan.executor.runtime import Worker
+from ditplan.models.torch import RequestSpec, make_request_tensors, make_scheduler, predict, set_timesteps, tiny_transformer
 
 
 def bare_loop(model, spec: RequestSpec) -> list[float]:

@@ -28,12 +28,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from bench import write_csv  # noqa: E402
-from models.cost import CostModel  # noqa: E402
-from planner.cluster import parse_cluster  # noqa: E402
-from planner.plots import gantt_bars, plot_gantt  # noqa: E402
-from planner.simulator import SimConfig, SimResult  # noqa: E402
-from planner.whatif import run_policies, to_requests  # noqa: E402
-from planner.workloads import generate  # noqa: E402
+from ditplan.models.cost import CostModel  # noqa: E402
+from ditplan.planner.cluster import parse_cluster  # noqa: E402
+from ditplan.planner.plots import gantt_bars, plot_gantt  # noqa: E402
+from ditplan.planner.simulator import SimConfig, SimResult  # noqa: E402
+from ditplan.planner.whatif import run_policies, to_requests  # noqa: E402
+from ditplan.planner.workloads import generate  # noqa: E402
 
 STAGE_COLORS = {"encode": "#bdbdbd", "decode": "#636363"}
 

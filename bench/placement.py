@@ -43,17 +43,17 @@ def splits(models: list[str], node_gpus: int) -> list[str]:
 
 def own_placement(policy: str) -> list[str]:
     """``auto`` for a peer whose own placement is not ``split`` (hetu-ilp: encode/decode GPUs apart)."""
-    from planner.policies.base import make_policy
+    from ditplan.planner.policies.base import make_policy
 
     return ["auto"] if getattr(make_policy(policy), "split_placement", "split") != "split" else []
 
 
 def rate_for(cluster_spec: str, videos: str, load: float) -> float:
     """Arrival rate that puts ``load`` of the cluster's GPU-seconds to work (each request at SP 1)."""
-    from models.catalog import get_model
-    from models.cost import CostModel
-    from planner.cluster import parse_cluster
-    from planner.workloads import generate
+    from ditplan.models.catalog import get_model
+    from ditplan.models.cost import CostModel
+    from ditplan.planner.cluster import parse_cluster
+    from ditplan.planner.workloads import generate
 
     cluster = parse_cluster(cluster_spec)
     cost = CostModel(cluster.kind)
@@ -64,11 +64,11 @@ def rate_for(cluster_spec: str, videos: str, load: float) -> float:
 
 def one(job: tuple) -> dict:
     cluster_spec, videos, policy, placement, scale, n, rate, seed = job
-    from models.cost import CostModel
-    from planner.cluster import parse_cluster
-    from planner.simulator import SimConfig
-    from planner.whatif import run_policies, to_requests
-    from planner.workloads import generate
+    from ditplan.models.cost import CostModel
+    from ditplan.planner.cluster import parse_cluster
+    from ditplan.planner.simulator import SimConfig
+    from ditplan.planner.whatif import run_policies, to_requests
+    from ditplan.planner.workloads import generate
 
     cluster = parse_cluster(cluster_spec)
     cost = CostModel(cluster.kind)
@@ -113,13 +113,13 @@ def report(rows: list[dict]) -> None:
 def figure1(frames: int = 81) -> None:
     """GenServe's Figure 1 case on 4xL20: 4 CogVideoX videos at t = 0 (deadline 200 s) and 3 FLUX
     images at 10, 11, 12 s with 28, 40, 50 s of slack; prints each policy and the video bound."""
-    from models.catalog import Shape, get_model
-    from models.cost import CostModel
-    from planner.cluster import parse_cluster
-    from planner.metrics import summarize
-    from planner.policies.base import make_policy
-    from planner.request import Request
-    from planner.simulator import Simulator
+    from ditplan.models.catalog import Shape, get_model
+    from ditplan.models.cost import CostModel
+    from ditplan.planner.cluster import parse_cluster
+    from ditplan.planner.metrics import summarize
+    from ditplan.planner.policies.base import make_policy
+    from ditplan.planner.request import Request
+    from ditplan.planner.simulator import Simulator
 
     cluster = parse_cluster("4xL20")
     cost = CostModel(cluster.kind)
@@ -139,7 +139,7 @@ def figure1(frames: int = 81) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from planner.cluster import parse_cluster
+    from ditplan.planner.cluster import parse_cluster
 
     ap = argparse.ArgumentParser(description="cpsat's dynamic placement against peers on static splits")
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="CLUSTER:VIDEO_MODELS (comma-separated)")

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVE = [sys.executable, "-c", "from planner.cli import main; main()", "serve"]
+SERVE = [sys.executable, "-c", "from ditplan.planner.cli import main; main()", "serve"]
 
 
 def start_server(state_dir: str, args) -> tuple[subprocess.Popen, str]:
@@ -52,8 +52,8 @@ def start_server(state_dir: str, args) -> tuple[subprocess.Popen, str]:
 def client_main(idx: int, address: str, duration: float, batch: int, threads: int, start_at: float, out) -> None:
     import threading
 
-    from planner.service.admission import RequestSpec
-    from planner.service.client import PlannerClient, PlannerError
+    from ditplan.planner.service.admission import RequestSpec
+    from ditplan.planner.service.client import PlannerClient, PlannerError
 
     results = []  # per thread: (latencies, acked ids, refusals)
     while time.time() < start_at - 0.5:  # imports done; CPU counted from here
@@ -109,7 +109,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def retrievable(address: str) -> set[str]:
-    from planner.service.client import PlannerClient
+    from ditplan.planner.service.client import PlannerClient
 
     with PlannerClient(address, timeout=60) as c:
         return {v.id for v in c.list(page_size=10_000)}
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         lat = np.array([x for g in got for x in g[0]]) * 1e3
         acked = [x for g in got for x in g[1]]
         refused = sum((Counter(g[2]) for g in got), Counter())
-        from planner.service.client import PlannerClient
+        from ditplan.planner.service.client import PlannerClient
         with PlannerClient(address, timeout=30) as c:
             info = c.info()
         lost = len(set(acked) - retrievable(address))

@@ -10,12 +10,12 @@ import argparse
 import statistics
 import time
 
-from models.cost import CostModel
-from planner.cluster import parse_cluster
-from planner.policies.base import make_policy
-from planner.simulator import SimConfig, Simulator
-from planner.whatif import to_requests
-from planner.workloads import generate
+from ditplan.models.cost import CostModel
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.policies.base import make_policy
+from ditplan.planner.simulator import SimConfig, Simulator
+from ditplan.planner.whatif import to_requests
+from ditplan.planner.workloads import generate
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ python -m bench.solvers [--quick]
 """
 from __future__ import annotations
 
-import planner.solvers  # noqa: F401  (ortools before pulp: shared libhighs, see planner/solvers)
+import ditplan.planner.solvers  # noqa: F401  (ortools before pulp: shared libhighs, see planner/solvers)
 
 import argparse
 import statistics
@@ -32,17 +32,17 @@ from pathlib import Path
 import numpy as np
 
 from bench import write_csv
-from models.cost import CostModel
-from planner.cluster import parse_cluster
-from planner.policies.base import make_policy
-from planner.policies.solver import CpSatPolicy
-from planner.problem import RoundProblem, build_problem, load_problems, save_problems
-from planner.simulator import SimConfig, Simulator
-from planner.solvers import cpsat, milp
-from planner.solvers.data import Weights, build_schedule
-from planner.solvers.greedy import greedy
-from planner.whatif import to_requests
-from planner.workloads import generate
+from ditplan.models.cost import CostModel
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.policies.base import make_policy
+from ditplan.planner.policies.solver import CpSatPolicy
+from ditplan.planner.problem import RoundProblem, build_problem, load_problems, save_problems
+from ditplan.planner.simulator import SimConfig, Simulator
+from ditplan.planner.solvers import cpsat, milp
+from ditplan.planner.solvers.data import Weights, build_schedule
+from ditplan.planner.solvers.greedy import greedy
+from ditplan.planner.whatif import to_requests
+from ditplan.planner.workloads import generate
 
 GPUS = (8, 32, 128)
 LIVE = (16, 64, 256, 1000)

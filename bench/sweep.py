@@ -30,11 +30,11 @@ OURS = ("cpsat", "milp", "milp-highs")
 
 def one(job: tuple) -> dict:
     workload, policy, rate, scale, n, seed, cluster_spec = job
-    from models.cost import CostModel
-    from planner.cluster import parse_cluster
-    from planner.simulator import SimConfig
-    from planner.whatif import run_policies, to_requests
-    from planner.workloads import generate
+    from ditplan.models.cost import CostModel
+    from ditplan.planner.cluster import parse_cluster
+    from ditplan.planner.simulator import SimConfig
+    from ditplan.planner.whatif import run_policies, to_requests
+    from ditplan.planner.workloads import generate
 
     cluster = parse_cluster(cluster_spec)
     cost = CostModel(cluster.kind)
@@ -48,7 +48,7 @@ def one(job: tuple) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from planner.workloads import WORKLOADS
+    from ditplan.planner.workloads import WORKLOADS
 
     ap = argparse.ArgumentParser(description="SLO attainment sweeps")
     ap.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS)
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     SCALES[:] = list(args.scales)
     if args.policies == ["all"]:
-        from planner.policies.base import policy_names
+        from ditplan.planner.policies.base import policy_names
 
         args.policies = policy_names()
 
-    from planner.cluster import parse_cluster
+    from ditplan.planner.cluster import parse_cluster
 
     factor = parse_cluster(args.cluster).size / 8 if args.scale_rate else 1.0
     args.n = int(round(args.n * factor))
@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def small_one(job: tuple) -> dict:
     """Every policy and the offline bound on one small trace."""
     workload, scale, n, seed, cluster_spec, policies, limit = job
-    from models.cost import CostModel
-    from planner.cluster import parse_cluster
-    from planner.offline import solve_offline
-    from planner.simulator import SimConfig
-    from planner.whatif import run_policies, to_requests
-    from planner.workloads import WORKLOADS, generate
+    from ditplan.models.cost import CostModel
+    from ditplan.planner.cluster import parse_cluster
+    from ditplan.planner.offline import solve_offline
+    from ditplan.planner.simulator import SimConfig
+    from ditplan.planner.whatif import run_policies, to_requests
+    from ditplan.planner.workloads import WORKLOADS, generate
 
     cluster = parse_cluster(cluster_spec)
     cost = CostModel(cluster.kind)
@@ -155,7 +155,7 @@ def report(rows: list[dict], args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from planner.workloads import WORKLOADS
+    from ditplan.planner.workloads import WORKLOADS
 
     con = Console(width=200)
     for wl in args.workloads:
@@ -195,7 +195,7 @@ def plot(rows: list[dict], args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from planner.workloads import WORKLOADS
+    from ditplan.planner.workloads import WORKLOADS
 
     with_rates = not getattr(args, "no_rates", False)
     fig, axes = plt.subplots(2 if with_rates else 1, len(args.workloads),

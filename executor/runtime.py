@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from executor.parallel import BlockGroups, SPContext, enable_sequence_parallel
-from models.torch import RequestSpec, make_request_tensors, make_scheduler, predict, set_timesteps, tiny_transformer
+from ditplan.executor.parallel import BlockGroups, SPContext, enable_sequence_parallel
+from ditplan.models.torch import RequestSpec, make_request_tensors, make_scheduler, predict, set_timesteps, tiny_transformer
 
 
 @dataclass

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from executor.runtime import Worker, tiny_models
-from models.torch import RequestSpec
+from ditplan.executor.runtime import Worker, tiny_models
+from ditplan.models.torch import RequestSpec
 
 
 def _collect(worker: Worker, rid: str, name: str, out: dict) -> None:
@@ -94,7 +94,7 @@ def equivalence(rank: int, world: int) -> dict | None:
 def single_process_reference() -> dict:
     """The same requests run by plain diffusers code in this process (no Worker, no SP hooks)."""
     import torch
-    from models.torch import make_request_tensors, make_scheduler, predict, set_timesteps, tiny_transformer
+    from ditplan.models.torch import make_request_tensors, make_scheduler, predict, set_timesteps, tiny_transformer
     out = {}
     for family in ("flux", "sd3"):
         model = tiny_transformer(family, num_attention_heads=4)

@@ -49,8 +49,8 @@ from types import SimpleNamespace
 
 import torch
 
-from executor.runtime import Worker
-from models.torch import RequestSpec, load_transformer, set_timesteps, tiny_config, tiny_transformer
+from ditplan.executor.runtime import Worker
+from ditplan.models.torch import RequestSpec, load_transformer, set_timesteps, tiny_config, tiny_transformer
 
 log = logging.getLogger("ditplan.executor")
 TORCH_FAMILIES = ("flux", "sd3")
@@ -164,7 +164,7 @@ class Controller:
         return tuple(g - self.first_gpu for g in gpus)
 
     def spec(self, rid: str) -> RequestSpec | None:
-        from models.catalog import get_model
+        from ditplan.models.catalog import get_model
         data = self.link.requests[rid]
         family = get_model(data.model).family
         if family not in TORCH_FAMILIES:
@@ -187,8 +187,8 @@ class Controller:
         return True
 
     def _report(self, *args) -> bool:
-        from planner.service.client import PlannerError
-        from planner.service.messages import StepReport
+        from ditplan.planner.service.client import PlannerError
+        from ditplan.planner.service.messages import StepReport
         try:
             self.link.report(StepReport(self.link.executor_id, *args))
             return True
@@ -197,8 +197,8 @@ class Controller:
             return False
 
     def _report_loaded(self, epoch: int, weight) -> bool:
-        from planner.service.client import PlannerError
-        from planner.service.messages import StepReport
+        from ditplan.planner.service.client import PlannerError
+        from ditplan.planner.service.messages import StepReport
         try:
             self.link.report(StepReport(self.link.executor_id, epoch, loaded=(weight,)))
             return True
@@ -208,8 +208,8 @@ class Controller:
             return False
 
     def _report_load_failed(self, epoch: int, weight) -> None:
-        from planner.service.client import PlannerError
-        from planner.service.messages import StepReport
+        from ditplan.planner.service.client import PlannerError
+        from ditplan.planner.service.messages import StepReport
         try:
             self.link.report(StepReport(self.link.executor_id, epoch, load_failed=(weight,)))
         except PlannerError as exc:
@@ -217,7 +217,7 @@ class Controller:
 
     # --- placement ------------------------------------------------------------------------------
     def _weight_cmd(self, op: str, w, epoch: int = 0, initial: bool = False) -> None:
-        from models.catalog import get_model
+        from ditplan.models.catalog import get_model
         rank = w.gpu - self.first_gpu
         if not 0 <= rank < self.world:
             log.warning("%s of %s/%s for GPU %d: not one of this executor's GPUs; ignored", op, w.model,
@@ -236,7 +236,7 @@ class Controller:
 
     def missing(self, model: str, stage, gpus) -> list[int]:
         """With a placement: the GPUs of ``gpus`` that lack the component ``stage`` runs on."""
-        from models.catalog import STAGE_COMPONENT
+        from ditplan.models.catalog import STAGE_COMPONENT
         if not self.placed:
             return []
         comp = STAGE_COMPONENT[stage.value]
@@ -311,8 +311,8 @@ class Controller:
         threading.Thread(target=go, daemon=True).start()
 
     def handle(self, delta) -> None:
-        from models.catalog import STAGE_COMPONENT
-        from planner.request import Stage
+        from ditplan.models.catalog import STAGE_COMPONENT
+        from ditplan.planner.request import Stage
         for cid, ids in list(self.running.items()):  # cancelled or requeued while running: stop at a boundary
             if set(ids) & set(delta.released):
                 self.stop_run(cid)
@@ -382,9 +382,9 @@ def run_executor(server: str, devices: int, executor_id: str = "executor0", firs
     """Serve plans with ``devices`` workers until the plan stream ends (or ``max_idle_s`` without updates)."""
     import torch.multiprocessing as mp
 
-    from executor.launch import spawn_world
-    from planner.service.client import PlannerClient, PlannerError
-    from planner.service.executor_link import ExecutorLink
+    from ditplan.executor.launch import spawn_world
+    from ditplan.planner.service.client import PlannerClient, PlannerError
+    from ditplan.planner.service.executor_link import ExecutorLink
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mpctx = mp.get_context("spawn")

@@ -26,9 +26,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from models.catalog import BF16_BYTES, CATALOG, ModelSpec, Shape
-from models.gpus import GpuKind, get_gpu
-from models.profiles import Profile, builtin_profiles
+from ditplan.models.catalog import BF16_BYTES, CATALOG, ModelSpec, Shape
+from ditplan.models.gpus import GpuKind, get_gpu
+from ditplan.models.profiles import Profile, builtin_profiles
 
 STAGE_OVERHEAD_S = 0.005
 VAE_EFFICIENCY = 0.35  # fraction of peak a conv VAE decoder reaches (estimate)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.catalog import CATALOG, SP_DEGREES, Shape
+from ditplan.models.catalog import CATALOG, SP_DEGREES, Shape
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 
@@ -72,7 +72,7 @@ def _shape(row: dict, where: str) -> Shape:
 
 
 def parse_profile(doc: dict[str, Any], source: str = "<profile>") -> Profile:
-    from models.gpus import GPU_KINDS
+    from ditplan.models.gpus import GPU_KINDS
 
     gpu = str(doc.get("gpu", "")).upper()
     if gpu not in GPU_KINDS:

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Iterable, Mapping, Sequence
 
-from models.catalog import COMPONENTS, STAGE_COMPONENT, get_model
-from planner.cluster import Cluster
-from planner.placement import Placement
-from planner.plan import RoundPlan
-from planner.request import Request, Stage
-from planner.state import PlannerState
+from ditplan.models.catalog import COMPONENTS, STAGE_COMPONENT, get_model
+from ditplan.planner.cluster import Cluster
+from ditplan.planner.placement import Placement
+from ditplan.planner.plan import RoundPlan
+from ditplan.planner.request import Request, Stage
+from ditplan.planner.state import PlannerState
 
 TOL = 1e-6
 ROUNDING = 2e-6  # timeline times carry 6 decimals
@@ -275,7 +275,7 @@ def _check_weights(requests: Sequence[Request], cluster: Cluster, segments: Sequ
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m planner.checker TRACE TIMELINE --cluster C``: 0 legal, 1 with the problems, 2 bad input.
+    """``python -m ditplan.planner.checker TRACE TIMELINE --cluster C``: 0 legal, 1 with the problems, 2 bad input.
 
     The requests (and their deadlines, at ``--slo-scale`` as ``ditplan whatif``
     gives them) come from the trace, not from the timeline, so the timeline's
@@ -284,14 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import sys
 
-    from models.cost import CostModel
-    from planner.cluster import parse_cluster
-    from planner.errors import InputError
-    from planner.metrics import read_timeline
-    from planner.traces import read_trace
-    from planner.whatif import to_requests
+    from ditplan.models.cost import CostModel
+    from ditplan.planner.cluster import parse_cluster
+    from ditplan.planner.errors import InputError
+    from ditplan.planner.metrics import read_timeline
+    from ditplan.planner.traces import read_trace
+    from ditplan.planner.whatif import to_requests
 
-    ap = argparse.ArgumentParser(prog="python -m planner.checker",
+    ap = argparse.ArgumentParser(prog="python -m ditplan.planner.checker",
                                  description="Check a timeline (ditplan whatif --timeline) against its trace.")
     ap.add_argument("trace", help="the trace the timeline ran (JSON Lines or Hetu-DiT lines)")
     ap.add_argument("timeline", help="the timeline (JSON Lines of load, unload, segment and request records)")
@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         requests = to_requests(read_trace(args.trace), CostModel(cluster.kind), cluster, args.slo_scale)
         segments, outcomes, weights = read_timeline(args.timeline)
     except (InputError, OSError, ValueError, KeyError) as exc:
-        print(f"python -m planner.checker: {str(exc).strip(chr(34))}", file=sys.stderr)
+        print(f"python -m ditplan.planner.checker: {str(exc).strip(chr(34))}", file=sys.stderr)
         return 2
     problems = check_timeline(requests, cluster, segments, outcomes, weights or None)
     for r in requests:

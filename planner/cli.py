@@ -11,9 +11,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from models.catalog import CATALOG, UnknownModelError
-from models.profiles import ProfileError, load_profile, builtin_profiles
-from planner.errors import InputError
+from ditplan.models.catalog import CATALOG, UnknownModelError
+from ditplan.models.profiles import ProfileError, load_profile, builtin_profiles
+from ditplan.planner.errors import InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ditplan: SLO-aware planning for diffusion serving.")
@@ -38,8 +38,8 @@ def fail(message: str) -> "typer.Exit":
 
 
 def _policies(requested: list[str]) -> list[str]:
-    from planner.policies.base import policy_names
-    from planner.whatif import expand_policies
+    from ditplan.planner.policies.base import policy_names
+    from ditplan.planner.whatif import expand_policies
 
     try:
         return expand_policies(requested, policy_names() + ["offline-bound"], DEFAULT_POLICIES)
@@ -85,15 +85,15 @@ def whatif(
         None, help="Write every round's RoundProblem (JSON Lines, one policy only) for solver benchmarks."),
 ) -> None:
     """Simulate policies on a trace or workload and compare SLO attainment."""
-    from models.cost import CostModel
-    from planner.cluster import parse_cluster
-    from planner.metrics import unfinished_reasons, write_summary, write_timeline
-    from planner.placement import check_fits, static_placement, validate_placement
-    from planner.simulator import SimConfig
-    from planner.traces import read_trace
-    from planner.whatif import (PolicyProgress, fmt_duration, gantt_policies, native_stdout_silenced,
+    from ditplan.models.cost import CostModel
+    from ditplan.planner.cluster import parse_cluster
+    from ditplan.planner.metrics import unfinished_reasons, write_summary, write_timeline
+    from ditplan.planner.placement import check_fits, static_placement, validate_placement
+    from ditplan.planner.simulator import SimConfig
+    from ditplan.planner.traces import read_trace
+    from ditplan.planner.whatif import (PolicyProgress, fmt_duration, gantt_policies, native_stdout_silenced,
                                 run_policies, to_requests)
-    from planner.workloads import generate
+    from ditplan.planner.workloads import generate
 
     try:
         if trace is not None and workload is not None:
@@ -136,7 +136,7 @@ def whatif(
     # policy's run (finished requests, elapsed, ETA); on both, one line per policy done with its wall time.
     # Native solver output (the HiGHS banner) is kept off stdout, which carries only the table.
     if "all" in policy and "all+milp" not in policy:
-        from planner.whatif import SLOW_POLICIES
+        from ditplan.planner.whatif import SLOW_POLICIES
 
         left = [p for p in SLOW_POLICIES if p not in names]
         if left:
@@ -177,7 +177,7 @@ def whatif(
         write_timeline(timeline, runs[names[0]].result)
         console.print(f"wrote {timeline}")
     if dump_problems is not None:
-        from planner.problem import save_problems
+        from ditplan.planner.problem import save_problems
 
         count = save_problems(dump_problems, runs[names[0]].result.round_problems)
         console.print(f"wrote {count} round problems to {dump_problems}")
@@ -185,7 +185,7 @@ def whatif(
         import time
         from contextlib import nullcontext
 
-        from planner.plots import gantt_bars, plot_attainment, plot_gantt
+        from ditplan.planner.plots import gantt_bars, plot_attainment, plot_gantt
 
         prefix = plot if plot is not None else json_out.with_suffix("") if json_out is not None else Path("out/whatif")
         a = plot_attainment(summaries, f"{prefix}-attainment.png", f"SLO attainment: {source}, {topo.name}")
@@ -241,8 +241,8 @@ def trace_gen(
     """Write a built-in workload to a trace file."""
     from dataclasses import replace
 
-    from planner.traces import write_trace
-    from planner.workloads import generate
+    from ditplan.planner.traces import write_trace
+    from ditplan.planner.workloads import generate
 
     opts = {k: v for k, v in (("video_share", video_share), ("arrival", arrival)) if v is not None}
     try:
@@ -258,7 +258,7 @@ def trace_gen(
 @trace_app.command("list")
 def trace_list() -> None:
     """List the built-in workloads."""
-    from planner.workloads import WORKLOADS
+    from ditplan.planner.workloads import WORKLOADS
 
     t = Table(title="built-in workloads")
     t.add_column("name")
@@ -324,8 +324,8 @@ def serve(
     """
     import logging
 
-    from planner.service.journal import JournalError
-    from planner.service.server import ServeConfig, serve as run_server
+    from ditplan.planner.service.journal import JournalError
+    from ditplan.planner.service.server import ServeConfig, serve as run_server
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -353,7 +353,7 @@ def serve(
 
 def _client(server: str, token: Optional[str], tls_ca: Optional[Path], timeout: float):
     """A connected client: waits up to ``timeout`` for the server (one started a moment ago, too)."""
-    from planner.service.client import PlannerClient, PlannerError
+    from ditplan.planner.service.client import PlannerClient, PlannerError
 
     client = PlannerClient(server, token=token or None, tls_ca=str(tls_ca) if tls_ca else None, timeout=timeout)
     try:
@@ -388,8 +388,8 @@ def submit(
     timeout: float = _TIMEOUT_OPT,
 ) -> None:
     """Send a trace's requests to a running service (all at once, arrival = now, unless --replay)."""
-    from planner.service.commands import submit_trace
-    from planner.traces import read_trace
+    from ditplan.planner.service.commands import submit_trace
+    from ditplan.planner.traces import read_trace
 
     try:
         records = read_trace(trace, model=model)
@@ -413,9 +413,9 @@ def status(
     timeout: float = _TIMEOUT_OPT,
 ) -> None:
     """List the service's requests and their state."""
-    from planner.service.client import PlannerError
-    from planner.service.commands import status_json, status_rows
-    from planner.service.messages import STATES
+    from ditplan.planner.service.client import PlannerError
+    from ditplan.planner.service.commands import status_json, status_rows
+    from ditplan.planner.service.messages import STATES
 
     for s in state:
         if s not in STATES:
@@ -436,7 +436,7 @@ def status(
         t.add_row(*row)
     out.print(t)
     if info.placement:
-        from planner.placement import Placement
+        from ditplan.planner.placement import Placement
         out.print(f"placement (backbones by GPU): {Placement.from_names(info.placement).describe()}; "
                   f"{info.weight_loads} weight loads so far", highlight=False)
 
@@ -450,7 +450,7 @@ def cancel(
     timeout: float = _TIMEOUT_OPT,
 ) -> None:
     """Cancel a request on a running service."""
-    from planner.service.client import PlannerError
+    from ditplan.planner.service.client import PlannerError
 
     try:
         with _client(server, token, tls_ca, timeout) as client:
@@ -476,7 +476,7 @@ def executor(
 ) -> None:
     """Run torch workers that execute the service's plans and report measured step times."""
     try:
-        from executor.service import run_executor
+        from ditplan.executor.service import run_executor
     except ImportError as exc:
         raise fail(f"the executor needs the 'executor' extra (torch, yunchang, diffusers): {exc}") from None
     ckpts = {}

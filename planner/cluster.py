@@ -25,9 +25,9 @@ from pathlib import Path
 
 import networkx as nx
 
-from models.catalog import SP_DEGREES
-from models.gpus import GPU_KINDS, GiB, GpuKind
-from planner.errors import ClusterSpecError
+from ditplan.models.catalog import SP_DEGREES
+from ditplan.models.gpus import GPU_KINDS, GiB, GpuKind
+from ditplan.planner.errors import ClusterSpecError
 
 _SHORT = re.compile(r"^\s*(?:(\d+)\s*x\s*)?(\d+)\s*x\s*([A-Za-z0-9]+)\s*$")
 

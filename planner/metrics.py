@@ -7,8 +7,8 @@ from typing import Iterable
 
 import numpy as np
 
-from planner.request import RequestState
-from planner.simulator import SimResult
+from ditplan.planner.request import RequestState
+from ditplan.planner.simulator import SimResult
 
 DIGITS = 6
 

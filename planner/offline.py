@@ -102,11 +102,11 @@ from typing import Sequence
 
 from ortools.sat.python import cp_model
 
-from models.catalog import get_model
-from models.cost import CostModel
-from planner.cluster import Cluster
-from planner.request import Request, RequestState, RequestStatus, Stage
-from planner.simulator import Segment, SimResult
+from ditplan.models.catalog import get_model
+from ditplan.models.cost import CostModel
+from ditplan.planner.cluster import Cluster
+from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
+from ditplan.planner.simulator import Segment, SimResult
 
 POLICY_NAME = "offline-bound"
 TICK = 1e-3  # seconds per integer time unit of the schedule model
@@ -151,7 +151,7 @@ def _served_weight_bytes(requests: Sequence[Request], cluster: Cluster) -> int:
     """Weights of every model in the trace, when they fit together (then they stay on every GPU);
     0 when they do not: the bound then lets each GPU hold the model it runs, loaded for free
     (a relaxation of placement, so still an upper bound)."""
-    from planner.placement import fits_everywhere
+    from ditplan.planner.placement import fits_everywhere
 
     models = sorted({r.model for r in requests})
     return sum(get_model(m).weight_bytes for m in models) if fits_everywhere(models, cluster, requests) else 0

@@ -23,11 +23,11 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from models.catalog import COMPONENTS, STAGE_COMPONENT, get_model
-from models.cost import CostModel
-from planner.cluster import Cluster
-from planner.errors import PlacementError
-from planner.request import Request
+from ditplan.models.catalog import COMPONENTS, STAGE_COMPONENT, get_model
+from ditplan.models.cost import CostModel
+from ditplan.planner.cluster import Cluster
+from ditplan.planner.errors import PlacementError
+from ditplan.planner.request import Request
 
 Weight = tuple[str, str]  # (model, component)
 PLACEMENT_MODES = ("auto", "replicate", "split", "stages")

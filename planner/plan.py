@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from planner.placement import WeightLoad
-from planner.request import Stage
+from ditplan.planner.placement import WeightLoad
+from ditplan.planner.request import Stage
 
 
 @dataclass(frozen=True)

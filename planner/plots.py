@@ -21,9 +21,9 @@ from matplotlib.collections import PolyCollection  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from planner.metrics import met  # noqa: E402
-from planner.request import RequestState  # noqa: E402
-from planner.simulator import SimResult  # noqa: E402
+from ditplan.planner.metrics import met  # noqa: E402
+from ditplan.planner.request import RequestState  # noqa: E402
+from ditplan.planner.simulator import SimResult  # noqa: E402
 
 STAGE_COLORS = {"encode": "#bdbdbd", "decode": "#636363"}
 LOAD_COLOR = "#fdd0a2"

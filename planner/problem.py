@@ -15,9 +15,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterable
 
-from models.catalog import STAGE_COMPONENT, get_model
-from planner.request import RequestState, RequestStatus
-from planner.state import PlannerState
+from ditplan.models.catalog import STAGE_COMPONENT, get_model
+from ditplan.planner.request import RequestState, RequestStatus
+from ditplan.planner.state import PlannerState
 
 FORMAT = "ditplan.round-problem/4"
 _INT_KEYED = ("step_s", "move_s", "act_bytes", "batch_encode_s", "batch_decode_s")

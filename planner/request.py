@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from models.catalog import ModelSpec, Shape, get_model
+from ditplan.models.catalog import ModelSpec, Shape, get_model
 
 
 class RequestState(str, enum.Enum):

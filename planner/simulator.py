@@ -18,15 +18,15 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from models.cost import CostModel
-from planner.checker import check_plan
-from planner.cluster import Cluster
-from planner.placement import Placement, WeightLoad, load_seconds, static_placement, validate_placement
-from planner.plan import Assignment, RoundPlan
-from planner.policies.base import Policy
-from planner.problem import build_problem
-from planner.request import Request, RequestState, RequestStatus, Stage
-from planner.state import PlannerState, handoff_time
+from ditplan.models.cost import CostModel
+from ditplan.planner.checker import check_plan
+from ditplan.planner.cluster import Cluster
+from ditplan.planner.placement import Placement, WeightLoad, load_seconds, static_placement, validate_placement
+from ditplan.planner.plan import Assignment, RoundPlan
+from ditplan.planner.policies.base import Policy
+from ditplan.planner.problem import build_problem
+from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
+from ditplan.planner.state import PlannerState, handoff_time
 
 EPS = 1e-9
 MAX_IDLE_PLANS = 3

@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from models.cost import CostModel
-from planner.cluster import Cluster
-from planner.placement import Placement
-from planner.request import RequestStatus, Stage
+from ditplan.models.cost import CostModel
+from ditplan.planner.cluster import Cluster
+from ditplan.planner.placement import Placement
+from ditplan.planner.request import RequestStatus, Stage
 
 
 @dataclass

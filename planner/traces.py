@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from models.catalog import CATALOG, FAMILIES, Shape, get_model, model_for_family_prefix
-from planner.errors import InputError, TraceError
-from planner.request import Request
+from ditplan.models.catalog import CATALOG, FAMILIES, Shape, get_model, model_for_family_prefix
+from ditplan.planner.errors import InputError, TraceError
+from ditplan.planner.request import Request
 
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "arrival", "model", "height", "width", "frames", "steps")
 OPTIONAL_FIELDS: tuple[str, ...] = ("deadline", "slo_scale")

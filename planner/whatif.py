@@ -9,13 +9,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from models.cost import CostModel
-from planner.cluster import Cluster
-from planner.metrics import summarize
-from planner.policies.base import make_policy
-from planner.request import Request
-from planner.simulator import SimConfig, SimResult, Simulator
-from planner.traces import TraceRecord, ideal_latency_from, resolve_deadlines
+from ditplan.models.cost import CostModel
+from ditplan.planner.cluster import Cluster
+from ditplan.planner.metrics import summarize
+from ditplan.planner.policies.base import make_policy
+from ditplan.planner.request import Request
+from ditplan.planner.simulator import SimConfig, SimResult, Simulator
+from ditplan.planner.traces import TraceRecord, ideal_latency_from, resolve_deadlines
 
 
 def to_requests(records: Sequence[TraceRecord], cost: CostModel, cluster: Cluster,
@@ -183,7 +183,7 @@ def run_policies(requests: Sequence[Request], cluster: Cluster, cost: CostModel,
         if on_start:
             on_start(name)
         if name == OFFLINE:
-            from planner.offline import solve_offline
+            from ditplan.planner.offline import solve_offline
 
             off = solve_offline(requests, cluster, cost, time_limit_s=max(60.0, 20 * offline_budget_s),
                                 seed=config.seed, deterministic_time=offline_budget_s)

@@ -25,8 +25,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from planner.errors import InputError
-from planner.traces import FLOAT_DECIMALS, TraceRecord
+from ditplan.planner.errors import InputError
+from ditplan.planner.traces import FLOAT_DECIMALS, TraceRecord
 
 ARRIVALS = ("poisson", "bursty")
 ARRIVAL_OPTIONS: dict[str, object] = {"arrival": "poisson", "cv": 4.0}

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from models.catalog import Shape
-from planner.checker import check_timeline
-from planner.cluster import parse_cluster
-from planner.request import Request
+from ditplan.models.catalog import Shape
+from ditplan.planner.checker import check_timeline
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.request import Request
 
 CLUSTER = parse_cluster("8xH100")
 R = [Request("a", "flux-dev", Shape(1024, 1024), 4, 0.0, 10.0),
@@ -60,9 +60,9 @@ def test_outcome_records_are_checked_against_segments_and_deadlines():
 def test_checker_command_checks_a_timeline_file_against_its_trace(tmp_path, capsys):
     from typer.testing import CliRunner
 
-    from planner.checker import main
-    from planner.cli import app
-    from planner.traces import TraceRecord, write_trace
+    from ditplan.planner.checker import main
+    from ditplan.planner.cli import app
+    from ditplan.planner.traces import TraceRecord, write_trace
 
     trace, timeline = tmp_path / "t.jsonl", tmp_path / "timeline.jsonl"
     write_trace(trace, [TraceRecord(f"r{i}", 2.0 * i, "flux-dev", 1024, 1024, 1, 28) for i in range(4)])

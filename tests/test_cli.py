@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from models.cost import CostModel
-from planner.checker import check_timeline
-from planner.cli import app
-from planner.cluster import parse_cluster
-from planner.metrics import read_timeline
-from planner.traces import read_trace
-from planner.whatif import to_requests
+from ditplan.models.cost import CostModel
+from ditplan.planner.checker import check_timeline
+from ditplan.planner.cli import app
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.metrics import read_timeline
+from ditplan.planner.traces import read_trace
+from ditplan.planner.whatif import to_requests
 
 runner = CliRunner()
 KEYS = {"slo_attainment", "slo_attainment_by_kind", "latency_s", "gpu_seconds", "preemptions", "sp_changes",
@@ -158,7 +158,7 @@ def test_no_solver_banner_on_stdout(tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-c", "from planner.cli import main; main()", "whatif", "-p", "milp-highs",
+    cmd = [sys.executable, "-c", "from ditplan.planner.cli import main; main()", "whatif", "-p", "milp-highs",
            "--workload", "tetriserve-uniform", "--n", "3", "--cluster", "2xH100", "--no-plot"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
@@ -168,7 +168,7 @@ def test_no_solver_banner_on_stdout(tmp_path):
 
 
 def test_progress_lines_carry_the_eta():
-    from planner.whatif import PolicyProgress
+    from ditplan.planner.whatif import PolicyProgress
 
     now = [100.0]
     lines: list[str] = []
@@ -186,7 +186,7 @@ def test_progress_lines_carry_the_eta():
 
 
 def test_whatif_reports_each_policy_done_and_the_eta_format():
-    from planner.whatif import fmt_duration
+    from ditplan.planner.whatif import fmt_duration
 
     assert [fmt_duration(s) for s in (7.24, 325.0, 3725.0, float("inf"))] == ["7.2 s", "5m 25s", "1h 02m", "?"]
     r = invoke("whatif", "--workload", "tetriserve-uniform", "--n", 6, "--cluster", "2xH100", "-p", "edf",

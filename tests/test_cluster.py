@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from planner.cluster import parse_cluster
-from planner.errors import ClusterSpecError
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.errors import ClusterSpecError
 
 
 def test_short_forms():
@@ -119,7 +119,7 @@ def test_every_known_field_is_still_accepted(tmp_path):
 def test_the_cli_refuses_an_unknown_cluster_field_with_exit_2(tmp_path, command):
     from typer.testing import CliRunner
 
-    from planner.cli import app
+    from ditplan.planner.cli import app
 
     p = tmp_path / "c.json"
     p.write_text(json.dumps({"nodes": [{"kind": "H100", "gpus": 8, "memory_gb": 80}]}))

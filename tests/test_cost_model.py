@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from models.catalog import CATALOG, Shape, get_model
-from models.cost import CostModel
-from models.profiles import builtin_profiles, parse_profile, ProfileError
+from ditplan.models.catalog import CATALOG, Shape, get_model
+from ditplan.models.cost import CostModel
+from ditplan.models.profiles import builtin_profiles, parse_profile, ProfileError
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from executor.launch import spawn_world
-from executor.parallel import aligned_blocks
-from executor.scenarios import equivalence, single_process_reference
+from ditplan.executor.launch import spawn_world
+from ditplan.executor.parallel import aligned_blocks
+from ditplan.executor.scenarios import equivalence, single_process_reference
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 WORLD = 4
@@ -48,7 +48,7 @@ def test_sequence_parallel_matches_single_process(runs, family, k):
 
 def test_result_is_not_the_noise(runs):
     ref, got = runs
-    from models.torch import RequestSpec, make_request_tensors, tiny_transformer
+    from ditplan.models.torch import RequestSpec, make_request_tensors, tiny_transformer
     spec = RequestSpec("x", "flux", 8, 8, 4, seed=1)
     noise = make_request_tensors(tiny_transformer("flux"), spec).latent
     assert (got["flux-sp2"]["latent"] - noise).abs().max() > 0.1
@@ -85,7 +85,7 @@ def test_batch_equals_individual_runs(runs, family):
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_local_checkpoint_round_trip(tmp_path, family):
     """``load_transformer``/``make_scheduler`` read a local diffusers layout (here: a saved tiny model)."""
-    from models.torch import (RequestSpec, load_transformer, make_request_tensors, make_scheduler, predict,
+    from ditplan.models.torch import (RequestSpec, load_transformer, make_request_tensors, make_scheduler, predict,
                               tiny_transformer)
     model = tiny_transformer(family)
     model.save_pretrained(tmp_path / "transformer")

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from planner.placement import WeightLoad
-from planner.request import Stage
-from planner.service.admission import RequestSpec
-from planner.service.client import PlannerClient
-from planner.service.messages import AssignmentMsg, LoadMsg, PlanDelta, RequestData
+from ditplan.planner.placement import WeightLoad
+from ditplan.planner.request import Stage
+from ditplan.planner.service.admission import RequestSpec
+from ditplan.planner.service.client import PlannerClient
+from ditplan.planner.service.messages import AssignmentMsg, LoadMsg, PlanDelta, RequestData
 
 ROOT = Path(__file__).resolve().parents[1]
-DITPLAN = [sys.executable, "-c", "from planner.cli import main; main()"]
+DITPLAN = [sys.executable, "-c", "from ditplan.planner.cli import main; main()"]
 
 
 @contextlib.contextmanager
@@ -185,9 +185,9 @@ def test_placement_loads_builds_and_frees_torch_modules(tmp_path):
 def _placement_world(rank, world):
     """Two gloo ranks: a load builds on its rank only; a run on a block with a rank lacking the module fails
     on every rank of the block (no collective left waiting); an unload really frees the module."""
-    from executor.runtime import MissingWeights, Worker
-    from executor.service import model_builder, model_config
-    from models.torch import RequestSpec as Spec
+    from ditplan.executor.runtime import MissingWeights, Worker
+    from ditplan.executor.service import model_builder, model_config
+    from ditplan.models.torch import RequestSpec as Spec
 
     w = Worker(rank, world, build=model_builder({}, world), config=model_config({}, world))
     load = {"op": "load", "model": "sd3-medium", "component": "backbone", "family": "sd3", "id": 0}
@@ -208,7 +208,7 @@ def _placement_world(rank, world):
 
 
 def test_worker_loads_on_its_rank_fails_a_run_without_weights_and_frees_on_unload():
-    from executor.launch import spawn_world
+    from ditplan.executor.launch import spawn_world
     r0, r1 = spawn_world(_placement_world, 2, timeout=120)
     assert r0["load"]["module"] and r0["load"]["params"] > 0 and r1["load"] is None
     assert r0["held"] == {"sd3-medium": r0["load"]["params"]} and r1["held"] == {}
@@ -237,7 +237,7 @@ def test_controller_ends_a_stage_whose_weights_are_not_resident():
     without one (no load ever received) the same assignment runs, its module built on first use."""
     import queue
 
-    from executor.service import Controller
+    from ditplan.executor.service import Controller
 
     data = RequestData("s1", "sd3-medium", 512, 512, 1, 4, 100.0, 0, True)
     diffuse = AssignmentMsg(("s1",), Stage.DIFFUSE, (1,), 4, 0, 1.0, 0.25, 0.0, True)

@@ -13,13 +13,13 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"blocked: {name}")
 sys.meta_path.insert(0, Block())
 import pkgutil, importlib
-import models, planner
-for pkg in (models, planner):
+import ditplan.models, ditplan.planner
+for pkg in (ditplan.models, ditplan.planner):
     for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
-        if info.name.startswith("models.torch"):
+        if info.name.startswith("ditplan.models.torch"):
             continue
         importlib.import_module(info.name)
-from planner.cli import app
+from ditplan.planner.cli import app
 from typer.testing import CliRunner
 r = CliRunner().invoke(app, ["whatif", "--workload", "tetriserve-uniform", "--n", "12", "--policy", "fcfs-sp2", "--no-plot"])
 assert r.exit_code == 0, r.output

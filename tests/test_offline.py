@@ -3,17 +3,17 @@ import itertools
 
 import pytest
 
-from models.catalog import Shape
-from models.cost import CostModel
-from planner import offline
-from planner.checker import check_timeline
-from planner.cluster import parse_cluster
-from planner.metrics import summarize, timeline_records
-from planner.offline import solve_offline
-from planner.request import Request, RequestState, Stage
-from planner.simulator import SimConfig, Simulator
-from planner.whatif import to_requests
-from planner.workloads import generate
+from ditplan.models.catalog import Shape
+from ditplan.models.cost import CostModel
+from ditplan.planner import offline
+from ditplan.planner.checker import check_timeline
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.metrics import summarize, timeline_records
+from ditplan.planner.offline import solve_offline
+from ditplan.planner.request import Request, RequestState, Stage
+from ditplan.planner.simulator import SimConfig, Simulator
+from ditplan.planner.whatif import to_requests
+from ditplan.planner.workloads import generate
 
 COST = CostModel("H100")
 C4 = parse_cluster("4xH100")
@@ -69,7 +69,7 @@ def test_bound_is_at_least_every_baseline(small):
     ran = 0
     for name in BASELINES:
         try:
-            from planner.policies.base import make_policy
+            from ditplan.planner.policies.base import make_policy
             policy = make_policy(name)
         except (ImportError, KeyError):  # a policy still in progress
             continue

@@ -5,17 +5,17 @@ import random
 
 import pytest
 
-from models.catalog import Shape, get_model
-from models.cost import CostModel
-from planner.checker import check_plan, check_timeline
-from planner.cluster import parse_cluster
-from planner.metrics import timeline_records
-from planner.policies import make_policy, policy_names
-from planner.policies.genserve import packing_fits
-from planner.policies.hetu_ilp import SOLVE_INTERVAL_S, efficient_degrees
-from planner.request import Request, RequestState, RequestStatus, Stage
-from planner.simulator import SimConfig, Simulator
-from planner.state import PlannerState
+from ditplan.models.catalog import Shape, get_model
+from ditplan.models.cost import CostModel
+from ditplan.planner.checker import check_plan, check_timeline
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.metrics import timeline_records
+from ditplan.planner.policies import make_policy, policy_names
+from ditplan.planner.policies.genserve import packing_fits
+from ditplan.planner.policies.hetu_ilp import SOLVE_INTERVAL_S, efficient_degrees
+from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
+from ditplan.planner.simulator import SimConfig, Simulator
+from ditplan.planner.state import PlannerState
 
 COST = CostModel("H100")
 CLUSTER = parse_cluster("8xH100")
@@ -277,7 +277,7 @@ def test_hetu_batches_queued_same_shape_images_and_rewards_on_time_requests():
 
 
 def test_hetu_efficient_degrees_table():
-    from planner.policies.genserve import BatchTimes
+    from ditplan.planner.policies.genserve import BatchTimes
     times = BatchTimes().bind(planner_state([], now=0.0))
     assert efficient_degrees(times.of("sd3-medium", Shape(512, 512), 1)) == (1,)
     assert efficient_degrees(times.of("flux-dev", Shape(2048, 2048), 1)) == (1, 2, 4)

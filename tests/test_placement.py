@@ -4,19 +4,19 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from models.catalog import Shape, get_model
-from models.cost import CostModel
-from planner.checker import check_plan, check_timeline
-from planner.cli import app
-from planner.cluster import parse_cluster
-from planner.errors import PlacementError
-from planner.metrics import summarize, timeline_records, unfinished_reasons
-from planner.placement import (Placement, WeightLoad, apportion, check_fits, load_seconds, static_placement)
-from planner.plan import Assignment, RoundPlan
-from planner.policies.base import make_policy
-from planner.request import Request, RequestStatus, Stage
-from planner.simulator import SimConfig, Simulator
-from planner.state import PlannerState
+from ditplan.models.catalog import Shape, get_model
+from ditplan.models.cost import CostModel
+from ditplan.planner.checker import check_plan, check_timeline
+from ditplan.planner.cli import app
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.errors import PlacementError
+from ditplan.planner.metrics import summarize, timeline_records, unfinished_reasons
+from ditplan.planner.placement import (Placement, WeightLoad, apportion, check_fits, load_seconds, static_placement)
+from ditplan.planner.plan import Assignment, RoundPlan
+from ditplan.planner.policies.base import make_policy
+from ditplan.planner.request import Request, RequestStatus, Stage
+from ditplan.planner.simulator import SimConfig, Simulator
+from ditplan.planner.state import PlannerState
 
 L20 = parse_cluster("4xL20")
 COST = CostModel(L20.kind)

@@ -6,15 +6,15 @@ import pytest
 from matplotlib.collections import LineCollection, PolyCollection
 from matplotlib.colors import to_hex
 
-from models.catalog import Shape
-from models.cost import CostModel
-from planner.cluster import parse_cluster
-from planner.metrics import met
-from planner.plots import OUTCOME_COLORS, gantt_bars, gantt_figure, plot_gantt
-from planner.request import Request, RequestState, RequestStatus, Stage
-from planner.simulator import Segment, SimConfig, SimResult
-from planner.whatif import run_policies, to_requests
-from planner.workloads import generate
+from ditplan.models.catalog import Shape
+from ditplan.models.cost import CostModel
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.metrics import met
+from ditplan.planner.plots import OUTCOME_COLORS, gantt_bars, gantt_figure, plot_gantt
+from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
+from ditplan.planner.simulator import Segment, SimConfig, SimResult
+from ditplan.planner.whatif import run_policies, to_requests
+from ditplan.planner.workloads import generate
 
 
 def _run(cluster: str, n: int, workload: str = "genserve-mixed", slo_scale: float = 1.2, policy: str = "edf",

@@ -10,18 +10,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hst
 
-from models.catalog import Shape, get_model
-from models.cost import CostModel
-from planner.checker import check_plan
-from planner.cluster import parse_cluster
-from planner.plan import RoundPlan
-from planner.policies import make_policy, policy_names
-from planner.policies.blocks import BlockAllocator, block_of, is_aligned
-from planner.policies.edf import TimeTable
-from planner.policies.fcfs import rssp_degree
-from planner.policies.tetriserve import Option, solve_group_knapsack
-from planner.request import Request, RequestState, RequestStatus, Stage
-from planner.state import PlannerState
+from ditplan.models.catalog import Shape, get_model
+from ditplan.models.cost import CostModel
+from ditplan.planner.checker import check_plan
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.plan import RoundPlan
+from ditplan.planner.policies import make_policy, policy_names
+from ditplan.planner.policies.blocks import BlockAllocator, block_of, is_aligned
+from ditplan.planner.policies.edf import TimeTable
+from ditplan.planner.policies.fcfs import rssp_degree
+from ditplan.planner.policies.tetriserve import Option, solve_group_knapsack
+from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
+from ditplan.planner.state import PlannerState
 
 COST = CostModel("H100")
 CLUSTER = parse_cluster("8xH100")

@@ -1,9 +1,9 @@
-from models.catalog import Shape
-from models.cost import CostModel
-from planner.cluster import parse_cluster
-from planner.problem import RoundProblem, build_problem, load_problems, save_problems
-from planner.request import Request, RequestStatus
-from planner.state import PlannerState
+from ditplan.models.catalog import Shape
+from ditplan.models.cost import CostModel
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.problem import RoundProblem, build_problem, load_problems, save_problems
+from ditplan.planner.request import Request, RequestStatus
+from ditplan.planner.state import PlannerState
 
 
 def test_round_problem_captures_state_and_round_trips_through_json(tmp_path):
@@ -31,7 +31,7 @@ def test_round_problem_captures_state_and_round_trips_through_json(tmp_path):
 def test_whatif_dumps_the_round_problems_it_saw(tmp_path):
     from typer.testing import CliRunner
 
-    from planner.cli import app
+    from ditplan.planner.cli import app
 
     out = tmp_path / "rp.jsonl"
     r = CliRunner().invoke(app, ["whatif", "--workload", "genserve-mixed", "--n", "15", "--policy", "edf",

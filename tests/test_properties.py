@@ -3,15 +3,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.catalog import Shape
-from models.cost import CostModel
-from planner.checker import check_timeline
-from planner.cluster import parse_cluster
-from planner.metrics import timeline_records
-from planner.policies.base import policy_names
-from planner.request import Request
-from planner.simulator import SimConfig
-from planner.whatif import run_policies
+from ditplan.models.catalog import Shape
+from ditplan.models.cost import CostModel
+from ditplan.planner.checker import check_timeline
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.metrics import timeline_records
+from ditplan.planner.policies.base import policy_names
+from ditplan.planner.request import Request
+from ditplan.planner.simulator import SimConfig
+from ditplan.planner.whatif import run_policies
 
 CLUSTERS = {name: parse_cluster(name) for name in ("4xH100", "8xH100", "2x4xA40")}
 COSTS = {name: CostModel(c.kind) for name, c in CLUSTERS.items()}

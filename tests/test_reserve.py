@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-import planner.solvers  # noqa: F401  (ortools before pulp)
-from models.catalog import Shape, get_model
-from models.cost import CostModel
-from planner.checker import check_plan
-from planner.cluster import parse_cluster
-from planner.metrics import summarize
-from planner.placement import Placement
-from planner.policies.base import make_policy
-from planner.problem import build_problem
-from planner.request import Request, RequestStatus
-from planner.simulator import SimConfig, Simulator
-from planner.solvers.data import build_schedule
-from planner.solvers.reserve import Arrival, PlacementLoop, Reserve, arrival, erlang_b, reserve_counts
-from planner.state import PlannerState
-from planner.whatif import to_requests
-from planner.workloads import generate
+import ditplan.planner.solvers  # noqa: F401  (ortools before pulp)
+from ditplan.models.catalog import Shape, get_model
+from ditplan.models.cost import CostModel
+from ditplan.planner.checker import check_plan
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.metrics import summarize
+from ditplan.planner.placement import Placement
+from ditplan.planner.policies.base import make_policy
+from ditplan.planner.problem import build_problem
+from ditplan.planner.request import Request, RequestStatus
+from ditplan.planner.simulator import SimConfig, Simulator
+from ditplan.planner.solvers.data import build_schedule
+from ditplan.planner.solvers.reserve import Arrival, PlacementLoop, Reserve, arrival, erlang_b, reserve_counts
+from ditplan.planner.state import PlannerState
+from ditplan.planner.whatif import to_requests
+from ditplan.planner.workloads import generate
 
 H100 = parse_cluster("8xH100")
 COST = CostModel(H100.kind)

@@ -19,20 +19,20 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
-from planner.cli import app
-from planner.request import Stage
-from planner.service.admission import RequestSpec
-from planner.service.client import PlannerClient, PlannerError
-from planner.service.commands import status_rows
-from planner.service.executor_link import ExecutorLink
-from planner.service.gen import planner_pb2 as pb
-from planner.service.messages import StepReport
-from planner.service.stateless import PlanIn, ProgressIn
-from planner.service.server import PlannerServer, ServeConfig
-from planner.traces import TraceRecord, write_trace
+from ditplan.planner.cli import app
+from ditplan.planner.request import Stage
+from ditplan.planner.service.admission import RequestSpec
+from ditplan.planner.service.client import PlannerClient, PlannerError
+from ditplan.planner.service.commands import status_rows
+from ditplan.planner.service.executor_link import ExecutorLink
+from ditplan.planner.service.gen import planner_pb2 as pb
+from ditplan.planner.service.messages import StepReport
+from ditplan.planner.service.stateless import PlanIn, ProgressIn
+from ditplan.planner.service.server import PlannerServer, ServeConfig
+from ditplan.planner.traces import TraceRecord, write_trace
 
 ROOT = Path(__file__).resolve().parents[1]
-DITPLAN = [sys.executable, "-c", "from planner.cli import main; main()"]
+DITPLAN = [sys.executable, "-c", "from ditplan.planner.cli import main; main()"]
 POLICY = "tetriserve-dp"  # fast and deterministic; the default policy has its own test
 
 
@@ -491,8 +491,8 @@ def test_cli_serve_subprocess_answers_status(tmp_path):
 
 
 def test_default_policy(make_server):
-    from planner.policies.base import policy_names
-    from planner.service.server import default_policy
+    from ditplan.planner.policies.base import policy_names
+    from ditplan.planner.service.server import default_policy
 
     server = make_server(policy=None, simulate=True, speed=50.0)
     expected = "cpsat" if "cpsat" in policy_names() else "tetriserve-dp"
@@ -514,7 +514,7 @@ def test_plan_window_shows_the_earliest_deadlines_first(make_server):
 
 
 def test_journal_round_trip(tmp_path):
-    from planner.service.journal import Journal
+    from ditplan.planner.service.journal import Journal
 
     j, rec = Journal.open(tmp_path, "full")
     assert rec.rows == [] and rec.generation == 1
@@ -562,7 +562,7 @@ def test_late_reject_ends_a_lost_request_with_its_reason_and_keeps_serving(make_
         assert view.reason and "deadline" in view.reason and view.finish is None
         assert c.get("fine").reason is None
         assert [v.id for v in c.list(states=["rejected"])] == ["lost"]
-        from planner.service.commands import status_rows
+        from ditplan.planner.service.commands import status_rows
 
         rows = {r[0]: r for r in status_rows(c.list(), c.info().now)}
         assert rows["lost"][1] == "rejected" and "deadline" in rows["lost"][-1] and rows["fine"][-1] == ""

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from planner.service.clock import SimClock, WallClock
+from ditplan.planner.service.clock import SimClock, WallClock
 
 
 def test_sim_clock_runs_at_its_speed_and_stands_still_while_held():

@@ -14,9 +14,9 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.catalog import CATALOG
-from planner.service.gen import planner_pb2 as pb
-from planner.service.server import PlannerServer, ServeConfig
+from ditplan.models.catalog import CATALOG
+from ditplan.planner.service.gen import planner_pb2 as pb
+from ditplan.planner.service.server import PlannerServer, ServeConfig
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                          HealthCheck.too_slow])

@@ -10,15 +10,15 @@ import json
 import grpc
 from typer.testing import CliRunner
 
-from planner.cli import app
+from ditplan.planner.cli import app
 
-from planner.placement import WeightLoad
-from planner.request import Stage
-from planner.service.client import PlannerClient
-from planner.service.executor_link import ExecutorLink
-from planner.service.messages import StepReport
-from planner.service.stateless import PlanIn, ProgressIn
-from planner.traces import TraceRecord
+from ditplan.planner.placement import WeightLoad
+from ditplan.planner.request import Stage
+from ditplan.planner.service.client import PlannerClient
+from ditplan.planner.service.executor_link import ExecutorLink
+from ditplan.planner.service.messages import StepReport
+from ditplan.planner.service.stateless import PlanIn, ProgressIn
+from ditplan.planner.traces import TraceRecord
 from test_service import make_server, refused, spec, wait_for  # noqa: F401 (fixture)
 
 

@@ -10,12 +10,12 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
-from planner.cli import app
-from planner.service.admission import RequestSpec
-from planner.service.client import PlannerClient, PlannerError
-from planner.service.gen import planner_pb2 as pb
-from planner.service.messages import StepReport
-from planner.service.server import PlannerServer, ServeConfig
+from ditplan.planner.cli import app
+from ditplan.planner.service.admission import RequestSpec
+from ditplan.planner.service.client import PlannerClient, PlannerError
+from ditplan.planner.service.gen import planner_pb2 as pb
+from ditplan.planner.service.messages import StepReport
+from ditplan.planner.service.server import PlannerServer, ServeConfig
 
 TOKEN = "s3cret-token"
 
@@ -138,7 +138,7 @@ def test_bearer_metadata_on_streams_plaintext(server_factory):
         assert c.report_progress([StepReport("node0")]) == 1  # a heartbeat
         stream.cancel()
     ch = grpc.insecure_channel(server.address)
-    from planner.service.gen import planner_pb2_grpc as pb_grpc
+    from ditplan.planner.service.gen import planner_pb2_grpc as pb_grpc
     with pytest.raises(grpc.RpcError) as info:
         pb_grpc.PlannerStub(ch).GetServerInfo(pb.GetServerInfoRequest(), timeout=5,
                                               metadata=(("authorization", "Basic abc"),))

@@ -17,14 +17,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from planner.service import server as server_mod
-from planner.service.client import PlannerClient, PlannerError
-from planner.service.journal import LOCK_NAME, Journal, JournalLockedError
-from planner.service.server import PlannerServer, PortInUseError, ServeConfig
-from planner.service.stateless import InvalidArgument, PlanIn, cluster_from_text
+from ditplan.planner.service import server as server_mod
+from ditplan.planner.service.client import PlannerClient, PlannerError
+from ditplan.planner.service.journal import LOCK_NAME, Journal, JournalLockedError
+from ditplan.planner.service.server import PlannerServer, PortInUseError, ServeConfig
+from ditplan.planner.service.stateless import InvalidArgument, PlanIn, cluster_from_text
 
 ROOT = Path(__file__).resolve().parents[1]
-DITPLAN = [sys.executable, "-c", "from planner.cli import main; main()"]
+DITPLAN = [sys.executable, "-c", "from ditplan.planner.cli import main; main()"]
 POLICY = "tetriserve-dp"
 
 

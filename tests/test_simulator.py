@@ -1,13 +1,13 @@
 import pytest
 
-from models.catalog import Shape, get_model
-from models.cost import CostModel
-from planner.checker import check_timeline
-from planner.cluster import parse_cluster
-from planner.metrics import summarize, timeline_records
-from planner.plan import Assignment, RoundPlan
-from planner.request import Request, RequestState, Stage
-from planner.simulator import PlanViolation, SimConfig, Simulator
+from ditplan.models.catalog import Shape, get_model
+from ditplan.models.cost import CostModel
+from ditplan.planner.checker import check_timeline
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.metrics import summarize, timeline_records
+from ditplan.planner.plan import Assignment, RoundPlan
+from ditplan.planner.request import Request, RequestState, Stage
+from ditplan.planner.simulator import PlanViolation, SimConfig, Simulator
 
 CLUSTER = parse_cluster("8xH100")
 COST = CostModel("H100")

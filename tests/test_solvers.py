@@ -10,24 +10,24 @@ import random
 
 import pytest
 
-import planner.solvers  # noqa: F401  (loads ortools before anything imports pulp; see planner/solvers/__init__.py)
-from models.catalog import Shape, get_model
-from models.cost import CostModel
-from planner.checker import check_plan, check_timeline
-from planner.cluster import parse_cluster
-from planner.metrics import met, summarize, timeline_records
-from planner.policies import make_policy, policy_names
-from planner.policies.solver import CpSatPolicy
-from planner.problem import RoundProblem, build_problem
-from planner.request import Request, RequestState, RequestStatus
-from planner.simulator import SimConfig, Simulator
-from planner.solvers import cpsat, milp
-from planner.solvers.data import Alt, Job, ScheduleData, ScheduleParams, Weights, build_schedule
-from planner.solvers.greedy import greedy
-from planner.solvers.solution import SolveStatus, evaluate
-from planner.state import PlannerState
-from planner.whatif import to_requests
-from planner.workloads import generate
+import ditplan.planner.solvers  # noqa: F401  (loads ortools before anything imports pulp; see planner/solvers/__init__.py)
+from ditplan.models.catalog import Shape, get_model
+from ditplan.models.cost import CostModel
+from ditplan.planner.checker import check_plan, check_timeline
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.metrics import met, summarize, timeline_records
+from ditplan.planner.policies import make_policy, policy_names
+from ditplan.planner.policies.solver import CpSatPolicy
+from ditplan.planner.problem import RoundProblem, build_problem
+from ditplan.planner.request import Request, RequestState, RequestStatus
+from ditplan.planner.simulator import SimConfig, Simulator
+from ditplan.planner.solvers import cpsat, milp
+from ditplan.planner.solvers.data import Alt, Job, ScheduleData, ScheduleParams, Weights, build_schedule
+from ditplan.planner.solvers.greedy import greedy
+from ditplan.planner.solvers.solution import SolveStatus, evaluate
+from ditplan.planner.state import PlannerState
+from ditplan.planner.whatif import to_requests
+from ditplan.planner.workloads import generate
 
 COST = CostModel("H100")
 KINDS = [("sd3-medium", Shape(1024, 1024), 28), ("flux-dev", Shape(512, 512), 28),
@@ -345,7 +345,7 @@ def test_solver_policies_are_registered():
 
 
 def test_scopes_keep_latents_on_their_node_and_pack_fresh_work_best_fit():
-    from planner.policies.solver import scopes
+    from ditplan.planner.policies.solver import scopes
 
     cluster = parse_cluster("2x4xH100")
     pinned = RequestStatus(Request("p", "flux-dev", Shape(1024, 1024), 28, 0.0, 50.0), state=RequestState.PAUSED,

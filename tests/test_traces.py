@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.catalog import CATALOG, Shape
-from planner.errors import InputError, TraceError
-from planner.request import Request
-from planner.traces import TraceRecord, read_trace, resolve_deadlines, write_trace
+from ditplan.models.catalog import CATALOG, Shape
+from ditplan.planner.errors import InputError, TraceError
+from ditplan.planner.request import Request
+from ditplan.planner.traces import TraceRecord, read_trace, resolve_deadlines, write_trace
 
 GOOD = {"id": "a", "arrival": 0.5, "model": "flux-dev", "height": 1024, "width": 1024,
         "frames": 1, "steps": 28}
@@ -306,8 +306,8 @@ def test_resolve_deadlines_rejects_bad_default_scale(scale):
 
 
 def test_resolve_deadlines_with_cost_model():
-    from models.cost import CostModel
-    from planner.traces import ideal_latency_from
+    from ditplan.models.cost import CostModel
+    from ditplan.planner.traces import ideal_latency_from
 
     cost = CostModel("H100")
     rec = TraceRecord("a", 0.0, "flux-dev", 1024, 1024, 1, 28)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.catalog import CATALOG
-from planner.errors import InputError
-from planner.traces import read_trace, write_trace
-from planner.workloads import WORKLOADS, arrival_times, generate
+from ditplan.models.catalog import CATALOG
+from ditplan.planner.errors import InputError
+from ditplan.planner.traces import read_trace, write_trace
+from ditplan.planner.workloads import WORKLOADS, arrival_times, generate
 
 
 def gaps(recs) -> np.ndarray:
@@ -67,7 +67,7 @@ def test_mean_rate_within_10_percent(name):
 
 def test_default_load_is_moderate_on_8xh100():
     """Defaults put 40-80% of 8 H100s' GPU-seconds to work (each request at SP 1)."""
-    from models.cost import CostModel
+    from ditplan.models.cost import CostModel
 
     cost = CostModel("H100")
     for w in WORKLOADS.values():

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, runtime_checkable
 
-from planner.plan import RoundPlan
-from planner.state import PlannerState
+from ditplan.planner.plan import RoundPlan
+from ditplan.planner.state import PlannerState
 
 
 @runtime_checkable
@@ -26,7 +26,7 @@ def register(name: str):
 
 
 def policy_names() -> list[str]:
-    import planner.policies  # noqa: F401  (registers the built-ins)
+    import ditplan.planner.policies  # noqa: F401  (registers the built-ins)
     return sorted(_REGISTRY)
 
 
@@ -35,7 +35,7 @@ def make_policy(name: str, **options) -> Policy:
     them; the others, the peers that follow their papers, ignore them."""
     import inspect
 
-    import planner.policies  # noqa: F401
+    import ditplan.planner.policies  # noqa: F401
     if name not in _REGISTRY:
         raise KeyError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     factory = _REGISTRY[name]
@@ -45,7 +45,7 @@ def make_policy(name: str, **options) -> Policy:
     if getattr(policy, "places_models", False):
         return policy
     # A peer runs one deployment per group of GPUs holding the same models (planner/policies/static.py).
-    from planner.policies.static import OnStaticPlacement
+    from ditplan.planner.policies.static import OnStaticPlacement
 
     return OnStaticPlacement(policy.name, lambda: factory(**kwargs),
                              getattr(policy, "split_placement", "split"))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from models.catalog import Shape, get_model
-from planner.cluster import Cluster
-from planner.state import PlannerState
+from ditplan.models.catalog import Shape, get_model
+from ditplan.planner.cluster import Cluster
+from ditplan.planner.state import PlannerState
 
 
 def block_of(cluster: Cluster, gpu: int, k: int) -> tuple[int, ...] | None:

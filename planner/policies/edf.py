@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from models.catalog import Shape, get_model
-from planner.plan import Assignment, RoundPlan
-from planner.policies.base import register
-from planner.policies.blocks import BlockAllocator, activation_bytes, block_of
-from planner.request import RequestStatus, Stage
-from planner.state import PlannerState
+from ditplan.models.catalog import Shape, get_model
+from ditplan.planner.plan import Assignment, RoundPlan
+from ditplan.planner.policies.base import register
+from ditplan.planner.policies.blocks import BlockAllocator, activation_bytes, block_of
+from ditplan.planner.request import RequestStatus, Stage
+from ditplan.planner.state import PlannerState
 
 
 # --- timing shared by the round-based policies ---------------------------------

@@ -10,12 +10,12 @@ smallest degree whose standalone latency fits the request's SLO.
 """
 from __future__ import annotations
 
-from planner.plan import Assignment, RoundPlan
-from planner.policies.base import register
-from planner.policies.blocks import BlockAllocator
-from planner.policies.edf import ShapeTimes, TimeTable
-from planner.request import RequestStatus, Stage
-from planner.state import PlannerState
+from ditplan.planner.plan import Assignment, RoundPlan
+from ditplan.planner.policies.base import register
+from ditplan.planner.policies.blocks import BlockAllocator
+from ditplan.planner.policies.edf import ShapeTimes, TimeTable
+from ditplan.planner.request import RequestStatus, Stage
+from ditplan.planner.state import PlannerState
 
 
 class FcfsPolicy:

@@ -56,14 +56,14 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
-from models.catalog import Shape, get_model
-from planner.plan import Assignment, RoundPlan
-from planner.policies.base import register
-from planner.policies.blocks import BlockAllocator, block_of
-from planner.policies.edf import ShapeTimes, deadline_order, migration_estimate, round_steps
-from planner.policies.tetriserve import Option, solve_group_knapsack
-from planner.request import RequestState, RequestStatus, Stage
-from planner.state import PlannerState
+from ditplan.models.catalog import Shape, get_model
+from ditplan.planner.plan import Assignment, RoundPlan
+from ditplan.planner.policies.base import register
+from ditplan.planner.policies.blocks import BlockAllocator, block_of
+from ditplan.planner.policies.edf import ShapeTimes, deadline_order, migration_estimate, round_steps
+from ditplan.planner.policies.tetriserve import Option, solve_group_knapsack
+from ditplan.planner.request import RequestState, RequestStatus, Stage
+from ditplan.planner.state import PlannerState
 
 # Elastic scale-up doubles a degree only if the doubling keeps this parallel
 # efficiency: step(2k) <= step(k) / (2 * SCALE_EFFICIENCY).

@@ -60,17 +60,17 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 
-import planner.solvers  # noqa: F401  (loads ortools' libhighs before pulp's highspy)
+import ditplan.planner.solvers  # noqa: F401  (loads ortools' libhighs before pulp's highspy)
 import pulp
 
-from planner.plan import Assignment, RoundPlan
-from planner.policies.base import register
-from planner.policies.blocks import BlockAllocator
-from planner.policies.edf import ShapeTimes, deadline_order
-from planner.policies.genserve import BatchTimes, free_chunk, packing_fits
-from planner.request import RequestState, RequestStatus, Stage
-from planner.solvers.pulp_vars import new_var
-from planner.state import PlannerState
+from ditplan.planner.plan import Assignment, RoundPlan
+from ditplan.planner.policies.base import register
+from ditplan.planner.policies.blocks import BlockAllocator
+from ditplan.planner.policies.edf import ShapeTimes, deadline_order
+from ditplan.planner.policies.genserve import BatchTimes, free_chunk, packing_fits
+from ditplan.planner.request import RequestState, RequestStatus, Stage
+from ditplan.planner.solvers.pulp_vars import new_var
+from ditplan.planner.state import PlannerState
 
 EFFICIENCY_THRESHOLD = 0.8
 ON_TIME_REWARD = 1000

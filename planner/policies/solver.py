@@ -31,21 +31,21 @@ from __future__ import annotations
 import math
 import time
 
-from models.catalog import get_model
-from planner.checker import check_plan
-from planner.placement import WeightLoad
-from planner.plan import RoundPlan
-from planner.policies.base import make_policy, register
-from planner.problem import ProblemRequest, RoundProblem, build_problem
-from planner.solvers import cpsat, milp
-from planner.solvers.commit import (LATE_MODES, Committed, Gaps, commit_on_time, fill_best_effort, idle_gaps,
+from ditplan.models.catalog import get_model
+from ditplan.planner.checker import check_plan
+from ditplan.planner.placement import WeightLoad
+from ditplan.planner.plan import RoundPlan
+from ditplan.planner.policies.base import make_policy, register
+from ditplan.planner.problem import ProblemRequest, RoundProblem, build_problem
+from ditplan.planner.solvers import cpsat, milp
+from ditplan.planner.solvers.commit import (LATE_MODES, Committed, Gaps, commit_on_time, fill_best_effort, idle_gaps,
                                     load_stranded, rejections)
-from planner.solvers.data import (TICK_S, ScheduleData, ScheduleParams, build_schedule, chain_parts, has_latent,
+from ditplan.planner.solvers.data import (TICK_S, ScheduleData, ScheduleParams, build_schedule, chain_parts, has_latent,
                                   kept_degrees)
-from planner.solvers.greedy import greedy
-from planner.solvers.reserve import PlacementLoop, keep_loaded
-from planner.solvers.solution import Schedule, evaluate
-from planner.state import PlannerState
+from ditplan.planner.solvers.greedy import greedy
+from ditplan.planner.solvers.reserve import PlacementLoop, keep_loaded
+from ditplan.planner.solvers.solution import Schedule, evaluate
+from ditplan.planner.state import PlannerState
 
 
 def _chain_s(pr: ProblemRequest, k: int) -> float:

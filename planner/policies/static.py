@@ -15,10 +15,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from planner.cluster import Cluster, DeploymentView
-from planner.plan import RoundPlan
-from planner.policies.base import Policy
-from planner.state import PlannerState
+from ditplan.planner.cluster import Cluster, DeploymentView
+from ditplan.planner.plan import RoundPlan
+from ditplan.planner.policies.base import Policy
+from ditplan.planner.state import PlannerState
 
 _NEVER = 1e12  # "busy" horizon of GPUs outside a group (finite: peers do arithmetic on it)
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from planner.plan import Assignment, RoundPlan
-from planner.policies.base import register
-from planner.policies.blocks import BlockAllocator
-from planner.policies.edf import (ShapeTimes, TimeTable, deadline_order, diffuse_assignment,
+from ditplan.planner.plan import Assignment, RoundPlan
+from ditplan.planner.policies.base import register
+from ditplan.planner.policies.blocks import BlockAllocator
+from ditplan.planner.policies.edf import (ShapeTimes, TimeTable, deadline_order, diffuse_assignment,
                                   home, migration_estimate, on_track_degrees, round_steps, take_best_effort, take_stage_gpu)
-from planner.request import RequestStatus, Stage
-from planner.state import PlannerState
+from ditplan.planner.request import RequestStatus, Stage
+from ditplan.planner.state import PlannerState
 
 
 # --- the DP ----------------------------------------------------------------------

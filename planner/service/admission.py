@@ -12,10 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from planner.errors import TraceError
-from planner.request import Request
-from planner.service.errors import AlreadyExists, InvalidArgument
-from planner.traces import IdealLatency, TraceRecord, _is_number, _validate, resolve_deadlines
+from ditplan.planner.errors import TraceError
+from ditplan.planner.request import Request
+from ditplan.planner.service.errors import AlreadyExists, InvalidArgument
+from ditplan.planner.traces import IdealLatency, TraceRecord, _is_number, _validate, resolve_deadlines
 
 MAX_ID_LEN = 256
 

@@ -15,14 +15,14 @@ from typing import Iterable, Iterator, Sequence
 
 import grpc
 
-from planner.service import convert
-from planner.service.admission import RequestSpec
-from planner.service.auth import bearer
-from planner.service.gen import planner_pb2 as pb
-from planner.service.gen import planner_pb2_grpc as pb_grpc
-from planner.service.messages import PlanDelta, RequestView, ServerInfoView, StepReport, SubmitOutcome
-from planner.service.stateless import PlanIn, PlanOut
-from planner.traces import TraceRecord
+from ditplan.planner.service import convert
+from ditplan.planner.service.admission import RequestSpec
+from ditplan.planner.service.auth import bearer
+from ditplan.planner.service.gen import planner_pb2 as pb
+from ditplan.planner.service.gen import planner_pb2_grpc as pb_grpc
+from ditplan.planner.service.messages import PlanDelta, RequestView, ServerInfoView, StepReport, SubmitOutcome
+from ditplan.planner.service.stateless import PlanIn, PlanOut
+from ditplan.planner.traces import TraceRecord
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024

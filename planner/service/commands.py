@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from planner.service.client import PlannerClient, PlannerError, spec_from_record
-from planner.service.messages import RequestView
-from planner.traces import TraceRecord
+from ditplan.planner.service.client import PlannerClient, PlannerError, spec_from_record
+from ditplan.planner.service.messages import RequestView
+from ditplan.planner.traces import TraceRecord
 
 SUBMIT_CHUNK = 1000  # requests per Submit call (each call is all-or-nothing)
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 import math
 
-from planner.placement import WeightLoad
-from planner.plan import Assignment, RoundPlan
-from planner.request import Stage
-from planner.service.admission import RequestSpec
-from planner.service.gen import planner_pb2 as pb
-from planner.service.messages import (AssignmentMsg, ExecutorView, LoadMsg, MigrationMsg, PauseMsg, PlanDelta,
+from ditplan.planner.placement import WeightLoad
+from ditplan.planner.plan import Assignment, RoundPlan
+from ditplan.planner.request import Stage
+from ditplan.planner.service.admission import RequestSpec
+from ditplan.planner.service.gen import planner_pb2 as pb
+from ditplan.planner.service.messages import (AssignmentMsg, ExecutorView, LoadMsg, MigrationMsg, PauseMsg, PlanDelta,
                                       RequestData, RequestView, ServerInfoView, StepReport, SubmitOutcome)
-from planner.service.stateless import PlanIn, PlanOut, ProgressIn
+from ditplan.planner.service.stateless import PlanIn, PlanOut, ProgressIn
 
 STAGE_TO_PB = {Stage.ENCODE: pb.STAGE_ENCODE, Stage.DIFFUSE: pb.STAGE_DIFFUSE, Stage.DECODE: pb.STAGE_DECODE}
 PB_TO_STAGE = {v: k for k, v in STAGE_TO_PB.items()}

@@ -51,27 +51,27 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from models.catalog import get_model
-from models.cost import CostModel
-from planner.cluster import Cluster
-from planner.errors import PlacementError
-from planner.placement import (Placement, WeightLoad, check_fits, load_seconds, static_placement,
+from ditplan.models.catalog import get_model
+from ditplan.models.cost import CostModel
+from ditplan.planner.cluster import Cluster
+from ditplan.planner.errors import PlacementError
+from ditplan.planner.placement import (Placement, WeightLoad, check_fits, load_seconds, static_placement,
                                validate_placement)
-from planner.plan import Assignment, RoundPlan
-from planner.policies.base import make_policy
-from planner.request import Request, RequestState, RequestStatus, Stage
-from planner.service.admission import RequestSpec, validate_batch, validate_spec
-from planner.service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
+from ditplan.planner.plan import Assignment, RoundPlan
+from ditplan.planner.policies.base import make_policy
+from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
+from ditplan.planner.service.admission import RequestSpec, validate_batch, validate_spec
+from ditplan.planner.service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                                     ResourceExhausted, ServiceError, Unavailable)
-from planner.service.journal import Journal, JournalError, Recovered
-from planner.service.messages import (STATES, AssignmentMsg, ExecutorView, LoadMsg, MigrationMsg, PauseMsg,
+from ditplan.planner.service.journal import Journal, JournalError, Recovered
+from ditplan.planner.service.messages import (STATES, AssignmentMsg, ExecutorView, LoadMsg, MigrationMsg, PauseMsg,
                                       PlanDelta, RequestData, RequestView, ServerInfoView, StepReport,
                                       SubmitOutcome)
-from planner.service.planning import PlannerProcess, plan_checked
-from planner.service.sessions import ExecutorSession
-from planner.service.stats import Stats
-from planner.simulator import Segment, count_preemptions, diffuse_costs, end_segment, next_wake, start_segment
-from planner.state import PlannerState
+from ditplan.planner.service.planning import PlannerProcess, plan_checked
+from ditplan.planner.service.sessions import ExecutorSession
+from ditplan.planner.service.stats import Stats
+from ditplan.planner.simulator import Segment, count_preemptions, diffuse_costs, end_segment, next_wake, start_segment
+from ditplan.planner.state import PlannerState
 
 log = logging.getLogger(__name__)
 
@@ -1088,5 +1088,5 @@ def _wait(fut) -> None:
 
 
 def _shape(h: int, w: int, f: int):
-    from models.catalog import Shape
+    from ditplan.models.catalog import Shape
     return Shape(h, w, f)

@@ -17,8 +17,8 @@ import threading
 import time
 from typing import Iterable
 
-from planner.service.client import PlannerClient, PlannerError
-from planner.service.messages import AssignmentMsg, PlanDelta, RequestData, StepReport
+from ditplan.planner.service.client import PlannerClient, PlannerError
+from ditplan.planner.service.messages import AssignmentMsg, PlanDelta, RequestData, StepReport
 
 _END = object()
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from planner.placement import WeightLoad
-from planner.request import Stage
+from ditplan.planner.placement import WeightLoad
+from ditplan.planner.request import Stage
 
 # Request states as the service reports them: RequestState values plus "cancelled".
 STATES = ("queued", "running", "paused", "decoding", "done", "failed", "cancelled", "rejected")

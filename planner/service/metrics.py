@@ -15,8 +15,8 @@ Prometheus dependency and each server has its own registry:
 """
 from __future__ import annotations
 
-from planner.service.core import PlannerCore
-from planner.service.stats import SOLVER_BUCKETS_MS
+from ditplan.planner.service.core import PlannerCore
+from ditplan.planner.service.stats import SOLVER_BUCKETS_MS
 
 
 class CoreCollector:

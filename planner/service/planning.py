@@ -19,9 +19,9 @@ import multiprocessing as mp
 import time
 from dataclasses import dataclass
 
-from planner.checker import check_plan
-from planner.plan import RoundPlan
-from planner.state import PlannerState
+from ditplan.planner.checker import check_plan
+from ditplan.planner.plan import RoundPlan
+from ditplan.planner.state import PlannerState
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ def plan_checked(policy, fallback, state: PlannerState, check: bool = True) -> P
 
 def _worker(conn, cluster_spec: str, policy: str, fallback: str | None, check: bool, options: dict) -> None:
     """The child process: build the planning context once, then answer one plan per message."""
-    from models.cost import CostModel
-    from planner.cluster import parse_cluster
-    from planner.policies.base import make_policy
+    from ditplan.models.cost import CostModel
+    from ditplan.planner.cluster import parse_cluster
+    from ditplan.planner.policies.base import make_policy
 
     cluster = parse_cluster(cluster_spec)
     cost = CostModel(cluster.kind)

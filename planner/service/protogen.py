@@ -4,7 +4,7 @@ The stubs are committed under ``planner/service/gen/`` so the package works
 without grpcio-tools; ``tests/test_service_proto.py`` regenerates them into a
 temporary folder and fails when the committed ones are stale. Refresh with::
 
-    python -m planner.service.protogen
+    python -m ditplan.planner.service.protogen
 
 grpc_tools writes ``ditplan/v1/planner_pb2{,_grpc}.py`` with an absolute
 ``from ditplan.v1 import planner_pb2``; the only post-processing turns that

@@ -19,17 +19,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from models.cost import CostModel
-from planner.cluster import parse_cluster
-from planner.policies.base import make_policy, policy_names
-from planner.service.auth import TokenAuthInterceptor
-from planner.service.clock import SimClock, WallClock
-from planner.service.core import CoreConfig, PlannerCore
-from planner.service.gen import planner_pb2 as pb
-from planner.service.gen import planner_pb2_grpc as pb_grpc
-from planner.service.journal import Journal, JournalLockedError  # noqa: F401  (JournalLockedError: re-exported)
-from planner.service.servicer import PlannerServicer
-from planner.service.sim_executor import SimulatedExecutor
+from ditplan.models.cost import CostModel
+from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.policies.base import make_policy, policy_names
+from ditplan.planner.service.auth import TokenAuthInterceptor
+from ditplan.planner.service.clock import SimClock, WallClock
+from ditplan.planner.service.core import CoreConfig, PlannerCore
+from ditplan.planner.service.gen import planner_pb2 as pb
+from ditplan.planner.service.gen import planner_pb2_grpc as pb_grpc
+from ditplan.planner.service.journal import Journal, JournalLockedError  # noqa: F401  (JournalLockedError: re-exported)
+from ditplan.planner.service.servicer import PlannerServicer
+from ditplan.planner.service.sim_executor import SimulatedExecutor
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class PlannerServer:
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.metrics_port is not None:
-            from planner.service.metrics import start_metrics_server
+            from ditplan.planner.service.metrics import start_metrics_server
             try:
                 self._metrics_http, self.metrics_port = start_metrics_server(self.core, cfg.metrics_port, cfg.host)
             except OSError as exc:

@@ -11,13 +11,13 @@ import logging
 
 import grpc
 
-from planner.service import convert
-from planner.service.core import PlannerCore
-from planner.service.errors import ServiceError
-from planner.service.gen import planner_pb2 as pb
-from planner.service.gen import planner_pb2_grpc as pb_grpc
-from planner.service.journal import JournalError
-from planner.service.stateless import WhatIfIn, metrics_json, plan_round, whatif
+from ditplan.planner.service import convert
+from ditplan.planner.service.core import PlannerCore
+from ditplan.planner.service.errors import ServiceError
+from ditplan.planner.service.gen import planner_pb2 as pb
+from ditplan.planner.service.gen import planner_pb2_grpc as pb_grpc
+from ditplan.planner.service.journal import JournalError
+from ditplan.planner.service.stateless import WhatIfIn, metrics_json, plan_round, whatif
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import queue
 import time
 
-from planner.service.messages import PlanDelta
+from ditplan.planner.service.messages import PlanDelta
 
 
 class ExecutorSession:

@@ -18,9 +18,9 @@ import threading
 
 import numpy as np
 
-from planner.request import Stage
-from planner.service.errors import ServiceError
-from planner.service.messages import PlanDelta, StepReport
+from ditplan.planner.request import Stage
+from ditplan.planner.service.errors import ServiceError
+from ditplan.planner.service.messages import PlanDelta, StepReport
 
 log = logging.getLogger(__name__)
 

@@ -18,21 +18,21 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
-from models.catalog import CATALOG
-from models.cost import CostModel
-from models.gpus import GPU_KINDS
-from planner.checker import check_plan
-from planner.cluster import _SHORT, Cluster, parse_cluster
-from planner.errors import InputError, PlacementError
-from planner.placement import Placement, check_fits, validate_placement
-from planner.plan import RoundPlan
-from planner.policies.base import make_policy, policy_names
-from planner.request import RequestState, RequestStatus
-from planner.service.admission import validate_records, validate_request
-from planner.service.errors import Cancelled, DeadlineExceeded, InvalidArgument, ServiceError
-from planner.simulator import PlanViolation, SimConfig
-from planner.state import PlannerState
-from planner.traces import _is_number
+from ditplan.models.catalog import CATALOG
+from ditplan.models.cost import CostModel
+from ditplan.models.gpus import GPU_KINDS
+from ditplan.planner.checker import check_plan
+from ditplan.planner.cluster import _SHORT, Cluster, parse_cluster
+from ditplan.planner.errors import InputError, PlacementError
+from ditplan.planner.placement import Placement, check_fits, validate_placement
+from ditplan.planner.plan import RoundPlan
+from ditplan.planner.policies.base import make_policy, policy_names
+from ditplan.planner.request import RequestState, RequestStatus
+from ditplan.planner.service.admission import validate_records, validate_request
+from ditplan.planner.service.errors import Cancelled, DeadlineExceeded, InvalidArgument, ServiceError
+from ditplan.planner.simulator import PlanViolation, SimConfig
+from ditplan.planner.state import PlannerState
+from ditplan.planner.traces import _is_number
 
 MAX_GPUS = 1024
 MAX_PLAN_REQUESTS = 20_000
@@ -245,7 +245,7 @@ def whatif(w: WhatIfIn, should_stop: Callable[[], str | None] = lambda: None) ->
     ``should_stop`` is polled during the simulations; a non-empty answer
     ("deadline" or "cancelled") ends the call with that status.
     """
-    from planner.whatif import run_policies, to_requests
+    from ditplan.planner.whatif import run_policies, to_requests
 
     if not w.records:
         raise InvalidArgument("field 'records' is empty: nothing to simulate")

@@ -15,7 +15,7 @@ import ``planner.solvers`` before ``pulp`` anywhere CP-SAT is used. The MILP
 backend then runs HiGHS in a child process (see milp.py).
 """
 from ortools.sat.python import cp_model as _cp_model  # noqa: F401  (before pulp, see above)
-from planner.solvers.data import ScheduleData, ScheduleParams, Weights, build_schedule
-from planner.solvers.solution import Schedule, SolveStatus, evaluate
+from ditplan.planner.solvers.data import ScheduleData, ScheduleParams, Weights, build_schedule
+from ditplan.planner.solvers.solution import Schedule, SolveStatus, evaluate
 
 __all__ = ["Schedule", "ScheduleData", "ScheduleParams", "SolveStatus", "Weights", "build_schedule", "evaluate"]

@@ -23,12 +23,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from planner.placement import WeightLoad
-from planner.plan import Assignment
-from planner.problem import ProblemRequest, RoundProblem
-from planner.request import Stage
-from planner.solvers.data import TICK_S, ScheduleData, aligned_blocks, has_latent, is_lost, kept_degrees, load_plan
-from planner.solvers.solution import Schedule
+from ditplan.planner.placement import WeightLoad
+from ditplan.planner.plan import Assignment
+from ditplan.planner.problem import ProblemRequest, RoundProblem
+from ditplan.planner.request import Stage
+from ditplan.planner.solvers.data import TICK_S, ScheduleData, aligned_blocks, has_latent, is_lost, kept_degrees, load_plan
+from ditplan.planner.solvers.solution import Schedule
 
 _STAGE = {"encode": Stage.ENCODE, "diffuse": Stage.DIFFUSE, "decode": Stage.DECODE}
 LATE_MODES = ("serve", "reject")

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from planner.solvers.data import ScheduleData
-from planner.solvers.solution import Schedule, SolveStatus, constant_of, release_offset
+from ditplan.planner.solvers.data import ScheduleData
+from ditplan.planner.solvers.solution import Schedule, SolveStatus, constant_of, release_offset
 
 _STATUS = {
     cp_model.OPTIMAL: SolveStatus.OPTIMAL,

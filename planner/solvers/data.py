@@ -39,8 +39,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from models.catalog import get_model
-from planner.problem import ProblemRequest, RoundProblem
+from ditplan.models.catalog import get_model
+from ditplan.planner.problem import ProblemRequest, RoundProblem
 
 TICK_S = 1e-3
 # Slack of the exact on-time test, in ticks: 1e-10 s absorbs float noise and stays

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from planner.solvers.data import ScheduleData
-from planner.solvers.solution import Schedule, SolveStatus, evaluate
+from ditplan.planner.solvers.data import ScheduleData
+from ditplan.planner.solvers.solution import Schedule, SolveStatus, evaluate
 
 
 def list_schedule(data: ScheduleData, order: Sequence[int],

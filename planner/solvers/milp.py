@@ -30,9 +30,9 @@ import time
 from ortools.sat.python import cp_model as _cp_model  # noqa: F401  (load ortools' libhighs before pulp's highspy)
 import pulp
 
-from planner.solvers.data import ScheduleData
-from planner.solvers.pulp_vars import new_var
-from planner.solvers.solution import Schedule, SolveStatus, constant_of, release_offset
+from ditplan.planner.solvers.data import ScheduleData
+from ditplan.planner.solvers.pulp_vars import new_var
+from ditplan.planner.solvers.solution import Schedule, SolveStatus, constant_of, release_offset
 
 SOLVERS = ("cbc", "highs")
 

@@ -30,9 +30,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from models.catalog import get_model
-from planner.problem import ProblemRequest, RoundProblem
-from planner.solvers.data import aligned_blocks, chain_components, chain_parts, kept_degrees, load_plan
+from ditplan.models.catalog import get_model
+from ditplan.planner.problem import ProblemRequest, RoundProblem
+from ditplan.planner.solvers.data import aligned_blocks, chain_components, chain_parts, kept_degrees, load_plan
 
 WINDOW = 32  # recent arrivals the demand estimate looks back over
 EVERY = 8  # re-derive the reserves after this many new arrivals (hysteresis)

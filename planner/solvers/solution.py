@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from planner.solvers.data import ScheduleData
+from ditplan.planner.solvers.data import ScheduleData
 
 
 class SolveStatus(str, enum.Enum):
