@@ -1,5 +1,6 @@
 """The distribution is one namespace (``ditplan.*``): the built wheel installs into a fresh venv and
 runs from any directory, a user's own ``models.py`` included."""
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -11,8 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_wheel_is_one_namespace_and_runs_from_another_directory(tmp_path):
-    wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+    src, wheels = tmp_path / "src", tmp_path / "wheels"
+    # Build from a copy: an in-tree build leaves build/ behind, whose stale files a later wheel could pick up.
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "out", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", ".hypothesis"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(src)],
                    check=True, timeout=600, capture_output=True)
     (wheel,) = wheels.glob("ditplan-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
