@@ -3,11 +3,16 @@
 ``spawn_world(fn, world, *args, timeout=60)`` runs ``fn(rank, world, *args)`` in ``world`` spawned
 processes after ``init_process_group``; returns the per-rank return values (via ``torch.save`` files).
 A world that does not finish within ``timeout`` seconds is killed and ``TimeoutError`` raised; a rank
-that fails raises ``RuntimeError`` with its traceback.
+that fails raises ``RuntimeError`` with its traceback. On Linux every rank dies with the process that
+spawned it (``PR_SET_PDEATHSIG``), even one blocked in a collective when its parent is killed with -9, so
+no worker outlives its executor holding device memory.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -19,7 +24,17 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 
-def _entry(rank, fn, world, init_file, outdir, args, threads):
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux); exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _entry(rank, fn, world, init_file, outdir, args, threads, parent):
+    die_with_parent(parent)
     torch.set_num_threads(threads)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -39,8 +54,8 @@ def _entry(rank, fn, world, init_file, outdir, args, threads):
 def spawn_world(fn, world: int, *args, timeout: float = 60.0, threads: int = 1) -> list:
     with tempfile.TemporaryDirectory(prefix="ditplan-world-") as tmp:
         init_file = os.path.join(tmp, "init")
-        ctx = mp.start_processes(_entry, args=(fn, world, init_file, tmp, args, threads), nprocs=world,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(_entry, args=(fn, world, init_file, tmp, args, threads, os.getpid()),
+                                 nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=min(5.0, max(0.1, deadline - time.monotonic()))):

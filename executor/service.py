@@ -376,6 +376,10 @@ class Controller:
                      ",".join(f"{k}/backbone={v}" for k, v in self.held.get(gpu, {}).items()) or "-")
 
 
+class ExecutorLost(RuntimeError):
+    """The service declared this executor lost and requeued its work: it must be started again."""
+
+
 def run_executor(server: str, devices: int, executor_id: str = "executor0", first_gpu: int = 0,
                  downscale: int = 64, checkpoints: dict[str, str] | None = None, token: str | None = None,
                  heartbeat_s: float = 1.0, max_idle_s: float | None = None) -> int:
@@ -405,6 +409,7 @@ def run_executor(server: str, devices: int, executor_id: str = "executor0", firs
     runner.start()
     client = PlannerClient(server, token=token, timeout=30)
     link = None
+    lost = None
     try:
         ctl = Controller(None, devices, first_gpu, downscale, commands, results, stops)
         ctl.wait_ready()
@@ -425,6 +430,8 @@ def run_executor(server: str, devices: int, executor_id: str = "executor0", firs
                     continue
                 except PlannerError as exc:
                     log.warning("plan stream ended: %s", exc.details)
+                    if exc.code.name == "ABORTED":  # declared lost: the service requeued our work
+                        lost = exc
                     break
                 ctl.handle(delta)
                 idle_since = time.monotonic()
@@ -433,6 +440,9 @@ def run_executor(server: str, devices: int, executor_id: str = "executor0", firs
         runner.join(60)
         if failure:
             raise failure[0]
+        if lost is not None:
+            raise ExecutorLost(f"the service declared executor {executor_id!r} lost ({lost.details}); "
+                               f"{ctl.assignments_run} assignment(s) ran; start it again to reconnect")
         return ctl.assignments_run
     finally:
         if link is not None:

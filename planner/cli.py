@@ -277,7 +277,10 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 def serve(
     port: int = typer.Option(50051, min=0, max=65535, help="gRPC port (0: any free port, printed at start); "
                              "one in use is an error (exit 2)."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind (default: loopback only)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (default: loopback only). Beyond loopback a "
+                             "token is required (DITPLAN_TOKEN or --token-file), unless --allow-insecure."),
+    allow_insecure: bool = typer.Option(False, "--allow-insecure", help="Serve a --host beyond loopback without "
+                                        "a token (every client that reaches it is trusted; warns)."),
     cluster: str = typer.Option(DEFAULT_CLUSTER, help="8xH100, 2x8xL20, ... or a cluster JSON file."),
     policy: Optional[str] = typer.Option(None, help="Planning policy (default: cpsat if available, else tetriserve-dp)."),
     simulate: bool = typer.Option(False, "--simulate", help="Run plans on a built-in simulated executor (no GPU)."),
@@ -299,11 +302,28 @@ def serve(
     planner_process: bool = typer.Option(True, "--planner-process/--no-planner-process",
                                          help="Solve in a child process, off the RPC threads' GIL."),
     metrics_port: Optional[int] = typer.Option(None, min=0, max=65535, help="Serve Prometheus /metrics here."),
+    metrics_host: str = typer.Option("127.0.0.1", help="Address of /metrics (no authentication: loopback "
+                                     "unless told otherwise)."),
     tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate chain: serve TLS (with --tls-key)."),
     tls_key: Optional[Path] = typer.Option(None, help="PEM private key of --tls-cert."),
     token: Optional[str] = typer.Option(None, envvar="DITPLAN_TOKEN", show_default=False,
-                                        help="Require 'authorization: Bearer TOKEN' (health stays open)."),
+                                        help="Require 'authorization: Bearer TOKEN' (health stays open). On the "
+                                        "command line the token shows in the process list (ps): prefer the "
+                                        "DITPLAN_TOKEN environment variable or --token-file."),
+    token_file: Optional[Path] = typer.Option(None, help="Read the bearer token from this file (surrounding "
+                                              "whitespace stripped)."),
     max_workers: int = typer.Option(64, min=4, help="gRPC worker threads (each executor holds two)."),
+    health_reserve: int = typer.Option(4, min=1, help="Worker threads only health checks may use."),
+    unary_reserve: int = typer.Option(8, min=1, help="Worker threads streams may not use (kept for unary calls)."),
+    max_plan_streams: int = typer.Option(16, min=1, help="Concurrent StreamPlans at most; beyond: "
+                                         "RESOURCE_EXHAUSTED."),
+    max_report_streams: int = typer.Option(32, min=1, help="Concurrent ReportProgress at most; beyond: "
+                                           "RESOURCE_EXHAUSTED."),
+    max_other_streams: int = typer.Option(4, min=1, help="Concurrent other streams (server reflection) at most."),
+    handshake_timeout: float = typer.Option(5.0, min=0.01, help="A StreamPlans or ReportProgress call whose first "
+                                            "message takes longer is ended (DEADLINE_EXCEEDED), s."),
+    stream_idle_timeout: float = typer.Option(30.0, min=0.01, help="A ReportProgress stream silent this long "
+                                              "between messages is ended (DEADLINE_EXCEEDED), s."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
     late: str = typer.Option("serve", help="cpsat/milp: 'serve' runs requests that can no longer make their "
                              "deadline in spare capacity; 'reject' ends them (state rejected, with a reason)."),
@@ -333,6 +353,15 @@ def serve(
         raise fail(f"--journal-sync {journal_sync!r} must be full or normal")
     if late not in ("serve", "reject"):
         raise fail(f"--late {late!r} must be serve or reject")
+    if token_file is not None:
+        if token:
+            raise fail("give the token one way: --token (or DITPLAN_TOKEN) or --token-file")
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise fail(f"--token-file {str(token_file)!r}: {exc.strerror or exc}") from None
+        if not token:
+            raise fail(f"--token-file {str(token_file)!r} is empty")
     served = tuple(m.strip() for m in (models or "").split(",") if m.strip())
     for m in served:
         if m not in CATALOG:
@@ -344,7 +373,11 @@ def serve(
                          plan_window=plan_window, planner_process=planner_process, metrics_port=metrics_port,
                          tls_cert=str(tls_cert) if tls_cert else None, tls_key=str(tls_key) if tls_key else None,
                          token=token or None, max_workers=max_workers, late=late, models=served,
-                         placement=placement)
+                         placement=placement, metrics_host=metrics_host, allow_insecure=allow_insecure,
+                         health_reserve=health_reserve, unary_reserve=unary_reserve,
+                         max_plan_streams=max_plan_streams, max_report_streams=max_report_streams,
+                         max_other_streams=max_other_streams, handshake_s=handshake_timeout,
+                         stream_idle_s=stream_idle_timeout)
     try:
         run_server(config, announce=lambda line: print(line, flush=True))
     except (InputError, KeyError, ValueError, OSError, JournalError) as exc:
@@ -476,7 +509,7 @@ def executor(
 ) -> None:
     """Run torch workers that execute the service's plans and report measured step times."""
     try:
-        from ditplan.executor.service import run_executor
+        from ditplan.executor.service import ExecutorLost, run_executor
     except ImportError as exc:
         raise fail(f"the executor needs the 'executor' extra (torch, yunchang, diffusers): {exc}") from None
     ckpts = {}
@@ -485,8 +518,12 @@ def executor(
         if not sep or not path:
             raise fail(f"--checkpoint {item!r} must be FAMILY=PATH")
         ckpts[fam] = path
-    n = run_executor(server, devices, executor_id=executor_id, first_gpu=first_gpu, downscale=downscale,
-                     checkpoints=ckpts, token=token, max_idle_s=max_idle)
+    try:
+        n = run_executor(server, devices, executor_id=executor_id, first_gpu=first_gpu, downscale=downscale,
+                         checkpoints=ckpts, token=token, max_idle_s=max_idle)
+    except ExecutorLost as exc:  # exit non-zero, so a supervisor restarts it
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(3) from None
     console.print(f"executor {executor_id}: {n} assignment(s) run", highlight=False)
 
 

@@ -2,7 +2,9 @@
 
 The JSON Lines contract is in docs/architecture.md (Contracts). A bad line rejects the whole file with
 a :class:`TraceError` naming the source, the 1-based line, the field and its
-value. Hetu-DiT's format (``Request(request_id=0, timestamp=0.0, height=...,
+value. Sizes, frames and steps are bounded per model by the catalog
+(:meth:`ModelSpec.size_problem`) and a deadline by ``horizon_s`` after its
+arrival (:data:`MAX_DEADLINE_AFTER_S` by default). Hetu-DiT's format (``Request(request_id=0, timestamp=0.0, height=...,
 width=..., num_frames=..., num_inference_steps=..., prompt='...')`` one per
 line) is detected per file from its first non-blank line; its lines name no
 model, so the model comes from the caller or the file name's catalog family.
@@ -26,6 +28,10 @@ OPTIONAL_FIELDS: tuple[str, ...] = ("deadline", "slo_scale")
 # Payload some trace producers carry; the planner does not use it.
 IGNORED_FIELDS: tuple[str, ...] = ("prompt", "negative_prompt")
 FLOAT_DECIMALS = 6
+# A deadline (given, or arrival + slo_scale x ideal latency) at most this long after its
+# arrival: a day covers the longest legal request (a 129-frame 768x1360 HunyuanVideo at
+# 1000 steps ideally takes ~6 h on 8 L20s) at its SLO, and keeps every time finite.
+MAX_DEADLINE_AFTER_S = 86_400.0
 
 IdealLatency = Callable[[str, Shape, int], float]
 
@@ -73,12 +79,14 @@ def _round(x: float) -> float:
 
 # --- reading ----------------------------------------------------------------
 
-def read_trace(path: str | os.PathLike[str], *, model: str | None = None) -> list[TraceRecord]:
+def read_trace(path: str | os.PathLike[str], *, model: str | None = None,
+               horizon_s: float = MAX_DEADLINE_AFTER_S) -> list[TraceRecord]:
     """Read and validate a trace; records sorted by (arrival, line order).
 
     ``model`` names the model of lines that name none (every Hetu-DiT line);
     without it a Hetu-DiT file's model comes from its name's catalog family
-    (``flux_trace.txt`` -> ``flux-dev``).
+    (``flux_trace.txt`` -> ``flux-dev``). A given ``deadline`` must be at most
+    ``horizon_s`` after its arrival.
     """
     source = str(path)
     if model is not None and model not in CATALOG:
@@ -108,7 +116,7 @@ def read_trace(path: str | os.PathLike[str], *, model: str | None = None) -> lis
     seen: dict[str, int] = {}
     for line_no, text in lines:
         fields = parse(source, line_no, text, fallback)
-        rec = _validate(source, line_no, fields)
+        rec = _validate(source, line_no, fields, horizon_s)
         if rec.id in seen:
             raise TraceError(source, line_no, fields["_names"]["id"], rec.id,
                              f"duplicate id (first on line {seen[rec.id]})")
@@ -202,7 +210,7 @@ def _parse_hetu(source: str, line: int, text: str, model: str | None) -> dict:
     return fields
 
 
-def _validate(source: str, line: int, f: dict) -> TraceRecord:
+def _validate(source: str, line: int, f: dict, horizon_s: float = MAX_DEADLINE_AFTER_S) -> TraceRecord:
     names: dict[str, str] = f["_names"]
 
     def err(key: str, reason: str) -> TraceError:
@@ -234,12 +242,17 @@ def _validate(source: str, line: int, f: dict) -> TraceRecord:
         raise err("frames", "must be >= 1 (1 for an image)")
     if spec.kind == "image" and f["frames"] != 1:
         raise err("frames", f"{spec.name} is an image model: frames must be 1")
+    if (problem := spec.size_problem(f["height"], f["width"], f["frames"], f["steps"])) is not None:
+        raise err(problem[0], problem[2])
     if "deadline" in f and "slo_scale" in f:
         raise err("slo_scale", "give deadline or slo_scale, not both")
     if "slo_scale" in f and f["slo_scale"] <= 0:
         raise err("slo_scale", "must be positive")
     if "deadline" in f and f["deadline"] <= f["arrival"]:
         raise err("deadline", f"must be after arrival ({f['arrival']!r})")
+    if "deadline" in f and not f["deadline"] - f["arrival"] <= horizon_s:
+        raise err("deadline", f"is more than {horizon_s:g} s after arrival ({f['arrival']!r}); "
+                              f"at most arrival + {horizon_s:g}")
     return TraceRecord(
         id=f["id"], arrival=float(f["arrival"]), model=f["model"], height=f["height"],
         width=f["width"], frames=f["frames"], steps=f["steps"],
@@ -263,11 +276,12 @@ def _is_number(v: object) -> bool:
 # --- deadlines --------------------------------------------------------------
 
 def resolve_deadlines(records: Iterable[TraceRecord], ideal_latency: IdealLatency,
-                      default_slo_scale: float) -> list[Request]:
+                      default_slo_scale: float, horizon_s: float = MAX_DEADLINE_AFTER_S) -> list[Request]:
     """Requests with absolute deadlines, in the records' order.
 
     A record's own ``deadline`` wins; else ``arrival + scale x ideal_latency``
-    with the record's ``slo_scale`` or ``default_slo_scale``.
+    with the record's ``slo_scale`` or ``default_slo_scale``, which must land
+    at most ``horizon_s`` after the arrival (else :class:`InputError`).
     """
     if not _is_number(default_slo_scale) or default_slo_scale <= 0:
         raise InputError(f"SLO scale must be a positive number, got {default_slo_scale!r}")
@@ -283,7 +297,13 @@ def resolve_deadlines(records: Iterable[TraceRecord], ideal_latency: IdealLatenc
                 if not (math.isfinite(ideal) and ideal > 0):
                     raise ValueError(f"ideal latency of {r.model} {r.shape} must be positive, got {ideal}")
                 cache[key] = ideal
-            deadline = r.arrival + (r.slo_scale or default_slo_scale) * cache[key]
+            scale = r.slo_scale or default_slo_scale
+            deadline = r.arrival + scale * cache[key]
+            if not deadline - r.arrival <= horizon_s:
+                where = f"line {r.line}: " if r.line else ""
+                raise InputError(f"{where}request {_snippet(r.id)}: field 'slo_scale' = {scale!r} puts the "
+                                 f"deadline {scale * cache[key]:.6g} s after arrival ({r.model} {r.shape}, "
+                                 f"{r.steps} steps, ideal {cache[key]:.6g} s); at most {horizon_s:g} s")
         out.append(Request(id=r.id, model=r.model, shape=r.shape, steps=r.steps,
                            arrival=r.arrival, deadline=deadline))
     return out

@@ -254,3 +254,54 @@ def test_controller_ends_a_stage_whose_weights_are_not_resident():
             assert "not resident on GPU(s) [1]" in ctl.errors[0]
         else:
             assert sent == ["create", "setstep", "run"] and not link.reports and not ctl.errors
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie has exited
+
+
+BLOCKED_WORLD = """
+import os, sys, time
+from pathlib import Path
+
+def block(rank, world, marks):
+    import torch
+    import torch.distributed as dist
+    Path(marks, str(os.getpid())).touch()
+    dist.recv(torch.zeros(1), src=1 - rank)  # both ranks wait for each other inside gloo: a deadlock in C++,
+    time.sleep(600)                           # where torch's own SIGINT on parent death is never handled
+"""
+
+
+def test_worker_ranks_die_with_their_killed_parent_even_inside_a_collective(tmp_path):
+    import os
+    import signal
+
+    (tmp_path / "blocked_world.py").write_text(BLOCKED_WORLD)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", "import blocked_world; from ditplan.executor.launch import "
+                               f"spawn_world; spawn_world(blocked_world.block, 2, {str(marks)!r}, timeout=600)"],
+                              cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    try:
+        ready = time.monotonic() + 60
+        while len(list(marks.iterdir())) < 2:
+            assert parent.poll() is None and time.monotonic() < ready, "the world did not start"
+            time.sleep(0.1)
+        workers = [int(p.name) for p in marks.iterdir()]
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        gone_by = time.monotonic() + 2.0
+        while any(_alive(p) for p in workers) and time.monotonic() < gone_by:
+            time.sleep(0.05)
+        left = [p for p in workers if _alive(p)]
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+        assert not left, "worker ranks outlived their parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()

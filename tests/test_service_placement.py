@@ -57,13 +57,13 @@ def test_executor_gets_its_placement_then_streamed_loads_and_work_waits_for_them
 
             # A load no plan started is refused; the real one is accepted and frees the GPU.
             bogus = WeightLoad(1 - g, "sdxl", "backbone")
-            assert refused(c.report_progress, [StepReport("node0", d.plan_epoch, loaded=(bogus,))]).code \
+            assert refused(link.report, StepReport("node0", d.plan_epoch, loaded=(bogus,))).code \
                 is grpc.StatusCode.FAILED_PRECONDITION
-            c.report_progress([StepReport("node0", d.plan_epoch, loaded=tuple(loads))])
+            link.report(StepReport("node0", d.plan_epoch, loaded=tuple(loads)))
             d2 = _updates_until(link, lambda d: d.assignments)
             (a,) = d2.assignments
             assert a.request_ids == ("s",) and a.stage is Stage.ENCODE and a.gpus == (g,)
-            c.report_progress([StepReport("node0", d2.plan_epoch, ("s",), Stage.ENCODE, done=True)])
+            link.report(StepReport("node0", d2.plan_epoch, ("s",), Stage.ENCODE, done=True))
         finally:
             link.close()
 
@@ -77,11 +77,11 @@ def test_a_failed_load_frees_the_gpu_and_the_planner_tries_again(make_server):
             c.submit([spec("s", "cogvideox-5b", 480, frames=17, steps=8, slo_scale=6.0)])
             d = _updates_until(link, lambda d: d.loads)
             failed = tuple(x.weight for x in d.loads)
-            c.report_progress([StepReport("node0", d.plan_epoch, load_failed=failed)])
+            link.report(StepReport("node0", d.plan_epoch, load_failed=failed))
             assert not any(w.startswith("cogvideox-5b/") for ws in c.info().placement for w in ws)
             again = _updates_until(link, lambda d: d.loads)
             assert {x.weight.model for x in again.loads} == {"cogvideox-5b"}
-            c.report_progress([StepReport("node0", again.plan_epoch, loaded=tuple(x.weight for x in again.loads))])
+            link.report(StepReport("node0", again.plan_epoch, loaded=tuple(x.weight for x in again.loads)))
             (a,) = _updates_until(link, lambda d: d.assignments).assignments
             assert a.request_ids == ("s",) and a.stage is Stage.ENCODE
         finally:

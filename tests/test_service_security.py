@@ -135,7 +135,7 @@ def test_bearer_metadata_on_streams_plaintext(server_factory):
         stream = c.stream_plans("node0", range(8))
         first = next(iter(stream))
         assert first.plan_epoch > 0
-        assert c.report_progress([StepReport("node0")]) == 1  # a heartbeat
+        assert c.report_progress([StepReport("node0", session_secret=first.session_secret)]) == 1  # a heartbeat
         stream.cancel()
     ch = grpc.insecure_channel(server.address)
     from ditplan.planner.service.gen import planner_pb2_grpc as pb_grpc
@@ -144,3 +144,27 @@ def test_bearer_metadata_on_streams_plaintext(server_factory):
                                               metadata=(("authorization", "Basic abc"),))
     assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
     ch.close()
+
+
+def test_serve_token_sources(tmp_path, monkeypatch):
+    monkeypatch.delenv("DITPLAN_TOKEN", raising=False)
+    help_text = " ".join(CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output.split())
+    assert "process list" in help_text and "--token-file" in help_text and "--allow-insecure" in help_text
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    r = CliRunner().invoke(app, ["serve", "--port", "0", "--state-dir", str(tmp_path / "a"), "--token-file", str(empty)])
+    assert r.exit_code == 2 and "is empty" in r.output
+    tok = tmp_path / "tok"
+    tok.write_text(TOKEN + "\n")
+    r = CliRunner().invoke(app, ["serve", "--port", "0", "--state-dir", str(tmp_path / "b"), "--token-file", str(tok),
+                                 "--token", "x"])
+    assert r.exit_code == 2 and "one way" in r.output
+    r = CliRunner().invoke(app, ["serve", "--port", "0", "--state-dir", str(tmp_path / "c"),
+                                 "--token-file", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "--token-file" in r.output
+    # Bad budgets, then a --host beyond loopback without a token: refused before anything starts.
+    r = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--port", "0", "--state-dir", str(tmp_path / "d"),
+                                 "--max-workers", "8"])
+    assert r.exit_code == 2 and "--max-workers 8 leaves no thread for streams" in r.output  # options first
+    r = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--port", "0", "--state-dir", str(tmp_path / "d")])
+    assert r.exit_code == 2 and "--allow-insecure" in r.output and not (tmp_path / "d").exists()

@@ -363,15 +363,20 @@ def _records(draw):
     out = []
     for rid in ids:
         model = draw(st.sampled_from(sorted(CATALOG)))
-        frames = 1 if CATALOG[model].kind == "image" else draw(st.integers(1, 129))
+        spec = CATALOG[model]
+        # Legal sizes only (the catalog's bounds): sides multiples of size_multiple, frames 1 + k x vae_temporal.
+        frames = 1 if spec.kind == "image" else 1 + spec.vae_temporal * draw(
+            st.integers(0, (spec.max_frames - 1) // spec.vae_temporal))
+        m = spec.size_multiple
+        height = m * draw(st.integers(1, spec.max_height // m))
+        width = m * draw(st.integers(1, min(spec.max_width, spec.max_pixels // height) // m))
         arrival = draw(_times)
         extra = draw(st.sampled_from(["none", "deadline", "scale"]))
         deadline = arrival + draw(st.integers(1, 10**7)) / 10**6 if extra == "deadline" else None
         if deadline is not None:
             deadline = round(deadline, 6)
         scale = draw(st.integers(1, 10**7)) / 10**6 if extra == "scale" else None
-        out.append(TraceRecord(rid, arrival, model, draw(st.integers(1, 4096)),
-                               draw(st.integers(1, 4096)), frames, draw(st.integers(1, 200)),
+        out.append(TraceRecord(rid, arrival, model, height, width, frames, draw(st.integers(1, 200)),
                                deadline, scale))
     return out
 
@@ -382,3 +387,54 @@ def test_round_trip_property(tmp_path_factory, recs):
     p = tmp_path_factory.mktemp("rt") / "t.jsonl"
     write_trace(p, recs)
     assert read_trace(p) == sorted(recs, key=lambda r: r.arrival)
+
+
+# --- bounds (the catalog's per-model limits, a deadline horizon) ------------------
+
+@pytest.mark.parametrize("changes, field, value, needle", [
+    (dict(height=2**62), "height", 2**62, "largest height, 2048"),
+    (dict(height=10**6, width=10**6), "height", 10**6, "largest height, 2048"),
+    (dict(width=7), "width", 7, "multiple of 16"),
+    (dict(height=1000), "height", 1000, "multiple of 16"),
+    (dict(steps=10**9), "steps", 10**9, "most steps, 1000"),
+    (dict(deadline=1e308), "deadline", 1e308, "at most arrival + 86400"),
+    (dict(model="cogvideox-5b", height=1360, width=1360, frames=49), "width", 1360, "largest frame"),
+    (dict(model="cogvideox-5b", height=480, width=720, frames=97), "frames", 97, "largest frame count, 81"),
+    (dict(model="hunyuanvideo", height=720, width=1280, frames=50), "frames", 50, "1 + a multiple of 4"),
+])
+def test_out_of_bounds_line_names_file_line_field_value_and_bound(tmp_path, changes, field, value, needle):
+    err = bad(tmp_path, [line(id="ok"), line(id="b", **changes)])
+    assert (err.line, err.field, err.value) == (2, field, value)
+    assert needle in err.reason
+    assert f"t.jsonl:2: field '{field}' = {value!r}" in str(err)
+
+
+def test_hetu_line_out_of_bounds(tmp_path):
+    err = bad(tmp_path, [HETU[0], HETU[1].replace("height=2048", "height=4096")], name="flux_trace.txt")
+    assert (err.line, err.field, err.value) == (2, "height", 4096) and "2048" in err.reason
+
+
+def test_bounds_admit_each_models_largest_request_and_horizon(tmp_path):
+    lines = [line(id=m, model=m, height=s.max_height if s.kind == "image" else 768, width=1360 if s.kind == "video"
+                  else s.max_width, frames=s.max_frames, steps=s.max_steps, deadline=0.5 + 86_400.0)
+             for m, s in CATALOG.items()]
+    assert len(read_trace(jsonl(tmp_path, *lines))) == len(CATALOG)
+    # The horizon is the caller's: a shorter one refuses the same deadlines.
+    with pytest.raises(TraceError, match="at most arrival \\+ 60"):
+        read_trace(jsonl(tmp_path, *lines, name="u.jsonl"), horizon_s=60.0)
+
+
+def test_resolved_deadline_past_the_horizon_is_refused():
+    rec = TraceRecord("a", 0.0, "flux-dev", 1024, 1024, 1, 28, slo_scale=1e300, line=4)
+    with pytest.raises(InputError, match="line 4: request 'a': field 'slo_scale' = 1e\\+300"):
+        resolve_deadlines([rec], lambda *k: 10.0, 1.5)
+    assert resolve_deadlines([rec], lambda *k: 10.0, 1.5, horizon_s=float("inf"))[0].deadline == 1e301
+
+
+def test_every_workload_stays_within_the_bounds():
+    from ditplan.planner.workloads import WORKLOADS
+
+    for w in WORKLOADS.values():
+        opts = {"videos": "cogvideox-5b,hunyuanvideo,wan2.1-t2v-14b"} if "videos" in w.options else {}
+        for r in w.generate(n=300, seed=1, **opts):
+            assert CATALOG[r.model].size_problem(r.height, r.width, r.frames, r.steps) is None, (w.name, r)

@@ -28,14 +28,12 @@ def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMeth
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover (a generator, as the streaming handler must be)
 
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny_stream, **kw)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny, **kw)
+    # Request-streaming forms: the refusal never reads (or decodes) the request, and the wire does not
+    # tell the difference.
+    kw = {"response_serializer": handler.response_serializer}
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
-    return grpc.unary_unary_rpc_method_handler(deny, **kw)
+        return grpc.stream_stream_rpc_method_handler(deny_stream, **kw)
+    return grpc.stream_unary_rpc_method_handler(deny, **kw)
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):

@@ -133,9 +133,11 @@ class PlannerClient:
         return json.loads(self._call(self.stub.WhatIf, req, timeout).metrics_json)
 
     # --- executors ----------------------------------------------------------
-    def stream_plans(self, executor_id: str, gpus: Sequence[int]) -> "PlanStream":
-        """Subscribe as an executor; iterate the returned stream for PlanDelta updates, ``cancel()`` to leave."""
-        call = self.stub.StreamPlans(pb.StreamPlansRequest(executor_id=executor_id, gpus=list(gpus)),
+    def stream_plans(self, executor_id: str, gpus: Sequence[int], session_secret: str = "") -> "PlanStream":
+        """Subscribe as an executor; iterate the returned stream for PlanDelta updates, ``cancel()`` to leave.
+        ``session_secret``: a live session's, to replace it (the first update carries a new one)."""
+        call = self.stub.StreamPlans(pb.StreamPlansRequest(executor_id=executor_id, gpus=list(gpus),
+                                                           session_secret=session_secret),
                                      metadata=self._metadata)
         return PlanStream(call)
 

@@ -8,6 +8,7 @@ from ditplan.planner.placement import WeightLoad
 from ditplan.planner.plan import Assignment, RoundPlan
 from ditplan.planner.request import Stage
 from ditplan.planner.service.admission import RequestSpec
+from ditplan.planner.service.errors import InvalidArgument
 from ditplan.planner.service.gen import planner_pb2 as pb
 from ditplan.planner.service.messages import (AssignmentMsg, ExecutorView, LoadMsg, MigrationMsg, PauseMsg, PlanDelta,
                                       RequestData, RequestView, ServerInfoView, StepReport, SubmitOutcome)
@@ -131,7 +132,7 @@ def delta_to_pb(d: PlanDelta) -> pb.PlanUpdate:
                     for m in d.migrations],
         released=list(d.released), unloads=[weight_to_pb(w) for w in d.unloads],
         loads=[pb.WeightLoad(weight=weight_to_pb(x.weight), predicted_s=x.predicted_s, initial=x.initial)
-               for x in d.loads])
+               for x in d.loads], session_secret=d.session_secret)
 
 
 def delta_from_pb(m: pb.PlanUpdate) -> PlanDelta:
@@ -145,14 +146,18 @@ def delta_from_pb(m: pb.PlanUpdate) -> PlanDelta:
         pauses=[PauseMsg(p.request_id, tuple(p.gpus)) for p in m.pauses],
         migrations=[MigrationMsg(x.request_id, tuple(x.from_gpus), tuple(x.to_gpus)) for x in m.migrations],
         released=list(m.released), unloads=[weight_from_pb(w) for w in m.unloads],
-        loads=[LoadMsg(weight_from_pb(x.weight), x.predicted_s, x.initial) for x in m.loads])
+        loads=[LoadMsg(weight_from_pb(x.weight), x.predicted_s, x.initial) for x in m.loads],
+        session_secret=m.session_secret)
 
 
 def report_from_pb(m: pb.StepReport) -> StepReport:
+    if m.stage != pb.STAGE_UNSPECIFIED and m.stage not in PB_TO_STAGE:
+        raise InvalidArgument(f"field 'stage' = {m.stage} is unknown; known: 1 (encode), 2 (diffuse), 3 (decode)")
     return StepReport(executor_id=m.executor_id, plan_epoch=m.plan_epoch, request_ids=tuple(m.request_ids),
                       stage=PB_TO_STAGE.get(m.stage), steps=m.steps, step_seconds=tuple(m.step_seconds),
                       done=m.done, loaded=tuple(weight_from_pb(w) for w in m.loaded),
-                      load_failed=tuple(weight_from_pb(w) for w in m.load_failed))
+                      load_failed=tuple(weight_from_pb(w) for w in m.load_failed),
+                      session_secret=m.session_secret)
 
 
 def report_to_pb(r: StepReport) -> pb.StepReport:
@@ -160,7 +165,8 @@ def report_to_pb(r: StepReport) -> pb.StepReport:
                          stage=STAGE_TO_PB.get(r.stage, pb.STAGE_UNSPECIFIED), steps=r.steps,
                          step_seconds=list(r.step_seconds), done=r.done,
                          loaded=[weight_to_pb(w) for w in r.loaded],
-                         load_failed=[weight_to_pb(w) for w in r.load_failed])
+                         load_failed=[weight_to_pb(w) for w in r.load_failed],
+                         session_secret=r.session_secret)
 
 
 # --- plans and what-if ----------------------------------------------------

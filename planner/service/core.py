@@ -62,7 +62,7 @@ from ditplan.planner.policies.base import make_policy
 from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
 from ditplan.planner.service.admission import RequestSpec, validate_batch, validate_spec
 from ditplan.planner.service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
-                                    ResourceExhausted, ServiceError, Unavailable)
+                                            PermissionDenied, ResourceExhausted, ServiceError, Unavailable, shown)
 from ditplan.planner.service.journal import Journal, JournalError, Recovered
 from ditplan.planner.service.messages import (STATES, AssignmentMsg, ExecutorView, LoadMsg, MigrationMsg, PauseMsg,
                                       PlanDelta, RequestData, RequestView, ServerInfoView, StepReport,
@@ -456,11 +456,11 @@ class PlannerCore:
     # --- cancel and status --------------------------------------------------
     def cancel(self, rid: str) -> RequestView:
         if not isinstance(rid, str) or not rid:
-            raise InvalidArgument(f"field 'id' = {rid!r} must be a non-empty string")
+            raise InvalidArgument(f"field 'id' = {shown(rid)} must be a non-empty string")
         with self._cv:
             t = self._visible(rid)
             if t.outcome is not None:
-                raise FailedPrecondition(f"request {rid!r} is already {t.outcome}; only live requests can be cancelled")
+                raise FailedPrecondition(f"request {shown(rid)} is already {t.outcome}; only live requests can be cancelled")
             self._end_unfinished(t, "cancelled")
             st = t.status
             fut = self.journal.record_outcome(rid, "cancelled", None, t.reported_steps, t.reported_encoded,
@@ -501,7 +501,7 @@ class PlannerCore:
 
     def get(self, rid: str) -> RequestView:
         if not isinstance(rid, str) or not rid:
-            raise InvalidArgument(f"field 'id' = {rid!r} must be a non-empty string")
+            raise InvalidArgument(f"field 'id' = {shown(rid)} must be a non-empty string")
         with self._cv:
             return self._view(self._visible(rid), self.clock.now())
 
@@ -511,7 +511,7 @@ class PlannerCore:
         wanted = set(states)
         bad = wanted - set(STATES)
         if bad:
-            raise InvalidArgument(f"field 'states' = {sorted(bad)!r} unknown; known: {', '.join(STATES)}")
+            raise InvalidArgument(f"field 'states' = {shown(sorted(bad))} unknown; known: {', '.join(STATES)}")
         if page_size < 0 or page_size > MAX_PAGE:
             raise InvalidArgument(f"field 'page_size' = {page_size} must be 0..{MAX_PAGE}")
         size = page_size or DEFAULT_PAGE
@@ -522,7 +522,7 @@ class PlannerCore:
                 if start < 0:
                     raise ValueError
             except ValueError:
-                raise InvalidArgument(f"field 'page_token' = {page_token!r} is not a token this server issued") from None
+                raise InvalidArgument(f"field 'page_token' = {shown(page_token)} is not a token this server issued") from None
         out: list[RequestView] = []
         with self._cv:
             now = self.clock.now()
@@ -563,7 +563,7 @@ class PlannerCore:
     def _visible(self, rid: str) -> Tracked:
         t = self._tracked.get(rid)
         if t is None or t.pending:
-            raise NotFound(f"request {rid!r} not found")
+            raise NotFound(f"request {shown(rid)} not found")
         return t
 
     def _state(self, t: Tracked) -> str:
@@ -632,24 +632,29 @@ class PlannerCore:
         return now + wait + (0.0 if st.encoded else c.encode) + rest + c.decode
 
     # --- executors ----------------------------------------------------------
-    def connect_executor(self, executor_id: str, gpus: Sequence[int], heartbeats: bool = True) -> ExecutorSession:
-        """Register an executor owning ``gpus``; its first update (the current epoch) is queued at once."""
+    def connect_executor(self, executor_id: str, gpus: Sequence[int], heartbeats: bool = True,
+                         secret: str = "") -> ExecutorSession:
+        """Register an executor owning ``gpus``; its first update (the current epoch and the session's
+        secret) is queued at once. A live session of the same id is replaced only given its ``secret``."""
         if not isinstance(executor_id, str) or not executor_id.strip():
-            raise InvalidArgument(f"field 'executor_id' = {executor_id!r} must be a non-empty string")
+            raise InvalidArgument(f"field 'executor_id' = {shown(executor_id)} must be a non-empty string")
         gpus = tuple(int(g) for g in gpus)
         if not gpus:
             raise InvalidArgument("field 'gpus' = [] must name at least one GPU")
         for g in gpus:
             if not 0 <= g < self.cluster.size:
-                raise InvalidArgument(f"field 'gpus' = {list(gpus)!r}: GPU {g} is not in cluster "
+                raise InvalidArgument(f"field 'gpus' = {shown(list(gpus))}: GPU {g} is not in cluster "
                                       f"{self.cluster.name} (0..{self.cluster.size - 1})")
         if len(set(gpus)) != len(gpus):
-            raise InvalidArgument(f"field 'gpus' = {list(gpus)!r} repeats a GPU")
+            raise InvalidArgument(f"field 'gpus' = {shown(list(gpus))} repeats a GPU")
         with self._cv:
             if self._stopping:
                 raise Unavailable("server shutting down")
             old = self._sessions.get(executor_id)
             if old is not None:
+                if not old.owns(secret):
+                    raise PermissionDenied(f"executor {shown(executor_id)} is connected: a new stream with its id needs "
+                                           "that session's secret (field 'session_secret')")
                 self._lose(old, "replaced by a new connection of the same executor id")
             for g in gpus:
                 if self._owner[g] is not None:
@@ -657,7 +662,7 @@ class PlannerCore:
             now = self.clock.now()
             sess = ExecutorSession(executor_id, gpus, heartbeats, now)
             self._sessions[executor_id] = sess
-            first = PlanDelta(self._epoch, now)
+            first = PlanDelta(self._epoch, now, session_secret=sess.secret)
             for g in gpus:
                 self._owner[g], self._busy[g], self._free_at[g] = executor_id, None, now
                 self._loading.pop(g, None)
@@ -733,8 +738,11 @@ class PlannerCore:
         with self._cv:
             sess = self._sessions.get(rep.executor_id)
             if sess is None or sess.closed:
-                raise FailedPrecondition(f"executor {rep.executor_id!r} is not connected: open StreamPlans first "
+                raise FailedPrecondition(f"executor {shown(rep.executor_id)} is not connected: open StreamPlans first "
                                          "(or it was declared lost; its work was requeued)")
+            if not sess.owns(rep.session_secret):
+                raise PermissionDenied(f"report for executor {shown(rep.executor_id)} without its session's secret "
+                                       "(field 'session_secret', from the first plan update)")
             sess.last_seen, sess.last_seen_service = time.monotonic(), self.clock.now()
             if rep.loaded or rep.load_failed:
                 self._apply_loaded(sess, rep.loaded, rep.load_failed)
@@ -751,27 +759,30 @@ class PlannerCore:
         for rid in rep.request_ids:
             t = self._tracked.get(rid)
             if t is None or t.pending:
-                raise NotFound(f"request {rid!r} not found")
+                raise NotFound(f"request {shown(rid)} not found")
             if t.flight is None or t.flight.epoch != rep.plan_epoch:
                 now_epoch = f"its assignment is from epoch {t.flight.epoch}" if t.flight is not None else \
                     "it has no assignment in flight (requeued, cancelled or finished)"
-                raise FailedPrecondition(f"stale plan epoch {rep.plan_epoch} for request {rid!r}: {now_epoch}")
+                raise FailedPrecondition(f"stale plan epoch {rep.plan_epoch} for request {shown(rid)}: {now_epoch}")
             if flight is not None and t.flight is not flight:
-                raise InvalidArgument(f"field 'request_ids' = {list(rep.request_ids)!r} spans several assignments")
+                raise InvalidArgument(f"field 'request_ids' = {shown(list(rep.request_ids))} spans several assignments")
             flight = t.flight
         assert flight is not None
         a = flight.assignment
         if set(rep.request_ids) != set(a.request_ids):
-            raise InvalidArgument(f"field 'request_ids' = {list(rep.request_ids)!r} must be the assignment's "
+            raise InvalidArgument(f"field 'request_ids' = {shown(list(rep.request_ids))} must be the assignment's "
                                   f"{list(a.request_ids)!r}")
         if rep.executor_id not in flight.executors:
-            raise FailedPrecondition(f"executor {rep.executor_id!r} does not run the epoch {flight.epoch} "
+            raise FailedPrecondition(f"executor {shown(rep.executor_id)} does not run the epoch {flight.epoch} "
                                      f"assignment of {list(a.request_ids)!r}")
         if rep.stage is not None and rep.stage is not a.stage:
             raise InvalidArgument(f"field 'stage' = {rep.stage.value!r} but the assignment is {a.stage.value!r}")
         left = a.steps - flight.reported_steps
         if rep.steps < 0 or rep.steps > left:
             raise InvalidArgument(f"field 'steps' = {rep.steps} but the assignment has {left} steps left")
+        if rep.step_seconds and len(rep.step_seconds) != rep.steps:
+            raise InvalidArgument(f"field 'step_seconds' has {len(rep.step_seconds)} entries for 'steps' = "
+                                  f"{rep.steps}: give one per step, or none")
         for x in rep.step_seconds:
             if not (math.isfinite(x) and x >= 0):
                 raise InvalidArgument(f"field 'step_seconds' has {x!r}: must be finite and >= 0")
@@ -802,7 +813,7 @@ class PlannerCore:
         for name, ws in (("loaded", loaded), ("load_failed", failed)):
             for w in ws:
                 if not 0 <= w.gpu < self.cluster.size or self._owner[w.gpu] != sess.id:
-                    raise FailedPrecondition(f"field {name!r}: GPU {w.gpu} is not owned by executor {sess.id!r}")
+                    raise FailedPrecondition(f"field {name!r}: GPU {w.gpu} is not owned by executor {shown(sess.id)}")
                 if w not in self._loading.get(w.gpu, ()):
                     raise FailedPrecondition(f"field {name!r}: no load of {w.model}/{w.component} on GPU "
                                              f"{w.gpu} is in flight")

@@ -12,6 +12,7 @@ empty report that often, which keeps the executor alive across long steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -31,6 +32,8 @@ class ExecutorLink:
         self.released: set[str] = set()
         self.error: PlannerError | None = None  # how the stream ended, if with an error
         self.epoch = 0
+        self.secret = ""  # the session's, from the first update: every report carries it
+        self._greeted = threading.Event()
         self._updates: queue.Queue = queue.Queue()
         self._assignments: list[tuple[int, AssignmentMsg]] = []
         self._stop = threading.Event()
@@ -45,6 +48,9 @@ class ExecutorLink:
     def _read(self) -> None:
         try:
             for delta in self._stream:
+                if delta.session_secret and not self._greeted.is_set():
+                    self.secret = delta.session_secret
+                    self._greeted.set()
                 self._updates.put(delta)
         except PlannerError as exc:
             self.error = exc
@@ -53,7 +59,9 @@ class ExecutorLink:
     def _beat(self, every: float) -> None:
         while not self._stop.wait(every):
             try:
-                self.client.report_progress([StepReport(self.executor_id)], timeout=every * 4)
+                if self._greeted.is_set():
+                    self.client.report_progress([StepReport(self.executor_id, session_secret=self.secret)],
+                                                timeout=every * 4)
             except PlannerError:
                 if self._stop.is_set():
                     return
@@ -99,7 +107,11 @@ class ExecutorLink:
         return self._assignments.pop(0)
 
     def report(self, *reports: StepReport, timeout: float | None = None) -> int:
-        return self.client.report_progress(list(reports), timeout=timeout)
+        """Send reports (each given this session's secret); waits for the first update's secret first."""
+        if not self._greeted.wait(timeout or 10.0):
+            raise PlannerError(_unavailable(), "no plan update with the session's secret yet")
+        return self.client.report_progress([r if r.session_secret else dataclasses.replace(r, session_secret=self.secret)
+                                            for r in reports], timeout=timeout)
 
     def close(self) -> None:
         """Leave: the server requeues this executor's work."""
@@ -113,3 +125,8 @@ class ExecutorLink:
 def _cancelled():
     import grpc
     return grpc.StatusCode.CANCELLED
+
+
+def _unavailable():
+    import grpc
+    return grpc.StatusCode.UNAVAILABLE

@@ -25,6 +25,23 @@ second open, in this process or another, fails at once with
 :class:`JournalLockedError` naming the holder. The OS drops the lock of a
 process that dies (even by ``kill -9``), so a stale lock file never blocks a
 restart.
+
+Integrity. A fresh start is a state directory with no journal file at all: the
+journal is then built under a temporary name and renamed into place once its
+tables are committed, so a journal file that exists was complete once. Every
+open checks what it finds (``PRAGMA integrity_check`` and the tables and
+columns this ditplan reads) before it writes anything; a damaged journal (0
+bytes, truncated, a garbled page, its tables gone, not a SQLite file) raises
+:class:`JournalDamaged`, naming the file, and is left as it was.
+
+Writes. One failed operation (a Submit's rows, say, that break the unique-id
+constraint) fails only its own future: each operation of a group commit runs
+in its own SAVEPOINT, and if the transaction as a whole fails each operation
+is retried alone. Whether the journal can write is tracked
+(:attr:`Journal.writable`, :meth:`Journal.subscribe`): a transaction that
+cannot commit (a full or read-only disk, an I/O error) makes it unwritable; the
+next successful commit, or the probe the writer thread runs every
+``PROBE_S`` seconds while idle and unwritable, makes it writable again.
 """
 from __future__ import annotations
 
@@ -54,6 +71,13 @@ LOCK_NAME = "lock"  # flock'ed while a journal is open; holds the holder's pid, 
 SYNC_MODES = ("full", "normal")
 MAX_GROUP = 512  # operations per transaction at most
 IDLE_TICK_S = 1.0
+PROBE_S = 1.0  # while unwritable: seconds between probe writes (when idle)
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_FLUSH = "SELECT 1"
+# the columns recovery reads (``reason`` may be missing: a journal written before rejections gains it)
+_COLUMNS = {"meta": {"key", "value"},
+            "requests": {"seq", "id", "model", "height", "width", "frames", "steps", "arrival", "deadline",
+                         "encoded", "steps_done", "outcome", "finish", "preemptions", "sp_changes", "migrations"}}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -99,6 +123,15 @@ class JournalLockedError(JournalError):
         super().__init__(f"state dir {str(state_dir)!r} is in use by another ditplan serve "
                          f"({who or 'holder unknown'}; lock {str(state_dir / LOCK_NAME)!r}); "
                          "stop it or pick another --state-dir")
+
+
+class JournalDamaged(JournalError):
+    """The journal file is damaged (``path``, ``reason``): the server must not start on it."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"journal {str(path)!r} is damaged ({reason}); restore it from a backup, "
+                         "or start with another --state-dir")
 
 
 class StateLock:
@@ -215,6 +248,10 @@ class Journal:
         self._conn = _connect(path, sync)
         self._closed = False
         self.commits = 0
+        self._writable = True
+        self._watchers: list[Callable[[bool], None]] = []
+        self._watch_lock = threading.RLock()  # orders notifications with subscribe's first call
+        self._last_probe = 0.0
         self._thread = threading.Thread(target=self._run, name="ditplan-journal", daemon=True)
 
     @classmethod
@@ -231,9 +268,20 @@ class Journal:
         state_dir.mkdir(parents=True, exist_ok=True)
         lock = StateLock(state_dir, owner)
         try:
-            j = cls(state_dir / DB_NAME, sync, meta_source, lock)
+            path = state_dir / DB_NAME
+            if path.exists():
+                _check(path)  # damage raises before anything is written
+            else:
+                _create(path)
             try:
-                rec = j._recover()
+                j = cls(path, sync, meta_source, lock)
+            except sqlite3.Error as exc:
+                raise _open_error(path, exc) from None
+            try:
+                try:
+                    rec = j._recover()
+                except sqlite3.Error as exc:
+                    raise _open_error(path, exc) from None
             except BaseException:
                 j._conn.close()
                 raise
@@ -262,8 +310,45 @@ class Journal:
 
     def flush(self, timeout: float | None = 10.0) -> None:
         """Wait until everything queued so far is committed."""
-        fut = self._put("SELECT 1", [()], wait=True)
+        fut = self._put(_FLUSH, [()], wait=True)
         fut.result(timeout)
+
+    # --- can it write? ------------------------------------------------------
+    @property
+    def writable(self) -> bool:
+        """False since a transaction failed to commit, until one commits (or a probe write does)."""
+        return self._writable
+
+    def subscribe(self, callback: Callable[[bool], None]) -> Callable[[], None]:
+        """Call ``callback(writable)`` now and on every change (from the writer thread); returns an unsubscribe."""
+        with self._watch_lock:
+            self._watchers.append(callback)
+            self._notify_one(callback, self._writable)
+
+        def unsubscribe() -> None:
+            with self._watch_lock:
+                if callback in self._watchers:
+                    self._watchers.remove(callback)
+        return unsubscribe
+
+    def _set_writable(self, ok: bool, why: str = "") -> None:
+        with self._watch_lock:
+            if ok == self._writable:
+                return
+            self._writable = ok
+            if ok:
+                log.warning("journal %s is writable again", self.path)
+            else:
+                log.error("journal %s cannot be written: %s", self.path, why)
+            for cb in list(self._watchers):
+                self._notify_one(cb, ok)
+
+    @staticmethod
+    def _notify_one(cb: Callable[[bool], None], ok: bool) -> None:
+        try:
+            cb(ok)
+        except Exception:  # a watcher's bug must not stop the writer
+            log.exception("journal writability callback failed")
 
     def close(self) -> None:
         if self._closed:
@@ -291,7 +376,10 @@ class Journal:
             try:
                 first = self._queue.get(timeout=IDLE_TICK_S)
             except queue.Empty:
-                if self._meta_source is not None:
+                if not self._writable:
+                    if time.monotonic() - self._last_probe >= PROBE_S:
+                        self._probe()
+                elif self._meta_source is not None:
                     self._commit([])  # keep the persisted clock fresh while idle
                 continue
             ops: list[_Op] = []
@@ -312,31 +400,93 @@ class Journal:
         self._conn.close()
 
     def _commit(self, ops: list[_Op]) -> None:
+        """Commit ``ops`` in one transaction, each in its own SAVEPOINT: an operation that fails
+        fails only its own future. If the transaction itself fails, retry each operation alone."""
+        failed: dict[int, Exception] = {}
         try:
-            cur = self._conn.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            for op in ops:
-                if op.sql == "SELECT 1":
-                    continue
-                cur.executemany(op.sql, op.params)
-            if self._meta_source is not None:
-                cur.executemany(_META, list(self._meta_source().items()))
-            cur.execute("COMMIT")
-            self.commits += 1
+            self._transaction(ops, failed)
         except sqlite3.Error as exc:
-            log.error("journal commit of %d operations failed: %s", len(ops), exc)
+            self._rollback()
+            if len(ops) <= 1:
+                self._fail_txn(ops, exc)
+                return
+            log.warning("journal commit of %d operations failed (%s): retrying each alone", len(ops), exc)
+            for op in ops:
+                one: dict[int, Exception] = {}
+                try:
+                    self._transaction([op], one)
+                except sqlite3.Error as exc1:
+                    self._rollback()
+                    self._fail_txn([op], exc1)
+                    continue
+                self._settle([op], one)
+            return
+        self._settle(ops, failed)
+
+    def _transaction(self, ops: list[_Op], failed: dict[int, Exception]) -> None:
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        for i, op in enumerate(ops):
+            if op.sql == _FLUSH:
+                continue
+            cur.execute("SAVEPOINT op")
+            try:
+                cur.executemany(op.sql, op.params)
+            except sqlite3.IntegrityError as exc:  # this operation's own fault: undo it alone
+                cur.execute("ROLLBACK TO op")
+                failed[i] = exc
+            cur.execute("RELEASE op")
+        if self._meta_source is not None:
+            cur.executemany(_META, list(self._meta_source().items()))
+        cur.execute("COMMIT")
+        self.commits += 1
+        self._set_writable(True)
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
             try:
                 self._conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            err = JournalError(f"journal write failed: {exc}")
-            for op in ops:
-                if op.future is not None:
-                    op.future.set_exception(err)
-            return
+
+    def _fail_txn(self, ops: list[_Op], exc: sqlite3.Error) -> None:
+        log.error("journal commit of %d operations failed: %s", len(ops), exc)
+        if not isinstance(exc, sqlite3.IntegrityError):  # a constraint is the data's fault, not the disk's
+            self._set_writable(False, str(exc))
+        err = JournalError(f"journal write failed: {exc}")
         for op in ops:
-            if op.future is not None:
+            if op.future is not None and not op.future.done():
+                op.future.set_exception(err)
+
+    @staticmethod
+    def _settle(ops: list[_Op], failed: dict[int, Exception]) -> None:
+        for i, op in enumerate(ops):
+            exc = failed.get(i)
+            if exc is not None:
+                log.error("journal write refused: %s", exc)
+            if op.future is None or op.future.done():
+                continue
+            if exc is not None:
+                op.future.set_exception(JournalError(f"journal write failed: {exc}"))
+            else:
                 op.future.set_result(None)
+
+    def _probe(self) -> None:
+        """While unwritable: a write that needs new pages (and so disk space), undone in the same commit."""
+        self._last_probe = time.monotonic()
+        try:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            cur.execute(_META, ("write_probe", "x" * 8192))
+            cur.execute("DELETE FROM meta WHERE key = 'write_probe'")
+            if self._meta_source is not None:
+                cur.executemany(_META, list(self._meta_source().items()))
+            cur.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            log.debug("journal probe write failed: %s", exc)
+            return
+        self._set_writable(True)
 
     # --- recovery -----------------------------------------------------------
     def _recover(self) -> Recovered:
@@ -360,12 +510,94 @@ class Journal:
 
 
 def _connect(path: Path, sync: str) -> sqlite3.Connection:
+    """Connect to a journal that :func:`_check` passed or :func:`_create` built."""
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise JournalError(f"{path}: cannot switch to WAL mode (got {mode!r})")
-    conn.execute(f"PRAGMA synchronous={sync.upper()}")
-    conn.executescript(_SCHEMA)
-    if "reason" not in {r[1] for r in conn.execute("PRAGMA table_info(requests)")}:
-        conn.execute("ALTER TABLE requests ADD COLUMN reason TEXT")  # a journal written before rejections
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise JournalError(f"{path}: cannot switch to WAL mode (got {mode!r})")
+        conn.execute(f"PRAGMA synchronous={sync.upper()}")
+        if "reason" not in {r[1] for r in conn.execute("PRAGMA table_info(requests)")}:
+            conn.execute("ALTER TABLE requests ADD COLUMN reason TEXT")  # a journal written before rejections
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _create(path: Path) -> None:
+    """A fresh journal: built as ``NAME.new`` (WAL mode, tables, schema version) and renamed into place,
+    so that a journal file that exists always had its tables (a crash leaves only ``NAME.new``)."""
+    tmp = path.with_name(path.name + ".new")
+    for p in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+        p.unlink(missing_ok=True)  # a crashed earlier attempt
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise JournalDamaged(path, f"the file is missing but its write-ahead log {str(wal)!r} is there")
+    try:
+        conn = sqlite3.connect(str(tmp), isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript("BEGIN IMMEDIATE;\n" + _SCHEMA.replace("CREATE TABLE IF NOT EXISTS", "CREATE TABLE")
+                               + f"\nINSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"
+                               "\nCOMMIT;")
+        finally:
+            conn.close()  # checkpoints the log into the file and removes it
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        for p in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            p.unlink(missing_ok=True)  # empty leftovers: not this file's
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except (OSError, sqlite3.Error) as exc:
+        raise JournalError(f"cannot create journal {str(path)!r}: {exc}") from None
+
+
+def _check(path: Path) -> None:
+    """:class:`JournalDamaged` unless ``path`` is a whole journal; reads only."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+    except OSError as exc:
+        raise JournalError(f"cannot read journal {str(path)!r}: {exc}") from None
+    if size == 0:
+        raise JournalDamaged(path, "the file is empty (0 bytes); a fresh start has no journal file")
+    if head != _SQLITE_MAGIC:
+        raise JournalDamaged(path, f"not a SQLite database ({size} bytes)")
+    try:  # read-only: neither the check nor closing (no checkpoint) changes the file
+        conn = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True, isolation_level=None, timeout=30)
+    except sqlite3.Error as exc:
+        raise _open_error(path, exc) from None
+    try:
+        problems = [r[0] for r in conn.execute("PRAGMA integrity_check(20)")]
+        if problems != ["ok"]:
+            lines = [ln.strip() for p in problems for ln in str(p).splitlines()
+                     if ln.strip() and not ln.startswith("***")]
+            first = lines[0] if lines else "integrity check failed"
+            more = f" and {len(lines) - 1} more problems" if len(lines) > 1 else ""
+            raise JournalDamaged(path, f"integrity check: {first}{more}")
+        for table, need in _COLUMNS.items():
+            have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            if not have:
+                raise JournalDamaged(path, f"table {table!r} is missing")
+            if need - have:
+                raise JournalDamaged(path, f"table {table!r} lacks columns {', '.join(sorted(need - have))}")
+    except sqlite3.Error as exc:
+        raise _open_error(path, exc) from None
+    finally:
+        conn.close()
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> JournalError:
+    """SQLite's corrupt / not-a-database errors are damage; others (locked, I/O, permissions) are not."""
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+        return JournalDamaged(path, str(exc))
+    return JournalError(f"cannot open journal {str(path)!r}: {exc}")

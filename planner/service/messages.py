@@ -122,6 +122,7 @@ class PlanDelta:
     released: list[str] = field(default_factory=list)
     unloads: list[WeightLoad] = field(default_factory=list)  # applied first, then loads, then the rest
     loads: list[LoadMsg] = field(default_factory=list)
+    session_secret: str = ""  # the first update of a session only
 
     def empty(self) -> bool:
         return not (self.requests or self.assignments or self.pauses or self.migrations or self.released
@@ -141,6 +142,7 @@ class StepReport:
     done: bool = False
     loaded: tuple[WeightLoad, ...] = ()
     load_failed: tuple[WeightLoad, ...] = ()
+    session_secret: str = ""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from ditplan.planner.service.core import CoreConfig, PlannerCore
 from ditplan.planner.service.gen import planner_pb2 as pb
 from ditplan.planner.service.gen import planner_pb2_grpc as pb_grpc
 from ditplan.planner.service.journal import Journal, JournalLockedError  # noqa: F401  (JournalLockedError: re-exported)
+from ditplan.planner.service.limits import Limits, LimitsInterceptor
 from ditplan.planner.service.servicer import PlannerServicer
 from ditplan.planner.service.sim_executor import SimulatedExecutor
 
@@ -81,6 +82,51 @@ class ServeConfig:
     reject_grace_s: float = 1.0  # --late reject: reject only requests that would miss by more (planning latency)
     models: tuple[str, ...] = ()  # served models, placed per GPU; (): every model requests name, everywhere
     placement: str = "auto"  # with models: auto | replicate | split | MODEL:GPUS,...
+    metrics_host: str = "127.0.0.1"  # /metrics has no authentication: loopback unless told otherwise
+    allow_insecure: bool = False  # serve a --host beyond loopback without a token (a warning, not a refusal)
+    # Concurrency budgets and stream deadlines (planner/service/limits.py):
+    health_reserve: int = 4  # worker threads only health checks may use
+    unary_reserve: int = 8  # worker threads streams may not use
+    max_plan_streams: int = 16  # concurrent StreamPlans
+    max_report_streams: int = 32  # concurrent ReportProgress
+    max_other_streams: int = 4  # concurrent other streams (server reflection)
+    handshake_s: float = 5.0  # a stream's first message must arrive within this
+    stream_idle_s: float = 30.0  # a client stream's next message must arrive within this
+
+    def limits(self) -> Limits:
+        return Limits(max_workers=self.max_workers, health_reserve=self.health_reserve,
+                      unary_reserve=self.unary_reserve, max_plan_streams=self.max_plan_streams,
+                      max_report_streams=self.max_report_streams, max_other_streams=self.max_other_streams,
+                      handshake_s=self.handshake_s, stream_idle_s=self.stream_idle_s)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only loopback addresses (``localhost``, 127.0.0.0/8, ``::1``)."""
+    import ipaddress
+    h = host.strip("[]")
+    if h.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(h, None)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def check_exposure(cfg: "ServeConfig") -> None:
+    """Refuse a --host beyond loopback without a token unless ``allow_insecure`` (then warn)."""
+    if cfg.token or is_loopback(cfg.host):
+        return
+    if not cfg.allow_insecure:
+        raise ValueError(f"refusing to serve --host {cfg.host} (beyond loopback) without a token: anyone who can "
+                         "reach it could submit, cancel and read requests; set DITPLAN_TOKEN or --token-file, "
+                         "or pass --allow-insecure")
+    log.warning("serving --host %s without a token (--allow-insecure): every client that reaches it is trusted",
+                cfg.host)
 
 
 class PortInUseError(OSError):
@@ -130,6 +176,7 @@ class PlannerServer:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.port: int | None = None
+        self.limits: LimitsInterceptor | None = None  # its .limiter counts calls in flight per kind
         self.metrics_port: int | None = None
         self.core: PlannerCore | None = None
         self._grpc: grpc.Server | None = None
@@ -154,6 +201,8 @@ class PlannerServer:
         if not cfg.speed > 0:
             raise ValueError(f"--speed must be > 0, got {cfg.speed}")
         cluster = parse_cluster(cfg.cluster)
+        cfg.limits().validate()
+        check_exposure(cfg)
         creds = None
         if cfg.tls_cert or cfg.tls_key:
             if not (cfg.tls_cert and cfg.tls_key):
@@ -161,6 +210,7 @@ class PlannerServer:
             creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
         try:
             self._start(policy, cluster, creds)
+            self._watch_journal(True)
         except BaseException:
             self.stop(grace=0)  # close what was opened: the journal (and its lock), threads, the port
             self._grpc = None
@@ -180,7 +230,8 @@ class PlannerServer:
         self._journal, recovered = Journal.open(cfg.state_dir, cfg.journal_sync,
                                                 meta_source=meta if cfg.simulate else None,
                                                 owner={"address": target})
-        interceptors = []
+        self.limits = LimitsInterceptor(cfg.limits())  # first: it sees every call, refusals by the others too
+        interceptors = [self.limits]
         token = cfg.token
         if token:
             interceptors.append(TokenAuthInterceptor(token))
@@ -225,12 +276,13 @@ class PlannerServer:
         if cfg.metrics_port is not None:
             from ditplan.planner.service.metrics import start_metrics_server
             try:
-                self._metrics_http, self.metrics_port = start_metrics_server(self.core, cfg.metrics_port, cfg.host)
+                self._metrics_http, self.metrics_port = start_metrics_server(self.core, cfg.metrics_port,
+                                                                                 cfg.metrics_host)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    raise PortInUseError(f"metrics port {cfg.host}:{cfg.metrics_port} is in use; pick another "
+                    raise PortInUseError(f"metrics port {cfg.metrics_host}:{cfg.metrics_port} is in use; pick another "
                                          "--metrics-port or stop what holds it") from None
-                raise OSError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}") from None
+                raise OSError(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {exc}") from None
         log.info("ditplan serving on %s (cluster %s, policy %s%s)", self.address, cluster.name, policy,
                  f", simulated x{cfg.speed:g}" if cfg.simulate else "")
 
@@ -239,6 +291,7 @@ class PlannerServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self._watch_journal(False)
         if self._health is not None:
             self._health.enter_graceful_shutdown()
         if self.core is not None:
@@ -251,6 +304,23 @@ class PlannerServer:
             self._metrics_http.shutdown()
         if self._journal is not None:
             self._journal.close()
+
+    def _watch_journal(self, on: bool) -> None:
+        """Health follows the journal: NOT_SERVING (overall and for the Planner service) while it cannot
+        write (a full or read-only disk), SERVING once it can again. ``on=False`` (stop) unsubscribes."""
+        unsubscribe = self.__dict__.pop("_journal_watch", None)
+        if unsubscribe is not None:
+            unsubscribe()
+        if not on or self._journal is None or self._health is None:
+            return
+        servicer = self._health
+
+        def on_writable(ok: bool) -> None:
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                servicer.set(name, status)  # ignored once stop() began the graceful shutdown
+
+        self._journal_watch = self._journal.subscribe(on_writable)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
@@ -273,7 +343,7 @@ def serve(config: ServeConfig, announce=print) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     mode = f"simulated executor x{config.speed:g}" if config.simulate else "waiting for executors"
-    metrics = f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    metrics = f", metrics on http://{config.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     tls = " (TLS)" if config.tls_cert else ""
     announce(f"ditplan serve: listening on {server.address}{tls}; cluster {config.cluster}, "
              f"policy {server.core.config.policy}, {mode}, state {os.path.abspath(config.state_dir)}{metrics}")

@@ -13,7 +13,7 @@ import grpc
 
 from ditplan.planner.service import convert
 from ditplan.planner.service.core import PlannerCore
-from ditplan.planner.service.errors import ServiceError
+from ditplan.planner.service.errors import ServiceError, safe_message
 from ditplan.planner.service.gen import planner_pb2 as pb
 from ditplan.planner.service.gen import planner_pb2_grpc as pb_grpc
 from ditplan.planner.service.journal import JournalError
@@ -30,7 +30,7 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, JournalError):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     log.exception("unexpected error in handler")
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    return grpc.StatusCode.INTERNAL, safe_message(f"internal error: {type(exc).__name__}: {exc}")
 
 
 def unary(fn):
@@ -81,7 +81,8 @@ class PlannerServicer(pb_grpc.PlannerServicer):
     # --- executors ----------------------------------------------------------
     def StreamPlans(self, request: pb.StreamPlansRequest, context):
         try:
-            sess = self.core.connect_executor(request.executor_id, list(request.gpus))
+            sess = self.core.connect_executor(request.executor_id, list(request.gpus),
+                                              secret=request.session_secret)
         except Exception as exc:  # noqa: BLE001
             context.abort(*_status_of(exc))
         context.add_callback(lambda: self.core.disconnect_executor(sess, "plan stream closed"))

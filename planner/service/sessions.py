@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import queue
+import secrets
 import time
 
 from ditplan.planner.service.messages import PlanDelta
@@ -17,7 +18,12 @@ class ExecutorSession:
         self.known: set[str] = set()  # request ids whose data this executor has
         self.closed = False
         self.close_reason = ""
+        # Issued at connect, in the first update: reports and a replacing stream must carry it.
+        self.secret = secrets.token_urlsafe(18)
         self._queue: queue.SimpleQueue[PlanDelta | None] = queue.SimpleQueue()
+
+    def owns(self, secret: str) -> bool:
+        return secrets.compare_digest(secret or "", self.secret)
 
     def push(self, delta: PlanDelta | None) -> None:
         self._queue.put(delta)

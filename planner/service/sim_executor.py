@@ -72,7 +72,8 @@ class SimulatedExecutor:
             g = ld.weight.gpu
             end = max(delta.server_time, self._load_free.get(g, delta.server_time)) + ld.predicted_s
             self._load_free[g] = end
-            yield end, StepReport(self.executor_id, delta.plan_epoch, loaded=(ld.weight,))
+            yield end, StepReport(self.executor_id, delta.plan_epoch, loaded=(ld.weight,),
+                                  session_secret=self.session.secret)
         for a in delta.assignments:
             if not a.lead:
                 continue
@@ -85,5 +86,6 @@ class SimulatedExecutor:
                 times = tuple(float(x) for x in steps)
             else:
                 duration, times = a.predicted_s, ()
-            rep = StepReport(self.executor_id, delta.plan_epoch, a.request_ids, a.stage, a.steps, times, True)
+            rep = StepReport(self.executor_id, delta.plan_epoch, a.request_ids, a.stage, a.steps, times, True,
+                             session_secret=self.session.secret)
             yield delta.server_time + duration, rep

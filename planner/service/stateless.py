@@ -29,7 +29,7 @@ from ditplan.planner.plan import RoundPlan
 from ditplan.planner.policies.base import make_policy, policy_names
 from ditplan.planner.request import RequestState, RequestStatus
 from ditplan.planner.service.admission import validate_records, validate_request
-from ditplan.planner.service.errors import Cancelled, DeadlineExceeded, InvalidArgument, ServiceError
+from ditplan.planner.service.errors import Cancelled, DeadlineExceeded, InvalidArgument, ServiceError, shown
 from ditplan.planner.simulator import PlanViolation, SimConfig
 from ditplan.planner.state import PlannerState
 from ditplan.planner.traces import _is_number
@@ -46,12 +46,12 @@ _cluster_lock = threading.Lock()
 def cluster_from_text(spec: str, field: str = "cluster") -> Cluster:
     """A cluster from ``NxKIND``, ``MxNxKIND`` or inline JSON; never a server-side file."""
     if not isinstance(spec, str) or not spec.strip():
-        raise InvalidArgument(f"field {field!r} = {spec!r} is empty; use e.g. 8xH100, 2x8xL20 or inline JSON")
+        raise InvalidArgument(f"field {field!r} = {shown(spec)} is empty; use e.g. 8xH100, 2x8xL20 or inline JSON")
     spec = spec.strip()
     try:
         return _cached_cluster(spec)
     except InputError as exc:
-        raise InvalidArgument(f"field {field!r} = {_short(spec)!r}: {exc}") from None
+        raise InvalidArgument(f"field {field!r} = {_short(spec)!r}: {_short(str(exc), 400)}") from None
 
 
 @lru_cache(maxsize=64)
@@ -95,7 +95,7 @@ def _short(s: str, n: int = 80) -> str:
 def _policy(name: str, field: str = "policy") -> str:
     known = policy_names()
     if name not in known:
-        raise InvalidArgument(f"field {field!r} = {name!r} unknown policy; known: {', '.join(known)}")
+        raise InvalidArgument(f"field {field!r} = {shown(name)} unknown policy; known: {', '.join(known)}")
     return name
 
 
@@ -103,7 +103,7 @@ def _gpu_kind(name: str, cluster: Cluster) -> str:
     if not name:
         return cluster.kind.name
     if name.upper() not in GPU_KINDS:
-        raise InvalidArgument(f"field 'gpu_kind' = {name!r} unknown GPU kind; known: {', '.join(GPU_KINDS)}")
+        raise InvalidArgument(f"field 'gpu_kind' = {shown(name)} unknown GPU kind; known: {', '.join(GPU_KINDS)}")
     return name.upper()
 
 
@@ -153,7 +153,7 @@ class PlanOut:
 def plan_round(p: PlanIn) -> PlanOut:
     """Validate ``p``, run the policy once, and check its plan independently."""
     if not _is_number(p.now):
-        raise InvalidArgument(f"field 'now' = {p.now!r} must be a finite number")
+        raise InvalidArgument(f"field 'now' = {shown(p.now)} must be a finite number")
     cluster = cluster_from_text(p.cluster)
     cost = cost_model(_gpu_kind(p.gpu_kind, cluster))
     policy = make_policy(_policy(p.policy))
@@ -167,7 +167,7 @@ def plan_round(p: PlanIn) -> PlanOut:
         where = f"requests[{i}]"
         req = validate_request(i, r.id, r.model, r.height, r.width, r.frames, r.steps, r.arrival, r.deadline)
         if req.id in seen:
-            raise InvalidArgument(f"{where}: field 'id' = {req.id!r} duplicate id")
+            raise InvalidArgument(f"{where}: field 'id' = {shown(req.id)} duplicate id")
         seen.add(req.id)
         if not 0 <= r.steps_done <= req.steps:
             raise InvalidArgument(f"{where}: field 'steps_done' = {r.steps_done} must be 0..{req.steps}")
@@ -175,7 +175,7 @@ def plan_round(p: PlanIn) -> PlanOut:
             raise InvalidArgument(f"{where}: field 'steps_done' = {r.steps_done} but 'encoded' is false")
         for g in r.latent_gpus:
             if not 0 <= g < cluster.size:
-                raise InvalidArgument(f"{where}: field 'latent_gpus' = {list(r.latent_gpus)} names GPU {g}, "
+                raise InvalidArgument(f"{where}: field 'latent_gpus' = {shown(list(r.latent_gpus))} names GPU {g}, "
                                       f"not in 0..{cluster.size - 1}")
         if r.sp not in (0, 1, 2, 4, 8):
             raise InvalidArgument(f"{where}: field 'sp' = {r.sp} must be 0 (none yet), 1, 2, 4 or 8")
@@ -184,7 +184,7 @@ def plan_round(p: PlanIn) -> PlanOut:
         elif r.state in _LIVE_STATES:
             state = _LIVE_STATES[r.state]
         else:
-            raise InvalidArgument(f"{where}: field 'state' = {r.state!r} must be a live state "
+            raise InvalidArgument(f"{where}: field 'state' = {shown(r.state)} must be a live state "
                                   f"({', '.join(_LIVE_STATES)})")
         statuses.append(RequestStatus(req, state=state, encoded=r.encoded, steps_done=r.steps_done,
                                       latent_gpus=tuple(r.latent_gpus), sp=r.sp))
@@ -196,7 +196,7 @@ def plan_round(p: PlanIn) -> PlanOut:
             raise InvalidArgument(f"field 'gpu_free_at'[{g}] = {t!r} must be a finite number")
     for rid in p.just_paused:
         if rid not in seen:
-            raise InvalidArgument(f"field 'just_paused' = {rid!r} is not one of the requests")
+            raise InvalidArgument(f"field 'just_paused' = {shown(rid)} is not one of the requests")
     state = PlannerState(float(p.now), cluster, cost, statuses, free_at, _placement(p, cluster, statuses),
                          float(round_s), frozenset(p.just_paused))
     t0 = time.perf_counter()
@@ -219,7 +219,7 @@ def _placement(p: PlanIn, cluster: Cluster, statuses: Sequence[RequestStatus]) -
     served = tuple(p.served_models) or tuple(sorted({s.request.model for s in statuses}))
     for m in served:
         if m not in CATALOG:
-            raise InvalidArgument(f"field 'served_models' = {m!r} unknown model; known: {', '.join(sorted(CATALOG))}")
+            raise InvalidArgument(f"field 'served_models' = {shown(m)} unknown model; known: {', '.join(sorted(CATALOG))}")
     return Placement.replicate(cluster.size, served)
 
 
@@ -267,7 +267,10 @@ def whatif(w: WhatIfIn, should_stop: Callable[[], str | None] = lambda: None) ->
     cluster = cluster_from_text(w.cluster)
     cost = cost_model(cluster.kind.name)
     records = validate_records(w.records)
-    requests = to_requests(records, cost, cluster, w.slo_scale)
+    try:
+        requests = to_requests(records, cost, cluster, w.slo_scale)
+    except InputError as exc:  # a deadline past the horizon; "line N" is records[N - 1]
+        raise InvalidArgument(f"records: {exc}") from None
     try:
         check_fits(requests, cluster, {r["id"]: f"records[{i}]" for i, r in enumerate(w.records)})
     except PlacementError as exc:
