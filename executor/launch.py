@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -40,7 +41,11 @@ def _entry(rank, fn, world, init_file, outdir, args, threads, parent):
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     try:
-        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+        # A collective that waits longer than this fails instead of hanging for ever (torch's default
+        # is 30 min); long enough for the slowest legitimate wait, a rank loading a checkpoint.
+        timeout = timedelta(seconds=float(os.environ.get("DITPLAN_COLLECTIVE_TIMEOUT_S", "600")))
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=timeout)
         result = fn(rank, world, *args)
         torch.save({"ok": result}, Path(outdir) / f"{rank}.pt")
     except BaseException:  # noqa: BLE001 - report any failure to the parent

@@ -305,3 +305,21 @@ def test_worker_ranks_die_with_their_killed_parent_even_inside_a_collective(tmp_
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_an_executor_the_service_declares_lost_exits_non_zero(tmp_path):
+    import os
+    import signal
+
+    with closed_loop(tmp_path, "1xL20", "tetriserve-dp", "--devices", "1",
+                     serve_args=("--heartbeat-timeout", "1")) as (c, executor, deadline, outcome):
+        os.kill(executor.pid, signal.SIGSTOP)  # silent: no heartbeat reaches the service
+        try:
+            while c.info().executors:
+                assert time.monotonic() < deadline, "the executor was never declared lost"
+                time.sleep(0.1)
+        finally:
+            os.kill(executor.pid, signal.SIGCONT)
+        executor.wait(30)
+    assert outcome["returncode"] == 3, outcome["out"]
+    assert "declared executor 'executor0' lost" in outcome["out"]
