@@ -3,6 +3,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +24,9 @@ def test_the_service_walkthrough_runs_as_pasted(tmp_path):
     script = (m.group(1).replace("--metrics-port 9100 &", f"--metrics-port {metrics} --port {port} > serve.log 2>&1 &")
               .replace("kill %1", "kill $!"))
     assert f"--port {port}" in script and "kill $!" in script
-    env = dict(os.environ, DITPLAN_SERVER=f"127.0.0.1:{port}")
+    # The console script sits beside this interpreter (make test runs .venv/bin/python without activating).
+    env = dict(os.environ, DITPLAN_SERVER=f"127.0.0.1:{port}",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     proc = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=240)
     out = proc.stdout + proc.stderr
