@@ -31,7 +31,8 @@ from bench import write_csv  # noqa: E402
 from ditplan.models.cost import CostModel  # noqa: E402
 from ditplan.planner.cluster import parse_cluster  # noqa: E402
 from ditplan.planner.plots import gantt_bars, plot_gantt  # noqa: E402
-from ditplan.planner.simulator import SimConfig, SimResult  # noqa: E402
+from ditplan.planner.sim_result import SimResult  # noqa: E402
+from ditplan.planner.simulator import SimConfig  # noqa: E402
 from ditplan.planner.whatif import run_policies, to_requests  # noqa: E402
 from ditplan.planner.workloads import generate  # noqa: E402
 

@@ -8,7 +8,7 @@ from typing import Iterable
 import numpy as np
 
 from ditplan.planner.request import RequestState
-from ditplan.planner.simulator import SimResult
+from ditplan.planner.sim_result import SimResult
 
 DIGITS = 6
 

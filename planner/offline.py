@@ -106,7 +106,8 @@ from ditplan.models.catalog import get_model
 from ditplan.models.cost import CostModel
 from ditplan.planner.cluster import Cluster
 from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
-from ditplan.planner.simulator import Segment, SimResult
+from ditplan.planner.execution import Segment
+from ditplan.planner.sim_result import SimResult
 
 POLICY_NAME = "offline-bound"
 TICK = 1e-3  # seconds per integer time unit of the schedule model

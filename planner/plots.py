@@ -23,7 +23,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from ditplan.planner.metrics import met  # noqa: E402
 from ditplan.planner.request import RequestState  # noqa: E402
-from ditplan.planner.simulator import SimResult  # noqa: E402
+from ditplan.planner.sim_result import SimResult  # noqa: E402
 
 STAGE_COLORS = {"encode": "#bdbdbd", "decode": "#636363"}
 LOAD_COLOR = "#fdd0a2"

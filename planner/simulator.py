@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
 from ditplan.models.cost import CostModel
 from ditplan.planner.checker import check_plan
 from ditplan.planner.cluster import Cluster
-from ditplan.planner.placement import Placement, WeightLoad, load_seconds, static_placement, validate_placement
+from ditplan.planner.placement import Placement, load_seconds, static_placement, validate_placement
 from ditplan.planner.plan import Assignment, RoundPlan
 from ditplan.planner.policies.base import Policy
 from ditplan.planner.problem import build_problem
-from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
-from ditplan.planner.state import PlannerState, handoff_time
+from ditplan.planner.execution import EPS, Segment, count_preemptions, end_segment, next_wake, start_segment
+from ditplan.planner.request import Request, RequestState, RequestStatus
+from ditplan.planner.sim_result import SimResult, WeightEvent
+from ditplan.planner.state import PlannerState
 
-EPS = 1e-9
 MAX_IDLE_PLANS = 3
 
 
@@ -46,53 +47,6 @@ class SimConfig:
     record_problems: bool = False  # keep every round's RoundProblem (for solver benchmarks)
     # The starting placement: a static_placement spec (planner.placement), or the Placement itself.
     placement: str | Placement = "auto"
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One executed piece of work (timeline (docs/architecture.md, Contracts))."""
-
-    request_ids: tuple[str, ...]
-    stage: Stage
-    gpus: tuple[int, ...]
-    steps: int
-    start: float
-    end: float
-
-    @property
-    def sp(self) -> int:
-        return len(self.gpus)
-
-
-@dataclass(frozen=True)
-class WeightEvent:
-    """A weight load (GPU busy ``start``..``end``) or unload (``start == end``) of one component."""
-
-    kind: str  # "load" | "unload"
-    gpu: int
-    model: str
-    component: str
-    start: float
-    end: float
-
-
-@dataclass
-class SimResult:
-    policy: str
-    requests: list[RequestStatus]  # every request, trace order
-    segments: list[Segment]
-    solver_ms: list[float]  # wall time of each plan() call
-    fallbacks: int
-    plans: int
-    end_time: float
-    round_problems: list = field(default_factory=list)  # RoundProblem per plan, if recorded
-    initial_placement: Placement | None = None  # resident before the trace starts
-    weight_events: list[WeightEvent] = field(default_factory=list)  # loads and unloads the plans made
-    placement: Placement | None = None  # at the end
-
-    @property
-    def weight_loads(self) -> list[WeightEvent]:
-        return [e for e in self.weight_events if e.kind == "load"]
 
 
 _ARRIVAL, _COMPLETE, _WAKE, _LOADED = 0, 1, 2, 3
@@ -229,92 +183,3 @@ def apply_weight_changes(cluster: Cluster, placement: Placement, plan: RoundPlan
     return placement.apply(plan.unloads, plan.loads)
 
 
-def diffuse_costs(cluster: Cluster, cost: CostModel, a: Assignment,
-                  members: Sequence[RequestStatus]) -> tuple[float, float]:
-    """(seconds to move the latents onto ``a.gpus``, seconds per step) of a diffuse assignment."""
-    lead = members[0].request
-    bw = cluster.block_bandwidth(a.gpus) if a.sp > 1 else None
-    step = cost.step_time(lead.spec, lead.shape, a.sp, len(members), link_bw=bw)
-    move = max((handoff_time(cluster, cost, st, Stage.DIFFUSE, a.gpus) for st in members), default=0.0)
-    return move, step
-
-
-def start_segment(cluster: Cluster, cost: CostModel, a: Assignment, now: float,
-                  statuses: dict[str, RequestStatus], gpu_free_at: list[float],
-                  rng: np.random.Generator | None = None, noise: float = 0.0) -> Segment:
-    """Start ``a`` at ``now``: update its requests and GPUs; the segment's end is predicted.
-
-    Progress counts at the start (the planner's view): ``steps_done`` grows by
-    ``a.steps``, the latent moves to ``a.gpus``. With ``noise > 0`` each step's
-    time is scaled by a lognormal draw from ``rng``.
-    """
-    members = [statuses[rid] for rid in a.request_ids]
-    lead = members[0].request
-    batch = len(members)
-    if a.stage is Stage.DIFFUSE:
-        move, step = diffuse_costs(cluster, cost, a, members)
-        if noise > 0:
-            work = float(np.sum(step * rng.lognormal(0.0, noise, a.steps)))
-        else:
-            work = step * a.steps
-        for st in members:
-            if st.steps_done > 0 and st.latent_gpus and set(st.latent_gpus) != set(a.gpus):
-                st.migrations += 1
-            if st.sp and st.sp != a.sp:
-                st.sp_changes += 1
-            st.sp = a.sp
-            st.steps_done += a.steps
-            st.state = RequestState.RUNNING
-        duration = move + work
-    elif a.stage is Stage.ENCODE:
-        duration = cost.encode_time(lead.spec, lead.shape, batch)
-        for st in members:
-            st.encoded, st.state = True, RequestState.RUNNING
-    else:
-        duration = cost.decode_time(lead.spec, lead.shape, batch)
-        duration += max(handoff_time(cluster, cost, st, Stage.DECODE, a.gpus) for st in members)
-        for st in members:
-            st.state = RequestState.DECODING
-    for st in members:
-        st.latent_gpus = a.gpus
-    end = now + duration
-    for g in a.gpus:
-        gpu_free_at[g] = end
-    return Segment(a.request_ids, a.stage, a.gpus, a.steps, now, end)
-
-
-def end_segment(seg: Segment, statuses: dict[str, RequestStatus]
-                ) -> tuple[list[RequestStatus], list[RequestStatus]]:
-    """Apply the end of ``seg`` at ``seg.end``: (requests finished, requests paused at a step boundary)."""
-    finished: list[RequestStatus] = []
-    paused: list[RequestStatus] = []
-    for rid in seg.request_ids:
-        st = statuses[rid]
-        if seg.stage is Stage.DECODE:
-            st.state, st.finish = RequestState.DONE, seg.end
-            finished.append(st)
-        else:
-            st.state = RequestState.PAUSED
-            if seg.stage is Stage.DIFFUSE and st.remaining_steps > 0:
-                paused.append(st)
-    return finished, paused
-
-
-def count_preemptions(just_paused: Iterable[RequestStatus], assignments: Iterable[Assignment]) -> int:
-    """Charge a preemption to each request paused at this instant that the plan does not continue."""
-    continued = {rid for a in assignments if a.stage is Stage.DIFFUSE for rid in a.request_ids}
-    n = 0
-    for st in just_paused:
-        if st.id not in continued:
-            st.preemptions += 1
-            n += 1
-    return n
-
-
-def next_wake(plan: RoundPlan, now: float, live: Iterable[RequestStatus], round_s: float) -> float | None:
-    """When to plan again if nothing else happens: the plan's ``wake_at``, else one round while work waits."""
-    if plan.wake_at is not None and plan.wake_at > now + EPS:
-        return plan.wake_at
-    if any(not st.in_flight for st in live):
-        return now + round_s
-    return None

@@ -14,7 +14,8 @@ from ditplan.planner.cluster import Cluster
 from ditplan.planner.metrics import summarize
 from ditplan.planner.policies.base import make_policy
 from ditplan.planner.request import Request
-from ditplan.planner.simulator import SimConfig, SimResult, Simulator
+from ditplan.planner.sim_result import SimResult
+from ditplan.planner.simulator import SimConfig, Simulator
 from ditplan.planner.traces import TraceRecord, ideal_latency_from, resolve_deadlines
 
 

@@ -12,7 +12,9 @@ from ditplan.planner.cluster import parse_cluster
 from ditplan.planner.metrics import met
 from ditplan.planner.plots import OUTCOME_COLORS, gantt_bars, gantt_figure, plot_gantt
 from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
-from ditplan.planner.simulator import Segment, SimConfig, SimResult
+from ditplan.planner.execution import Segment
+from ditplan.planner.sim_result import SimResult
+from ditplan.planner.simulator import SimConfig
 from ditplan.planner.whatif import run_policies, to_requests
 from ditplan.planner.workloads import generate
 

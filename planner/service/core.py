@@ -1,8 +1,8 @@
 """The planning service's core: admitted requests, executors, and the planning loop.
 
-The loop follows the simulator's semantics (``planner/simulator.py``, whose
-``start_segment``, ``end_segment``, ``count_preemptions`` and ``next_wake``
-it calls): it plans on arrivals, on completions (step boundaries) and on a
+The loop follows the simulator's semantics (the execution rules of
+``planner/execution.py``: ``start_segment``, ``end_segment``,
+``count_preemptions`` and ``next_wake``): it plans on arrivals, on completions (step boundaries) and on a
 round timer; a plan assigns work only to idle GPUs; a request whose diffuse
 segment just ended and that the plan does not continue is paused (latent
 kept) and charged a preemption.
@@ -70,7 +70,7 @@ from ditplan.planner.service.messages import (STATES, AssignmentMsg, ExecutorVie
 from ditplan.planner.service.planning import PlannerProcess, plan_checked
 from ditplan.planner.service.sessions import ExecutorSession
 from ditplan.planner.service.stats import Stats
-from ditplan.planner.simulator import Segment, count_preemptions, diffuse_costs, end_segment, next_wake, start_segment
+from ditplan.planner.execution import Segment, count_preemptions, diffuse_costs, end_segment, next_wake, start_segment
 from ditplan.planner.state import PlannerState
 
 log = logging.getLogger(__name__)
