@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-DEGREES = (1, 2, 4, 8)
+from ditplan.models.catalog import SP_DEGREES
+
+DEGREES = SP_DEGREES
 
 
 def aligned_blocks(world: int) -> list[tuple[int, ...]]:

@@ -194,7 +194,7 @@ def build_cluster(nodes: list[dict], internode_bw: float, name: str) -> Cluster:
             raise ClusterSpecError(f"{where}: field 'kind' = {kind_name!r} is not one of {sorted(GPU_KINDS)}")
         kind = GPU_KINDS[kind_name.upper()]
         n = node.get("gpus")
-        if not isinstance(n, int) or isinstance(n, bool) or n not in (1, 2, 4, 8):
+        if not isinstance(n, int) or isinstance(n, bool) or n not in SP_DEGREES:
             raise ClusterSpecError(f"{where}: field 'gpus' = {n!r} must be 1, 2, 4 or 8")
         mem = node.get("memory_gib", kind.memory / GiB)
         if not isinstance(mem, (int, float)) or mem <= 0:
@@ -235,7 +235,7 @@ def parse_cluster(spec: str) -> Cluster:
             raise ClusterSpecError(f"cluster spec {spec!r}: GPU kind {kind!r} is not one of {sorted(GPU_KINDS)}")
         if n_nodes < 1:
             raise ClusterSpecError(f"cluster spec {spec!r}: node count {n_nodes} must be >= 1")
-        if per_node not in (1, 2, 4, 8):
+        if per_node not in SP_DEGREES:
             raise ClusterSpecError(f"cluster spec {spec!r}: GPUs per node {per_node} must be 1, 2, 4 or 8")
         gk = GPU_KINDS[kind.upper()]
         return build_cluster([{"kind": gk.name, "gpus": per_node}] * n_nodes, gk.internode_bw, spec.strip())

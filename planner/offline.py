@@ -102,7 +102,7 @@ from typing import Sequence
 
 from ortools.sat.python import cp_model
 
-from ditplan.models.catalog import get_model
+from ditplan.models.catalog import SP_DEGREES, get_model
 from ditplan.models.cost import CostModel
 from ditplan.planner.cluster import Cluster
 from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
@@ -256,7 +256,7 @@ def _relaxed(requests: Sequence[Request], cluster: Cluster, cost: CostModel) -> 
     for r in requests:
         arrivals.setdefault(r.batch_key(), []).append(r.arrival)
     bandwidths = {k: [None] if k == 1 else sorted({cluster.block_bandwidth(b) for b in cluster.blocks(k)})
-                  for k in (1, 2, 4, 8)}
+                  for k in SP_DEGREES}
     memo: dict[tuple, tuple] = {}
     out = []
     for r in requests:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ditplan.models.catalog import Shape, get_model
+from ditplan.models.catalog import SP_DEGREES, Shape, get_model
 from ditplan.planner.cluster import Cluster
 from ditplan.planner.state import PlannerState
 
@@ -28,7 +28,7 @@ def block_of(cluster: Cluster, gpu: int, k: int) -> tuple[int, ...] | None:
 def is_aligned(cluster: Cluster, gpus: tuple[int, ...]) -> bool:
     """True when ``gpus`` is exactly one aligned block (cheaper than Cluster.is_block)."""
     k = len(gpus)
-    if k not in (1, 2, 4, 8) or not 0 <= gpus[0] < cluster.size:
+    if k not in SP_DEGREES or not 0 <= gpus[0] < cluster.size:
         return False
     return block_of(cluster, gpus[0], k) == tuple(gpus)
 

@@ -56,7 +56,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ditplan.models.catalog import Shape, get_model
+from ditplan.models.catalog import SP_DEGREES, Shape, get_model
 from ditplan.planner.plan import Assignment, RoundPlan
 from ditplan.planner.policies.base import register
 from ditplan.planner.policies.blocks import BlockAllocator, block_of
@@ -115,7 +115,7 @@ def _act_bytes(model: str, shape: Shape, k: int, batch: int) -> int:
 def level_capacity(alloc: BlockAllocator, cluster) -> dict[int, int]:
     """Per degree j: how many aligned j-blocks are entirely free."""
     return {j: sum(1 for b in cluster.blocks(j) if alloc.is_free(b))
-            for j in (1, 2, 4, 8) if j <= cluster.max_node_gpus}
+            for j in SP_DEGREES if j <= cluster.max_node_gpus}
 
 
 def packing_fits(degrees: Counter, caps: dict[int, int]) -> bool:

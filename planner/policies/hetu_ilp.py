@@ -63,6 +63,7 @@ from dataclasses import dataclass
 import ditplan.planner.solvers  # noqa: F401  (loads ortools' libhighs before pulp's highspy)
 import pulp
 
+from ditplan.models.catalog import SP_DEGREES
 from ditplan.planner.plan import Assignment, RoundPlan
 from ditplan.planner.policies.base import register
 from ditplan.planner.policies.blocks import BlockAllocator
@@ -273,7 +274,7 @@ class HetuIlpPolicy:
         for n, node in enumerate(cluster.nodes):
             caps[n] = {j: sum(1 for b in cluster.blocks(j) if b[0] in node and alloc.is_free(b)
                               and all(diffusers[g] for g in b))
-                       for j in (1, 2, 4, 8) if j <= len(node)}
+                       for j in SP_DEGREES if j <= len(node)}
         # Encode GPUs apart from the backbones (stages placement): a dispatch that encodes needs one free.
         encoders = {n: sum(1 for g in node if not diffusers[g] and alloc.is_free((g,))
                            and any(c == "text" for _, c in state.placement.resident[g]))
