@@ -186,34 +186,27 @@ class Controller:
         self.send({"op": "setstep", "rid": rid, "step": start_step})
         return True
 
-    def _report(self, *args) -> bool:
+    def _send(self, what: str, *args, level: int = logging.INFO, **kw) -> bool:
+        """One StepReport to the service; False (logged at ``level``) if it refused it (cancelled, re-planned)."""
         from ditplan.planner.service.client import PlannerError
         from ditplan.planner.service.messages import StepReport
         try:
-            self.link.report(StepReport(self.link.executor_id, *args))
+            self.link.report(StepReport(self.link.executor_id, *args, **kw))
             return True
-        except PlannerError as exc:  # cancelled or re-planned meanwhile
-            log.info("report for %s refused: %s", args[1], exc.details)
+        except PlannerError as exc:
+            log.log(level, "%s refused: %s", what, exc.details)
             return False
+
+    def _report(self, *args) -> bool:
+        return self._send(f"report for {args[1]}", *args)
 
     def _report_loaded(self, epoch: int, weight) -> bool:
-        from ditplan.planner.service.client import PlannerError
-        from ditplan.planner.service.messages import StepReport
-        try:
-            self.link.report(StepReport(self.link.executor_id, epoch, loaded=(weight,)))
-            return True
-        except PlannerError as exc:
-            log.warning("loaded report for %s/%s on GPU %d refused: %s", weight.model, weight.component,
-                        weight.gpu, exc.details)
-            return False
+        return self._send(f"loaded report for {weight.model}/{weight.component} on GPU {weight.gpu}", epoch,
+                          loaded=(weight,), level=logging.WARNING)
 
     def _report_load_failed(self, epoch: int, weight) -> None:
-        from ditplan.planner.service.client import PlannerError
-        from ditplan.planner.service.messages import StepReport
-        try:
-            self.link.report(StepReport(self.link.executor_id, epoch, load_failed=(weight,)))
-        except PlannerError as exc:
-            log.warning("load_failed report refused: %s", exc.details)
+        self._send(f"load_failed report for {weight.model}/{weight.component} on GPU {weight.gpu}", epoch,
+                   load_failed=(weight,), level=logging.WARNING)
 
     # --- placement ------------------------------------------------------------------------------
     def _weight_cmd(self, op: str, w, epoch: int = 0, initial: bool = False) -> None:

@@ -227,11 +227,15 @@ def _layout(node: Sequence[int], counts: Mapping[str, int]) -> dict[int, str]:
     return out
 
 
+def largest_activation(requests: Sequence[Request], cluster: Cluster) -> int:
+    """Bytes of the largest activation any of ``requests`` needs on one GPU, at the widest degree."""
+    return max((smallest_footprint(r.model, r, cluster.max_node_gpus) - get_model(r.model).weight_bytes
+                for r in requests), default=0)
+
+
 def fits_everywhere(models: Iterable[str], cluster: Cluster, requests: Sequence[Request] = ()) -> bool:
     """Every model's weights fit on every GPU, with room for the largest activation at the widest degree."""
-    models = tuple(models)
-    act = max((smallest_footprint(r.model, r, cluster.max_node_gpus) - get_model(r.model).weight_bytes
-               for r in requests), default=0)
+    act = largest_activation(requests, cluster)
     return sum(get_model(m).weight_bytes for m in models) + act <= min(g.memory for g in cluster.gpus)
 
 
@@ -324,9 +328,8 @@ def stage_placement(cluster: Cluster, requests: Sequence[Request], cost: CostMod
     if not any(diffuse_s.values()):  # no trace to weigh (a service): equal shares
         diffuse_s = {m: 1.0 for m in models}
         stage_s = stage_s or 1.0 / max(1, cluster.max_node_gpus)
-    act = max((smallest_footprint(r.model, r, cluster.max_node_gpus) - get_model(r.model).weight_bytes
-               for r in requests), default=0)
-    together = sum(get_model(m).component_bytes("backbone") for m in models) + act <= smallest
+    together = (sum(get_model(m).component_bytes("backbone") for m in models)
+                + largest_activation(requests, cluster) <= smallest)
     resident: dict[int, frozenset[Weight]] = {}
     for node in cluster.nodes:
         if len(node) < 2:

@@ -39,7 +39,7 @@ from ditplan.planner.policies.base import make_policy, register
 from ditplan.planner.problem import ProblemRequest, RoundProblem, build_problem
 from ditplan.planner.solvers import cpsat, milp
 from ditplan.planner.solvers.commit import (LATE_MODES, Committed, Gaps, commit_on_time, fill_best_effort, idle_gaps,
-                                    load_stranded, rejections)
+                                            load_stranded, rejections, weight_load)
 from ditplan.planner.solvers.data import (TICK_S, ScheduleData, ScheduleParams, build_schedule, chain_parts, has_latent,
                                   kept_degrees)
 from ditplan.planner.solvers.greedy import greedy
@@ -265,7 +265,7 @@ class SchedulePolicy:
         load_stranded([r for r in leftover if r.id not in served], problem, gaps, out, reserved)
         free = [g for g, u in held.until.items() if u == math.inf]
         for g, model, loads, evicts in keep_loaded(problem, self.loop.reserves, self.loop.act, free):
-            out.unloads += [WeightLoad(g, *w.split("/")) for _, w in evicts]
+            out.unloads += [weight_load(g, w) for _, w in evicts]
             out.loads += [WeightLoad(g, model, c) for _, c in loads]
 
     def fallback(self, state: PlannerState, t0: float, reason: str) -> RoundPlan:

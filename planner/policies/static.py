@@ -50,13 +50,14 @@ class OnStaticPlacement:
         self.split_placement = split_placement  # what ``auto`` becomes when the models do not all fit
         self._factory = factory
         self._inner: dict[tuple[int, ...], Policy] = {}
-        self._views: dict[tuple[int, frozenset[int]], DeploymentView] = {}
+        self._cluster: Cluster | None = None  # the cluster the views below are of
+        self._views: dict[frozenset[int], DeploymentView] = {}
 
     def _view(self, cluster: Cluster, gpus: set[int]) -> DeploymentView:
-        key = (id(cluster), frozenset(gpus))
+        if cluster is not self._cluster:
+            self._cluster, self._views = cluster, {}
+        key = frozenset(gpus)
         if key not in self._views:
-            if len(self._views) > 64:
-                self._views.clear()
             self._views[key] = DeploymentView(cluster, gpus)
         return self._views[key]
 

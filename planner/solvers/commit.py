@@ -64,7 +64,8 @@ class Committed:
     unloads: list[WeightLoad] = field(default_factory=list)
 
 
-def _weight(g: int, w: str) -> WeightLoad:
+def weight_load(g: int, w: str) -> WeightLoad:
+    """The WeightLoad of GPU ``g`` and a ``model/component`` name (the problem data's spelling)."""
     model, component = w.split("/")
     return WeightLoad(g, model, component)
 
@@ -90,7 +91,7 @@ def commit_on_time(data: ScheduleData, sched: Schedule, problem: RoundProblem, p
             gaps.take((alt.encode_gpu,))
         if alt.loads:
             model = problem.requests_by_id[job.ids[0]].model
-            out.unloads += [_weight(g, w) for g, w in alt.evicts]
+            out.unloads += [weight_load(g, w) for g, w in alt.evicts]
             out.loads += [WeightLoad(g, model, c) for g, c in alt.loads]
             gaps.take(alt.block)
             continue
@@ -227,7 +228,7 @@ def load_stranded(candidates: Sequence[ProblemRequest], problem: RoundProblem, g
         for g in sorted(gaps.until, key=lambda g: (-gaps.until[g], g)):
             loads, _, evicts = load_plan(problem, (g,), pr.model, pr.stage, need, mem)
             if loads:
-                out.unloads += [_weight(x, w) for x, w in evicts]
+                out.unloads += [weight_load(x, w) for x, w in evicts]
                 out.loads += [WeightLoad(x, pr.model, c) for x, c in loads]
                 gaps.take((g,))
                 done.add(pr.model)
