@@ -15,7 +15,10 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ditplan.planner.errors import InputError, TraceError
+from ditplan.models.catalog import get_model
+from ditplan.planner.cluster import Cluster
+from ditplan.planner.errors import InputError, PlacementError, TraceError
+from ditplan.planner.placement import Placement, check_fits
 from ditplan.planner.request import Request
 from ditplan.planner.service.errors import AlreadyExists, InvalidArgument, shown
 from ditplan.planner.traces import (MAX_DEADLINE_AFTER_S, IdealLatency, TraceRecord, _is_number, _validate,
@@ -173,3 +176,32 @@ def validate_request(index: int, id, model, height, width, frames, steps, arriva
         raise InvalidArgument(f"{where}: field 'deadline' = {deadline!r} must be a finite number")
     return Request(id=rec.id, model=rec.model, shape=rec.shape, steps=rec.steps, arrival=float(arrival),
                    deadline=float(deadline))
+
+
+def unservable(r: Request, cluster: Cluster, placement: Placement | None, served: Sequence[str], policy: str,
+               places_models: bool, models: set[str]) -> str | None:
+    """Why a deployment can never run ``r`` (None: it can), as a message naming the field.
+
+    With a ``placement``: ``r``'s model must be ``served`` or the policy must
+    load models. Without one every model sits on every GPU, so ``models``
+    (those admitted so far) plus ``r``'s must fit on the smallest GPU.
+    Either way ``r``'s weights and activations must fit some GPU."""
+    try:
+        check_fits([r], cluster)
+    except PlacementError as exc:
+        return str(exc)
+    if placement is not None:
+        if r.model not in served and not places_models:
+            return (f"field 'model' = {r.model!r} is not served here (models: {', '.join(served)}) "
+                    f"and policy {policy} does not load models")
+        return None
+    if r.model in models:
+        return None
+    together = sorted(models | {r.model})
+    need = sum(get_model(m).weight_bytes for m in together)
+    smallest = min(g.memory for g in cluster.gpus)
+    if need <= smallest:
+        return None
+    return (f"field 'model' = {r.model!r} does not fit beside {', '.join(sorted(models))} on every GPU "
+            f"({need} bytes of weights for {', '.join(together)}; a GPU of {cluster.name} has {smallest}): "
+            f"start the service with --models to place models per GPU")

@@ -64,3 +64,32 @@ class SimClock:
 
     def wall_delay(self, t: float) -> float:
         return (t - self.now()) / self.speed
+
+
+class ManualClock:
+    """Virtual seconds that move only when told (``advance``, ``set``): for driving a core in-process
+    with ``PlannerCore.plan_once``, deterministically and with no sleeps."""
+
+    speed = 1.0
+    simulated = True
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = float(start)
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, dt: float) -> float:
+        if dt < 0:
+            raise ValueError(f"time cannot go back: advance({dt!r})")
+        self._now += dt
+        return self._now
+
+    def set(self, t: float) -> float:
+        return self.advance(t - self._now)
+
+    def wall_delay(self, t: float) -> float:
+        return t - self._now
+
+    def hold(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
