@@ -29,7 +29,7 @@ from ditplan.models.catalog import SP_DEGREES
 from ditplan.models.gpus import GPU_KINDS, GiB, GpuKind
 from ditplan.planner.errors import ClusterSpecError
 
-_SHORT = re.compile(r"^\s*(?:(\d+)\s*x\s*)?(\d+)\s*x\s*([A-Za-z0-9]+)\s*$")
+SHORT_SPEC = re.compile(r"^\s*(?:(\d+)\s*x\s*)?(\d+)\s*x\s*([A-Za-z0-9]+)\s*$")
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ def parse_cluster(spec: str) -> Cluster:
     """A cluster from ``NxKIND``, ``MxNxKIND`` or a JSON file path."""
     if not isinstance(spec, str) or not spec.strip():
         raise ClusterSpecError(f"cluster spec {spec!r} is empty; use e.g. 8xH100, 2x8xL20 or a JSON file")
-    m = _SHORT.match(spec)
+    m = SHORT_SPEC.match(spec)
     if m:
         n_nodes, per_node, kind = int(m.group(1) or 1), int(m.group(2)), m.group(3)
         if kind.upper() not in GPU_KINDS:
@@ -246,11 +246,16 @@ def parse_cluster(spec: str) -> Cluster:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ClusterSpecError(f"cluster file {spec!r}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    return parse_cluster_doc(doc, path.name)
+
+
+def parse_cluster_doc(doc: object, name: str) -> Cluster:
+    """A cluster from the cluster JSON contract, already decoded (docs/architecture.md, Contracts)."""
     if isinstance(doc, dict):
-        _check_fields(doc, TOP_FIELDS, f"cluster {path.name!r}: top level")
+        _check_fields(doc, TOP_FIELDS, f"cluster {name!r}: top level")
     if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
-        raise ClusterSpecError(f"cluster file {spec!r}: field 'nodes' must be a list of nodes")
+        raise ClusterSpecError(f"cluster {name!r}: field 'nodes' must be a list of nodes")
     inter = doc.get("internode_gbps", 50)
-    if not isinstance(inter, (int, float)) or inter <= 0:
-        raise ClusterSpecError(f"cluster file {spec!r}: field 'internode_gbps' = {inter!r} must be > 0")
-    return build_cluster(doc["nodes"], float(inter) * 1e9, path.name)
+    if not isinstance(inter, (int, float)) or isinstance(inter, bool) or not inter > 0:
+        raise ClusterSpecError(f"cluster {name!r}: field 'internode_gbps' = {inter!r} must be > 0")
+    return build_cluster(doc["nodes"], float(inter) * 1e9, name)

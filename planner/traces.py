@@ -116,7 +116,7 @@ def read_trace(path: str | os.PathLike[str], *, model: str | None = None,
     seen: dict[str, int] = {}
     for line_no, text in lines:
         fields = parse(source, line_no, text, fallback)
-        rec = _validate(source, line_no, fields, horizon_s)
+        rec = validate_fields(source, line_no, fields, horizon_s)
         if rec.id in seen:
             raise TraceError(source, line_no, fields["_names"]["id"], rec.id,
                              f"duplicate id (first on line {seen[rec.id]})")
@@ -210,7 +210,9 @@ def _parse_hetu(source: str, line: int, text: str, model: str | None) -> dict:
     return fields
 
 
-def _validate(source: str, line: int, f: dict, horizon_s: float = MAX_DEADLINE_AFTER_S) -> TraceRecord:
+def validate_fields(source: str, line: int, f: dict, horizon_s: float = MAX_DEADLINE_AFTER_S) -> TraceRecord:
+    """One request's fields (keyed by contract name, ``_names`` mapping them to the source's) checked against every rule of the trace format
+    and the catalog's bounds; ``TraceError`` names the source, line, field and value."""
     names: dict[str, str] = f["_names"]
 
     def err(key: str, reason: str) -> TraceError:
@@ -222,7 +224,7 @@ def _validate(source: str, line: int, f: dict, horizon_s: float = MAX_DEADLINE_A
     if not isinstance(f["id"], str) or not f["id"].strip():
         raise err("id", "must be a non-empty string")
     for key in ("arrival", "deadline", "slo_scale"):
-        if key in f and not _is_number(f[key]):
+        if key in f and not is_number(f[key]):
             raise err(key, "must be a finite number")
     if not isinstance(f["model"], str):
         raise err("model", "must be a string")
@@ -264,7 +266,8 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: object) -> bool:
+def is_number(v: object) -> bool:
+    """A finite int or float (not a bool)."""
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         return False
     try:
@@ -283,7 +286,7 @@ def resolve_deadlines(records: Iterable[TraceRecord], ideal_latency: IdealLatenc
     with the record's ``slo_scale`` or ``default_slo_scale``, which must land
     at most ``horizon_s`` after the arrival (else :class:`InputError`).
     """
-    if not _is_number(default_slo_scale) or default_slo_scale <= 0:
+    if not is_number(default_slo_scale) or default_slo_scale <= 0:
         raise InputError(f"SLO scale must be a positive number, got {default_slo_scale!r}")
     cache: dict[tuple[str, Shape, int], float] = {}
     out = []

@@ -130,3 +130,17 @@ def test_the_cli_refuses_an_unknown_cluster_field_with_exit_2(tmp_path, command)
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "nodes[0]: unknown field 'memory_gb' (did you mean 'memory_gib'?)" in lines[0], r.output
     assert "Traceback" not in r.output
+
+
+def test_a_decoded_cluster_document_parses_like_its_file(tmp_path):
+    from ditplan.planner.cluster import parse_cluster_doc
+    doc = {"nodes": [{"kind": "L20", "gpus": 4}, {"kind": "L20", "gpus": 4, "nvlink": "none"}], "internode_gbps": 25}
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(doc))
+    a, b = parse_cluster_doc(doc, "two.json"), parse_cluster(str(path))
+    assert (a.name, a.size, a.nodes) == (b.name, b.size, b.nodes)
+    assert sorted(a.graph.edges(data=True)) == sorted(b.graph.edges(data=True))
+    with pytest.raises(ClusterSpecError, match=r"cluster 'x': field 'internode_gbps' = 0 must be > 0"):
+        parse_cluster_doc({"nodes": doc["nodes"], "internode_gbps": 0}, "x")
+    with pytest.raises(ClusterSpecError, match=r"cluster 'x': top level: unknown field 'node' \(did you mean 'nodes'\?\)"):
+        parse_cluster_doc({"node": []}, "x")

@@ -21,7 +21,7 @@ from ditplan.planner.errors import InputError, PlacementError, TraceError
 from ditplan.planner.placement import Placement, check_fits
 from ditplan.planner.request import Request
 from ditplan.planner.service.errors import AlreadyExists, InvalidArgument, shown
-from ditplan.planner.traces import (MAX_DEADLINE_AFTER_S, IdealLatency, TraceRecord, _is_number, _validate,
+from ditplan.planner.traces import (MAX_DEADLINE_AFTER_S, IdealLatency, TraceRecord, is_number, validate_fields,
                                     resolve_deadlines)
 
 MAX_ID_LEN = 256
@@ -94,7 +94,7 @@ def validate_spec(spec: RequestSpec, index: int, now: float, ideal: IdealLatency
                               f"give one of deadline, deadline_in_s, slo_scale, not {' and '.join(given)}")
     deadline = spec.deadline
     if spec.deadline_in_s is not None:
-        if not _is_number(spec.deadline_in_s) or spec.deadline_in_s <= 0:
+        if not is_number(spec.deadline_in_s) or spec.deadline_in_s <= 0:
             raise InvalidArgument(f"{where}: field 'deadline_in_s' = {spec.deadline_in_s!r} "
                                   "must be a positive finite number of seconds")
         if spec.deadline_in_s > horizon_s:
@@ -105,13 +105,13 @@ def validate_spec(spec: RequestSpec, index: int, now: float, ideal: IdealLatency
                      deadline, spec.slo_scale)
     try:
         # deadline_in_s is checked against the horizon above (now + it - now may round past it).
-        rec = _validate("submit", index + 1, fields, horizon_s if spec.deadline_in_s is None else math.inf)
+        rec = validate_fields("submit", index + 1, fields, horizon_s if spec.deadline_in_s is None else math.inf)
     except TraceError as exc:
-        if (exc.field == "deadline" and spec.deadline is not None and _is_number(spec.deadline)
+        if (exc.field == "deadline" and spec.deadline is not None and is_number(spec.deadline)
                 and spec.deadline <= now):
             raise InvalidArgument(f"{where}: field 'deadline' = {spec.deadline!r} is in the past "
                                   f"(server time {now:.6f})") from None
-        if exc.field == "deadline" and spec.deadline is not None and _is_number(spec.deadline):
+        if exc.field == "deadline" and spec.deadline is not None and is_number(spec.deadline):
             raise InvalidArgument(f"{where}: field 'deadline' = {spec.deadline!r} is more than the deadline "
                                   f"horizon after arrival (server time {now:.6f}); at most "
                                   f"{now + horizon_s:.6f} (now + {horizon_s:g} s)") from None
@@ -141,7 +141,7 @@ def validate_records(records: Sequence[dict], source: str = "records",
         _check_id(where, r.get("id"))
         fields = _fields(**r)
         try:
-            rec = _validate(source, i + 1, fields, horizon_s)
+            rec = validate_fields(source, i + 1, fields, horizon_s)
         except TraceError as exc:
             raise _invalid(where, exc) from None
         if rec.id in seen:
@@ -157,16 +157,16 @@ def validate_request(index: int, id, model, height, width, frames, steps, arriva
     """A fully specified request (Plan's input): trace rules, arrival >= 0 not required."""
     where = f"{source}[{index}]"
     _check_id(where, id)
-    if not _is_number(arrival):
+    if not is_number(arrival):
         raise InvalidArgument(f"{where}: field 'arrival' = {arrival!r} must be a finite number")
     # The trace rules want arrival >= 0 (trace time); Plan's clock may be anything, so validate
     # relative to the arrival and shift back.
     fields = _fields(id, 0.0, model, height, width, frames, steps,
-                     (deadline - arrival) if _is_number(deadline) else deadline)
+                     (deadline - arrival) if is_number(deadline) else deadline)
     try:
-        rec = _validate(source, index + 1, fields, horizon_s)
+        rec = validate_fields(source, index + 1, fields, horizon_s)
     except TraceError as exc:
-        if exc.field == "deadline" and _is_number(deadline) and deadline > arrival:
+        if exc.field == "deadline" and is_number(deadline) and deadline > arrival:
             raise InvalidArgument(f"{where}: field 'deadline' = {deadline!r} is more than {horizon_s:g} s after "
                                   f"arrival ({arrival!r}); at most arrival + {horizon_s:g}") from None
         if exc.field == "deadline":

@@ -10,9 +10,6 @@ what-if stops early when its caller's deadline passes or it is cancelled.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,7 +19,7 @@ from ditplan.models.catalog import CATALOG
 from ditplan.models.cost import CostModel
 from ditplan.models.gpus import GPU_KINDS
 from ditplan.planner.checker import check_plan
-from ditplan.planner.cluster import _SHORT, Cluster, parse_cluster
+from ditplan.planner.cluster import SHORT_SPEC, Cluster, parse_cluster, parse_cluster_doc
 from ditplan.planner.errors import InputError, PlacementError
 from ditplan.planner.placement import Placement, check_fits, validate_placement
 from ditplan.planner.plan import RoundPlan
@@ -32,7 +29,7 @@ from ditplan.planner.service.admission import validate_records, validate_request
 from ditplan.planner.service.errors import Cancelled, DeadlineExceeded, InvalidArgument, ServiceError, shown
 from ditplan.planner.simulator import PlanViolation, SimConfig
 from ditplan.planner.state import PlannerState
-from ditplan.planner.traces import _is_number
+from ditplan.planner.traces import is_number
 
 MAX_GPUS = 1024
 MAX_PLAN_REQUESTS = 20_000
@@ -40,7 +37,6 @@ MAX_WHATIF_RECORDS = 20_000
 MAX_POLICIES = 16
 _LIVE_STATES = {"queued": RequestState.QUEUED, "running": RequestState.RUNNING,
                 "paused": RequestState.PAUSED, "decoding": RequestState.DECODING}
-_cluster_lock = threading.Lock()
 
 
 def cluster_from_text(spec: str, field: str = "cluster") -> Cluster:
@@ -67,15 +63,8 @@ def _cached_cluster(spec: str) -> Cluster:
                         for n in nodes)
             if total > MAX_GPUS:
                 raise InputError(f"{total} GPUs; at most {MAX_GPUS}")
-        # parse_cluster reads JSON from a file; hand it a private one so every rule applies.
-        with _cluster_lock, tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "cluster.json")
-            with open(path, "w") as f:
-                f.write(spec)
-            cluster = parse_cluster(path)
-        cluster.name = "inline"
-        return cluster
-    m = _SHORT.match(spec)
+        return parse_cluster_doc(doc, "inline")
+    m = SHORT_SPEC.match(spec)
     if not m:
         raise InputError("must be NxKIND, MxNxKIND (e.g. 8xH100, 2x8xL20) or an inline JSON cluster")
     if int(m.group(1) or 1) * int(m.group(2)) > MAX_GPUS:
@@ -152,13 +141,13 @@ class PlanOut:
 
 def plan_round(p: PlanIn) -> PlanOut:
     """Validate ``p``, run the policy once, and check its plan independently."""
-    if not _is_number(p.now):
+    if not is_number(p.now):
         raise InvalidArgument(f"field 'now' = {shown(p.now)} must be a finite number")
     cluster = cluster_from_text(p.cluster)
     cost = cost_model(_gpu_kind(p.gpu_kind, cluster))
     policy = make_policy(_policy(p.policy))
     round_s = p.round_s or 2.0
-    if not _is_number(round_s) or round_s <= 0:
+    if not is_number(round_s) or round_s <= 0:
         raise InvalidArgument(f"field 'round_s' = {p.round_s!r} must be a positive number")
     if len(p.requests) > MAX_PLAN_REQUESTS:
         raise InvalidArgument(f"field 'requests' has {len(p.requests)} entries; at most {MAX_PLAN_REQUESTS}")
@@ -192,7 +181,7 @@ def plan_round(p: PlanIn) -> PlanOut:
     if len(free_at) != cluster.size:
         raise InvalidArgument(f"field 'gpu_free_at' has {len(free_at)} entries; the cluster has {cluster.size} GPUs")
     for g, t in enumerate(free_at):
-        if not _is_number(t):
+        if not is_number(t):
             raise InvalidArgument(f"field 'gpu_free_at'[{g}] = {t!r} must be a finite number")
     for rid in p.just_paused:
         if rid not in seen:
@@ -260,9 +249,9 @@ def whatif(w: WhatIfIn, should_stop: Callable[[], str | None] = lambda: None) ->
         if _policy(p, f"policies[{i}]") not in names:
             names.append(p)
     for key, value, lo in (("slo_scale", w.slo_scale, 0.0), ("round_s", w.round_s, 0.0)):
-        if not _is_number(value) or value <= lo:
+        if not is_number(value) or value <= lo:
             raise InvalidArgument(f"field {key!r} = {value!r} must be a positive number")
-    if not _is_number(w.noise) or w.noise < 0:
+    if not is_number(w.noise) or w.noise < 0:
         raise InvalidArgument(f"field 'noise' = {w.noise!r} must be >= 0")
     cluster = cluster_from_text(w.cluster)
     cost = cost_model(cluster.kind.name)
