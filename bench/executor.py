@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 from ditplan.executor.runtime import Worker
-from ditplan.models.torch import RequestSpec, make_request_tensors, make_scheduler, predict, set_timesteps, tiny_transformer
+from ditplan.models.torch import LatentSpec, make_request_tensors, make_scheduler, predict, set_timesteps, tiny_transformer
 
 
-def bare_loop(model, spec: RequestSpec) -> list[float]:
+def bare_loop(model, spec: LatentSpec) -> list[float]:
     t = make_request_tensors(model, spec)
     s = make_scheduler(spec.family)
     set_timesteps(s, spec)
@@ -48,7 +48,7 @@ def main() -> None:
         worker = Worker(0, 1, {args.family: tiny_transformer(args.family)})
         bare, ours = [], []
         for i in range(args.repeats + 1):  # the first repetition warms up and is dropped
-            spec = RequestSpec(f"r{i}", args.family, args.side, args.side, args.steps, seed=i)
+            spec = LatentSpec(f"r{i}", args.family, args.side, args.side, args.steps, seed=i)
             b = bare_loop(bare_model, spec)
             worker.handle({"op": "create", "spec": spec, "ranks": (0,)})
             o = worker.handle({"op": "run", "rids": [spec.rid], "steps": args.steps})

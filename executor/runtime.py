@@ -7,7 +7,7 @@ the scheduler (the model's own FlowMatchEulerDiscreteScheduler, positioned at th
 
 Commands (plain dicts, picklable, so a controller can broadcast them):
 
-* ``create``: ``spec`` (a ``RequestSpec``) and ``ranks``: materialise the request on that group.
+* ``create``: ``spec`` (a ``LatentSpec``) and ``ranks``: materialise the request on that group.
 * ``run``: ``rids`` (one, or a batch of same-shape requests on the same group), ``steps``:
   run that many denoising steps; the group's lead records measured step times.
 * ``pause``: ``rid``: nothing to do on the device (a run stops at a step boundary by construction); the
@@ -40,12 +40,14 @@ import torch
 import torch.distributed as dist
 
 from ditplan.executor.parallel import BlockGroups, SPContext, enable_sequence_parallel
-from ditplan.models.torch import RequestSpec, make_request_tensors, make_scheduler, predict, set_timesteps, tiny_transformer
+from ditplan.models.torch import LatentSpec, make_request_tensors, make_scheduler, predict, set_timesteps, tiny_transformer
 
 
 @dataclass
-class RequestState:
-    spec: RequestSpec
+class ResidentRequest:
+    """A request resident on its ranks: latent, conditioning and scheduler, kept across pauses."""
+
+    spec: LatentSpec
     ranks: tuple[int, ...]
     latent: torch.Tensor
     cond: dict[str, torch.Tensor]
@@ -93,9 +95,9 @@ class Worker:
             self._hold(key, key, model)
         self.on_weight = None  # on_weight(cmd, op, info): called on the acting rank after load/unload/lazy build
         self.model_of: dict[str, str] = {}  # request -> module key
-        self.specs: dict[str, RequestSpec] = {}  # every request, on every rank
+        self.specs: dict[str, LatentSpec] = {}  # every request, on every rank
         self.where: dict[str, tuple[int, ...]] = {}  # its current group, on every rank
-        self.states: dict[str, RequestState] = {}  # only on the ranks of its group
+        self.states: dict[str, ResidentRequest] = {}  # only on the ranks of its group
         self.on_step = None  # on_step(cmd, index, steps, seconds): called on the lead after each step
         self.should_stop = None  # should_stop(cmd, index) on the lead: stop this run at a step boundary
         self.stopped = False  # the last run stopped early
@@ -186,7 +188,7 @@ class Worker:
                                  + (" (placement: load it first)" if self.placed else ""))
         return self.models[key]
 
-    def _family_config(self, spec: RequestSpec, rid: str):
+    def _family_config(self, spec: LatentSpec, rid: str):
         key = self.model_of.get(rid, spec.family)
         if key in self.models:
             return self.models[key]
@@ -205,13 +207,13 @@ class Worker:
         if self.rank in ranks:
             self.states[spec.rid] = self._materialise(spec, ranks)
 
-    def _materialise(self, spec: RequestSpec, ranks) -> RequestState:
+    def _materialise(self, spec: LatentSpec, ranks) -> ResidentRequest:
         # drawn on the CPU: same on every device kind; needs only the family's config
         t = make_request_tensors(self._family_config(spec, spec.rid), spec)
         sched = make_scheduler(spec.family)
         set_timesteps(sched, spec)
         cond = {k: v.to(self.device) for k, v in t.cond.items()}
-        return RequestState(spec, tuple(ranks), t.latent.to(self.device), cond, sched)
+        return ResidentRequest(spec, tuple(ranks), t.latent.to(self.device), cond, sched)
 
     def _run(self, cmd):
         rids = list(cmd["rids"])

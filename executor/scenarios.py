@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from ditplan.executor.runtime import Worker, tiny_models
-from ditplan.models.torch import RequestSpec
+from ditplan.models.torch import LatentSpec
 
 
 def _collect(worker: Worker, rid: str, name: str, out: dict) -> None:
@@ -29,7 +29,7 @@ def equivalence(rank: int, world: int) -> dict | None:
     degrees = [k for k in (1, 2, 4) if k <= world]
 
     def req(rid, family, seed, steps=4):
-        return RequestSpec(rid, family, 8, 8, steps, seed=seed)
+        return LatentSpec(rid, family, 8, 8, steps, seed=seed)
 
     for family in ("flux", "sd3"):
         for k in degrees:  # the same request at each SP degree
@@ -99,7 +99,7 @@ def single_process_reference() -> dict:
     for family in ("flux", "sd3"):
         model = tiny_transformer(family, num_attention_heads=4)
         for name, seed in (("ref", 1), ("a", 11), ("b", 12)):
-            spec = RequestSpec(name, family, 8, 8, 4, seed=seed)
+            spec = LatentSpec(name, family, 8, 8, 4, seed=seed)
             t = make_request_tensors(model, spec)
             s = make_scheduler(family)
             set_timesteps(s, spec)

@@ -50,7 +50,7 @@ from types import SimpleNamespace
 import torch
 
 from ditplan.executor.runtime import Worker
-from ditplan.models.torch import RequestSpec, load_transformer, set_timesteps, tiny_config, tiny_transformer
+from ditplan.models.torch import LatentSpec, load_transformer, set_timesteps, tiny_config, tiny_transformer
 
 log = logging.getLogger("ditplan.executor")
 TORCH_FAMILIES = ("flux", "sd3")
@@ -163,7 +163,7 @@ class Controller:
     def ranks(self, gpus) -> tuple[int, ...]:
         return tuple(g - self.first_gpu for g in gpus)
 
-    def spec(self, rid: str) -> RequestSpec | None:
+    def spec(self, rid: str) -> LatentSpec | None:
         from ditplan.models.catalog import get_model
         data = self.link.requests[rid]
         family = get_model(data.model).family
@@ -171,7 +171,7 @@ class Controller:
             return None
         # multiples of 4: h*w divides by 16, so every SP degree up to 8 splits the image tokens evenly
         h, w = (-(-max(1, data.height // self.downscale) // 4) * 4, -(-max(1, data.width // self.downscale) // 4) * 4)
-        return RequestSpec(rid, family, h, w, data.steps, seed=zlib.crc32(rid.encode()), frames=data.frames)
+        return LatentSpec(rid, family, h, w, data.steps, seed=zlib.crc32(rid.encode()), frames=data.frames)
 
     def ensure(self, rid: str, ranks: tuple[int, ...], start_step: int) -> bool:
         """The request's state on ``ranks`` at ``start_step``; False if it has no torch model."""

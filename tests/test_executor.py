@@ -48,8 +48,8 @@ def test_sequence_parallel_matches_single_process(runs, family, k):
 
 def test_result_is_not_the_noise(runs):
     ref, got = runs
-    from ditplan.models.torch import RequestSpec, make_request_tensors, tiny_transformer
-    spec = RequestSpec("x", "flux", 8, 8, 4, seed=1)
+    from ditplan.models.torch import LatentSpec, make_request_tensors, tiny_transformer
+    spec = LatentSpec("x", "flux", 8, 8, 4, seed=1)
     noise = make_request_tensors(tiny_transformer("flux"), spec).latent
     assert (got["flux-sp2"]["latent"] - noise).abs().max() > 0.1
 
@@ -85,7 +85,7 @@ def test_batch_equals_individual_runs(runs, family):
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_local_checkpoint_round_trip(tmp_path, family):
     """``load_transformer``/``make_scheduler`` read a local diffusers layout (here: a saved tiny model)."""
-    from ditplan.models.torch import (RequestSpec, load_transformer, make_request_tensors, make_scheduler, predict,
+    from ditplan.models.torch import (LatentSpec, load_transformer, make_request_tensors, make_scheduler, predict,
                               tiny_transformer)
     model = tiny_transformer(family)
     model.save_pretrained(tmp_path / "transformer")
@@ -93,7 +93,7 @@ def test_local_checkpoint_round_trip(tmp_path, family):
     loaded = load_transformer(family, tmp_path, dtype=torch.float32)
     assert type(make_scheduler(family, tmp_path)).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert make_scheduler(family, tmp_path).config.shift == make_scheduler(family).config.shift
-    spec = RequestSpec("x", family, 8, 8, 4, seed=3)
+    spec = LatentSpec("x", family, 8, 8, 4, seed=3)
     t = make_request_tensors(model, spec)
     with torch.no_grad():
         a = predict(model, spec, t.latent, t.cond, torch.tensor(500.0))

@@ -187,7 +187,7 @@ def _placement_world(rank, world):
     on every rank of the block (no collective left waiting); an unload really frees the module."""
     from ditplan.executor.runtime import MissingWeights, Worker
     from ditplan.executor.service import model_builder, model_config
-    from ditplan.models.torch import RequestSpec as Spec
+    from ditplan.models.torch import LatentSpec as Spec
 
     w = Worker(rank, world, build=model_builder({}, world), config=model_config({}, world))
     load = {"op": "load", "model": "sd3-medium", "component": "backbone", "family": "sd3", "id": 0}

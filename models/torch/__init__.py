@@ -23,8 +23,8 @@ TEXT_LEN = 8  # stand-in text tokens per request (divisible by every SP degree u
 
 
 @dataclass(frozen=True)
-class RequestSpec:
-    """What the executor needs to materialise a request (latent-space sizes, not pixels)."""
+class LatentSpec:
+    """What the executor needs to materialise a request's latent (latent-space sizes, not pixels)."""
     rid: str
     family: str
     height: int  # latent rows
@@ -86,7 +86,7 @@ def make_scheduler(family: str, path: str | Path | None = None):
     return FlowMatchEulerDiscreteScheduler(shift=3.0)
 
 
-def set_timesteps(scheduler, spec: RequestSpec, begin: int = 0) -> None:
+def set_timesteps(scheduler, spec: LatentSpec, begin: int = 0) -> None:
     """Timesteps as the family's pipeline sets them; ``begin`` resumes at a step boundary."""
     import numpy as np
     if scheduler.config.use_dynamic_shifting:
@@ -111,7 +111,7 @@ class RequestTensors:
         return [self.latent] + [self.cond[k] for k in sorted(self.cond)]
 
 
-def make_request_tensors(model, spec: RequestSpec, dtype=torch.float32) -> RequestTensors:
+def make_request_tensors(model, spec: LatentSpec, dtype=torch.float32) -> RequestTensors:
     cfg = model.config
     g = torch.Generator().manual_seed(spec.seed)
     if spec.family == "flux":
@@ -138,7 +138,7 @@ def flux_img_ids(h: int, w: int) -> torch.Tensor:
     return ids.reshape(h * w, 3)
 
 
-def predict(model, spec: RequestSpec, latent: torch.Tensor, cond: dict[str, torch.Tensor], t: torch.Tensor):
+def predict(model, spec: LatentSpec, latent: torch.Tensor, cond: dict[str, torch.Tensor], t: torch.Tensor):
     """One transformer call (velocity prediction) on a batch of same-shape requests of ``spec``'s shape."""
     b = latent.shape[0]
     t = t.expand(b).to(latent)
