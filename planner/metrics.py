@@ -24,10 +24,6 @@ def _pct(values: list[float], qs: Iterable[int]) -> dict[str, float | None]:
     return {f"p{q}": _r(np.percentile(arr, q)) for q in qs}
 
 
-def met(status) -> bool:
-    return status.state is RequestState.DONE and status.finish <= status.request.deadline + 1e-9
-
-
 def summarize(result: SimResult) -> dict:
     """Metrics of one policy's run. A request that never finishes is a miss."""
     reqs = result.requests
@@ -36,13 +32,13 @@ def summarize(result: SimResult) -> dict:
     by_kind = {}
     for kind in ("image", "video"):
         group = [s for s in reqs if s.request.kind == kind]
-        by_kind[kind] = _r(sum(met(s) for s in group) / len(group)) if group else None
+        by_kind[kind] = _r(sum(s.met for s in group) / len(group)) if group else None
     lat = _pct(latencies, (50, 95, 99))
     lat["mean"] = _r(np.mean(latencies)) if latencies else None
     solver = _pct(result.solver_ms, (50, 99))
     solver["max"] = _r(max(result.solver_ms)) if result.solver_ms else None
     return {
-        "slo_attainment": _r(sum(met(s) for s in reqs) / len(reqs)) if reqs else None,
+        "slo_attainment": _r(sum(s.met for s in reqs) / len(reqs)) if reqs else None,
         "slo_attainment_by_kind": by_kind,
         "latency_s": lat,
         "gpu_seconds": _r(sum(len(seg.gpus) * (seg.end - seg.start) for seg in result.segments)),
@@ -51,7 +47,7 @@ def summarize(result: SimResult) -> dict:
         "migrations": sum(s.migrations for s in reqs),
         "requests": len(reqs),
         "finished": len(finished),
-        "late_finished": sum(not met(s) for s in finished),
+        "late_finished": sum(not s.met for s in finished),
         "rejected": sum(s.rejected is not None for s in reqs),
         "solver_ms": solver,
         "plans": result.plans,
@@ -101,7 +97,7 @@ def timeline_records(result: SimResult) -> list[dict]:
                     "start": _r(seg.start), "end": _r(seg.end)})
     for s in result.requests:
         rec = {"type": "request", "id": s.id, "arrival": _r(s.request.arrival),
-               "deadline": _r(s.request.deadline), "finish": _r(s.finish), "met": met(s)}
+               "deadline": _r(s.request.deadline), "finish": _r(s.finish), "met": s.met}
         if s.rejected is not None:
             rec["rejected"] = s.rejected
         out.append(rec)

@@ -21,7 +21,6 @@ from matplotlib.collections import PolyCollection  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from ditplan.planner.metrics import met  # noqa: E402
 from ditplan.planner.request import RequestState  # noqa: E402
 from ditplan.planner.sim_result import SimResult  # noqa: E402
 
@@ -70,7 +69,7 @@ def gantt_bars(result: SimResult) -> int:
 
 
 def _outcome(status) -> str:
-    if met(status):
+    if status.met:
         return "on time"
     return "late" if status.state is RequestState.DONE else "unfinished"
 
@@ -184,7 +183,7 @@ def gantt_figure(result: SimResult, cluster, title: str = "", color_by: str = "c
         for rid in seg.request_ids:
             if rid not in last or seg.end >= last[rid][0]:
                 last[rid] = (seg.end, seg.gpus[0])
-    missed = [s for s in result.requests if not met(s)]
+    missed = [s for s in result.requests if not s.met]
     marks = [(s.finish if s.finish is not None else last[s.id][0], last[s.id][1]) for s in missed if s.id in last]
     if marks:
         mx, my = zip(*marks)

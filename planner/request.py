@@ -46,6 +46,19 @@ class Request:
         return (self.model, self.shape, self.steps)
 
 
+DEADLINE_TOL_S = 1e-9  # a finish this little past its deadline still meets it (float noise in sums)
+
+
+def meets(finish: float | None, deadline: float) -> bool:
+    """Whether a finish at ``finish`` (None: unfinished) meets ``deadline``: the one on-time rule."""
+    return finish is not None and finish <= deadline + DEADLINE_TOL_S
+
+
+def resting_state(encoded: bool, steps_done: int) -> RequestState:
+    """The state of a live request with no work in flight: paused once it has progress to keep, else queued."""
+    return RequestState.PAUSED if (encoded or steps_done) else RequestState.QUEUED
+
+
 @dataclass
 class RequestStatus:
     """Mutable progress of a request; owned by whoever executes plans."""
@@ -88,3 +101,12 @@ class RequestStatus:
     @property
     def live(self) -> bool:
         return self.state not in (RequestState.DONE, RequestState.FAILED)
+
+    @property
+    def met(self) -> bool:
+        """Done by its deadline."""
+        return self.state is RequestState.DONE and meets(self.finish, self.request.deadline)
+
+    def rest(self) -> None:
+        """No work in flight any more: back to its resting state (``resting_state``)."""
+        self.state = resting_state(self.encoded, self.steps_done)

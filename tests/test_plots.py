@@ -9,7 +9,6 @@ from matplotlib.colors import to_hex
 from ditplan.models.catalog import Shape
 from ditplan.models.cost import CostModel
 from ditplan.planner.cluster import parse_cluster
-from ditplan.planner.metrics import met
 from ditplan.planner.plots import OUTCOME_COLORS, gantt_bars, gantt_figure, plot_gantt
 from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
 from ditplan.planner.execution import Segment
@@ -101,7 +100,7 @@ def test_the_legend_sits_outside_the_axes(l20):
 
 def test_missed_requests_are_marked_where_they_finished(l20):
     cluster, result = l20
-    missed = [s for s in result.requests if not met(s)]
+    missed = [s for s in result.requests if not s.met]
     assert 0 < len(missed) < len(result.requests)
     fig, ax = gantt_figure(result, cluster)
     (marks,) = [line for line in ax.lines if line.get_gid() == "gantt-missed"]
@@ -111,7 +110,7 @@ def test_missed_requests_are_marked_where_they_finished(l20):
             last_end[rid] = max(last_end.get(rid, 0.0), seg.end)
     want = sorted(s.finish if s.finish is not None else last_end[s.id] for s in missed if s.id in last_end)
     assert len(want) > 0 and sorted(marks.get_xdata()) == pytest.approx(want)
-    assert not any(met(s) and s.finish in set(marks.get_xdata()) for s in result.requests)
+    assert not any(s.met and s.finish in set(marks.get_xdata()) for s in result.requests)
     assert f"missed deadline ({len(missed)} of {len(result.requests)}" in ax.get_title()
     fig.clf()
 
@@ -124,7 +123,7 @@ def test_outcome_colours_follow_met_and_late(l20):
     for seg in result.segments:
         if seg.stage is Stage.DIFFUSE and status[seg.request_ids[0]].request.kind == "image":
             s = status[seg.request_ids[0]]
-            colour = OUTCOME_COLORS["on time" if met(s) else "late" if s.state is RequestState.DONE else "unfinished"]
+            colour = OUTCOME_COLORS["on time" if s.met else "late" if s.state is RequestState.DONE else "unfinished"]
             want += [to_hex(colour)] * len(seg.gpus)
     got = [to_hex(c) for c in _layer(ax, "image").get_facecolors()]
     assert got == want and to_hex(OUTCOME_COLORS["late"]) in got and to_hex(OUTCOME_COLORS["on time"]) in got

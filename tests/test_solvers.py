@@ -15,7 +15,7 @@ from ditplan.models.catalog import Shape, get_model
 from ditplan.models.cost import CostModel
 from ditplan.planner.checker import check_plan, check_timeline
 from ditplan.planner.cluster import parse_cluster
-from ditplan.planner.metrics import met, summarize, timeline_records
+from ditplan.planner.metrics import summarize, timeline_records
 from ditplan.planner.policies import make_policy, policy_names
 from ditplan.planner.policies.solver import CpSatPolicy
 from ditplan.planner.problem import RoundProblem, build_problem
@@ -276,7 +276,7 @@ def test_a_zero_slack_request_is_served_on_time_on_an_idle_cluster(model, shape,
     req = Request("z", model, shape, steps, 3.217, 3.217 + ideal)  # slo scale 1.0: exactly zero slack
     result = Simulator(cluster, COST, make_policy("cpsat")).run([req])
     (st,) = result.requests
-    assert met(st), (st.finish, req.deadline)
+    assert st.met, (st.finish, req.deadline)
 
 
 def test_on_time_claims_hold_in_seconds():
@@ -287,7 +287,7 @@ def test_on_time_claims_hold_in_seconds():
     claims = []
     policy = make_policy("cpsat")
     result = Simulator(cluster, COST, policy, on_plan=lambda s, p: claims.append(p.stats.get("on_time"))).run(requests)
-    met_n = sum(met(st) for st in result.requests)
+    met_n = sum(st.met for st in result.requests)
     assert 0 < claims[0] <= met_n < len(requests)  # a loaded instance, and no claim was broken
 
 

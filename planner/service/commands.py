@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from ditplan.planner.request import meets
 from ditplan.planner.service.client import PlannerClient, PlannerError, spec_from_record
 from ditplan.planner.service.messages import RequestView
 from ditplan.planner.traces import TraceRecord
@@ -63,7 +64,7 @@ def status_rows(views: Sequence[RequestView], now: float) -> list[list[str]]:
 
     return [[v.id, v.state, f"{v.steps_done}/{v.steps}", rel(v.deadline),
              rel(v.predicted_finish) if v.state not in ("done", "cancelled", "failed", "rejected") else "-",
-             "-" if v.finish is None else rel(v.finish) + (" met" if v.finish <= v.deadline + 1e-9 else " late"),
+             "-" if v.finish is None else rel(v.finish) + (" met" if meets(v.finish, v.deadline) else " late"),
              v.reason or ""]
             for v in views]
 

@@ -192,7 +192,7 @@ class PlannerCore:
                                preemptions=row.preemptions, sp_changes=row.sp_changes, migrations=row.migrations)
             t = book.add(st, reported_steps=row.steps_done, reported_encoded=row.encoded, outcome=row.outcome)
             if row.outcome is None:
-                st.state = RequestState.PAUSED if (row.encoded or row.steps_done) else RequestState.QUEUED
+                st.rest()
                 t.work_gpu_s = self._eta.work_gpu_s(st)
                 book.add_live(t)
                 self._models_seen.add(row.model)
@@ -469,7 +469,7 @@ class PlannerCore:
         return self._eta.predict(t, now, self._book.backlog_gpu_s, self._fleet.owned())
 
     def _count_done(self, st: RequestStatus) -> None:
-        if st.finish is not None and st.finish <= st.request.deadline + 1e-9:
+        if st.met:
             self.stats.done_met += 1
         else:
             self.stats.done_missed += 1
@@ -517,7 +517,7 @@ class PlannerCore:
             for t in self._unwind(f, now):
                 st = t.status
                 st.steps_done, st.encoded = t.reported_steps, t.reported_encoded
-                st.state = RequestState.PAUSED if (st.encoded or st.steps_done) else RequestState.QUEUED
+                st.rest()
                 st.latent_gpus = ()
                 if st.state is RequestState.QUEUED:
                     self._book.mark_fresh(t)

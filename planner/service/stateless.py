@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
-from ditplan.models.catalog import CATALOG
+from ditplan.models.catalog import CATALOG, SP_DEGREES
 from ditplan.models.cost import CostModel
 from ditplan.models.gpus import GPU_KINDS
 from ditplan.planner.checker import check_plan
@@ -24,7 +24,7 @@ from ditplan.planner.errors import InputError, PlacementError
 from ditplan.planner.placement import Placement, check_fits, validate_placement
 from ditplan.planner.plan import RoundPlan
 from ditplan.planner.policies.base import make_policy, policy_names
-from ditplan.planner.request import RequestState, RequestStatus
+from ditplan.planner.request import RequestState, RequestStatus, resting_state
 from ditplan.planner.service.admission import validate_records, validate_request
 from ditplan.planner.service.errors import Cancelled, DeadlineExceeded, InvalidArgument, ServiceError, shown
 from ditplan.planner.simulator import PlanViolation, SimConfig
@@ -166,10 +166,10 @@ def plan_round(p: PlanIn) -> PlanOut:
             if not 0 <= g < cluster.size:
                 raise InvalidArgument(f"{where}: field 'latent_gpus' = {shown(list(r.latent_gpus))} names GPU {g}, "
                                       f"not in 0..{cluster.size - 1}")
-        if r.sp not in (0, 1, 2, 4, 8):
+        if r.sp not in (0, *SP_DEGREES):
             raise InvalidArgument(f"{where}: field 'sp' = {r.sp} must be 0 (none yet), 1, 2, 4 or 8")
         if r.state is None:
-            state = RequestState.PAUSED if (r.encoded or r.steps_done) else RequestState.QUEUED
+            state = resting_state(r.encoded, r.steps_done)
         elif r.state in _LIVE_STATES:
             state = _LIVE_STATES[r.state]
         else:
