@@ -62,6 +62,7 @@ class Simulator:
     def run(self, requests: Sequence[Request],
             progress: Callable[[int, int], None] | None = None) -> SimResult:
         cfg = self.config
+        self.policy.reset()
         rng = np.random.default_rng(cfg.seed)
         statuses = {r.id: RequestStatus(r) for r in requests}
         order = [statuses[r.id] for r in requests]

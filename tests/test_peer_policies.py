@@ -10,9 +10,10 @@ from ditplan.models.cost import CostModel
 from ditplan.planner.checker import check_plan, check_timeline
 from ditplan.planner.cluster import parse_cluster
 from ditplan.planner.metrics import timeline_records
-from ditplan.planner.policies import make_policy, policy_names
-from ditplan.planner.policies.genserve import packing_fits
+from ditplan.planner.policies import Policy, make_policy, policy_names
 from ditplan.planner.policies.hetu_ilp import SOLVE_INTERVAL_S, efficient_degrees
+from ditplan.planner.policies.kit.packing import packing_fits
+from ditplan.planner.policies.kit.timing import TimingTable
 from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
 from ditplan.planner.simulator import SimConfig, Simulator
 from ditplan.planner.state import PlannerState
@@ -40,13 +41,16 @@ def planner_state(statuses, now=10.0, busy=(), just_paused=(), cluster=CLUSTER):
     return PlannerState(now, cluster, COST, list(statuses), free_at, served, 2.0, frozenset(just_paused))
 
 
-class Checked:
+class Checked(Policy):
     """Wraps a policy: every plan must pass the independent checker; keeps (state summary, plan)."""
 
     def __init__(self, name):
         self.policy = make_policy(name)
         self.name = self.policy.name
         self.log = []
+
+    def reset(self):
+        self.policy.reset()
 
     def plan(self, state):
         plan = self.policy.plan(state)
@@ -157,11 +161,12 @@ def test_genserve_elastic_sp_raises_the_degree_of_a_video_that_fell_behind():
         assert a.stage is Stage.DIFFUSE and a.sp == 4 and set(st.latent_gpus) <= set(a.gpus)
 
 
-def test_genserve_full_mixed_run_is_legal_and_deterministic():
-    rng = random.Random(5)
+def mixed_trace(seed, n=40):
+    """Videos and small bursts of same-shape images, arriving about 0.8 per second."""
+    rng = random.Random(seed)
     reqs = []
     t = 0.0
-    for i in range(40):
+    for i in range(n):
         t += rng.expovariate(0.8)
         if rng.random() < 0.3:
             reqs.append(req(f"r{i}", arrival=t, **{**COG, "frames": rng.choice([17, 33, 49])},
@@ -171,6 +176,11 @@ def test_genserve_full_mixed_run_is_legal_and_deterministic():
             for j in range(rng.choice([1, 3])):
                 reqs.append(req(f"r{i}.{j}", arrival=t, model="sd3-medium", size=size, steps=28,
                                 deadline=t + rng.uniform(1.5, 5)))
+    return reqs
+
+
+def test_genserve_full_mixed_run_is_legal_and_deterministic():
+    reqs = mixed_trace(5)
     a, _ = simulate("genserve", reqs)
     b, _ = simulate("genserve", reqs)
     assert [(s.request_ids, s.gpus, s.start) for s in a.segments] == \
@@ -277,11 +287,25 @@ def test_hetu_batches_queued_same_shape_images_and_rewards_on_time_requests():
 
 
 def test_hetu_efficient_degrees_table():
-    from ditplan.planner.policies.genserve import BatchTimes
-    times = BatchTimes().bind(planner_state([], now=0.0))
-    assert efficient_degrees(times.of("sd3-medium", Shape(512, 512), 1)) == (1,)
-    assert efficient_degrees(times.of("flux-dev", Shape(2048, 2048), 1)) == (1, 2, 4)
-    assert efficient_degrees(times.of("hunyuanvideo", Shape(720, 1280, 129), 1)) == (1, 2, 4, 8)
+    times = TimingTable().bind(planner_state([], now=0.0))
+    assert efficient_degrees(times.at("sd3-medium", Shape(512, 512))) == (1,)
+    assert efficient_degrees(times.at("flux-dev", Shape(2048, 2048))) == (1, 2, 4)
+    assert efficient_degrees(times.at("hunyuanvideo", Shape(720, 1280, 129))) == (1, 2, 4, 8)
+
+
+# --- both: a new run, legality on arbitrary states ------------------------------------------
+@pytest.mark.parametrize("name", PEERS)
+def test_a_policy_reused_for_a_second_run_plans_it_exactly_as_a_fresh_one(name):
+    """What a run leaves behind (genserve's held blocks, hetu-ilp's bound tasks and solve cadence)
+    never reaches the next: the simulator resets its policy before each run."""
+    first, second = mixed_trace(1, n=30), mixed_trace(2, n=30)
+    reused, fresh = Checked(name), Checked(name)
+    Simulator(CLUSTER, COST, reused, SimConfig(horizon_s=12.0)).run(first)  # cut mid-run
+    n = len(reused.log)
+    again = Simulator(CLUSTER, COST, reused).run(second)
+    alone = Simulator(CLUSTER, COST, fresh).run(second)
+    assert again.segments == alone.segments
+    assert [(t, p, p.stats) for t, p in reused.log[n:]] == [(t, p, p.stats) for t, p in fresh.log]
 
 
 # --- both: legality on arbitrary states ----------------------------------------------------

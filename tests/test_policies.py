@@ -16,10 +16,10 @@ from ditplan.planner.checker import check_plan
 from ditplan.planner.cluster import parse_cluster
 from ditplan.planner.plan import RoundPlan
 from ditplan.planner.policies import make_policy, policy_names
-from ditplan.planner.policies.blocks import BlockAllocator, block_of, is_aligned
-from ditplan.planner.policies.edf import TimeTable
 from ditplan.planner.policies.fcfs import rssp_degree
-from ditplan.planner.policies.tetriserve import Option, solve_group_knapsack
+from ditplan.planner.policies.kit.blocks import BlockAllocator, block_of, is_aligned
+from ditplan.planner.policies.kit.knapsack import KnapsackChoice, solve_group_knapsack
+from ditplan.planner.policies.kit.timing import TimingTable
 from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
 from ditplan.planner.state import PlannerState
 
@@ -188,7 +188,7 @@ def test_fcfs_started_request_keeps_its_block_for_every_stage():
 
 
 def test_rssp_degree_grows_with_resolution():
-    table = TimeTable().bind(make_state([]))
+    table = TimingTable().bind(make_state([]))
     slo = 2.0  # seconds from arrival
     degrees = {side: rssp_degree(table.of(make_status("x", side=side)), 28, slo) for side in (512, 1024, 2048)}
     # 512: 28 x 0.030 s fits at k=1; 1024: 28 x 0.105 s = 2.95 s does not, 28 x 0.059 s does at k=2;
@@ -264,22 +264,23 @@ def check_dp(groups, capacity):
 def test_dp_equals_brute_force_on_random_instances():
     rng = random.Random(7)
     for _ in range(400):
-        groups = [[Option(rng.randint(0, 5), rng.randint(0, 3)) for _ in range(rng.randint(0, 4))]
+        groups = [[KnapsackChoice(rng.randint(0, 5), rng.randint(0, 3)) for _ in range(rng.randint(0, 4))]
                   for _ in range(rng.randint(0, 5))]
         check_dp(groups, rng.randint(0, 9))
 
 
 @settings(max_examples=150, deadline=None)
-@given(hst.lists(hst.lists(hst.builds(Option, hst.integers(0, 8), hst.integers(-1, 4)), max_size=4), max_size=5),
+@given(hst.lists(hst.lists(hst.builds(KnapsackChoice, hst.integers(0, 8), hst.integers(-1, 4)), max_size=4),
+                 max_size=5),
        hst.integers(0, 12))
 def test_dp_equals_brute_force_property(groups, capacity):
     check_dp(groups, capacity)
 
 
 def test_dp_ties_favour_earlier_groups_and_fewer_gpus():
-    a, b = [Option(2, 1, 2)], [Option(2, 1, 2)]
+    a, b = [KnapsackChoice(2, 1, 2)], [KnapsackChoice(2, 1, 2)]
     assert solve_group_knapsack([a, b], 2) == ([0, None], 1, 2)
-    assert solve_group_knapsack([[Option(4, 1, 4), Option(1, 1, 1)]], 8) == ([1], 1, 1)
+    assert solve_group_knapsack([[KnapsackChoice(4, 1, 4), KnapsackChoice(1, 1, 1)]], 8) == ([1], 1, 1)
     assert solve_group_knapsack([], 8) == ([], 0, 0)
 
 

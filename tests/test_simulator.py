@@ -6,6 +6,7 @@ from ditplan.planner.checker import check_timeline
 from ditplan.planner.cluster import parse_cluster
 from ditplan.planner.metrics import summarize, timeline_records
 from ditplan.planner.plan import Assignment, RoundPlan
+from ditplan.planner.policies import Policy
 from ditplan.planner.request import Request, RequestState, Stage
 from ditplan.planner.simulator import PlanViolation, SimConfig, Simulator
 
@@ -17,7 +18,7 @@ def req(rid, arrival=0.0, model="flux-dev", size=1024, frames=1, steps=10, deadl
     return Request(rid, model, Shape(size, size, frames), steps, arrival, deadline)
 
 
-class Scripted:
+class Scripted(Policy):
     """Calls ``script(state)`` for the assignments; records every call."""
 
     name = "scripted"

@@ -1,17 +1,23 @@
-"""The policy interface: ``plan(state) -> RoundPlan``, and a name registry."""
+"""The policy interface: ``plan(state) -> RoundPlan`` and ``reset()``, and a name registry."""
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from abc import ABC, abstractmethod
+from typing import Callable
 
 from ditplan.planner.plan import RoundPlan
 from ditplan.planner.state import PlannerState
 
 
-@runtime_checkable
-class Policy(Protocol):
+class Policy(ABC):
+    """Plans one instant at a time; a policy may keep state from one plan to the next."""
+
     name: str
 
+    @abstractmethod
     def plan(self, state: PlannerState) -> RoundPlan: ...
+
+    def reset(self) -> None:
+        """Called before a new run (a simulation, a service start): forget what earlier plans kept."""
 
 
 _REGISTRY: dict[str, Callable[[], Policy]] = {}

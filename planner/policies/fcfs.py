@@ -11,23 +11,23 @@ smallest degree whose standalone latency fits the request's SLO.
 from __future__ import annotations
 
 from ditplan.planner.plan import Assignment, RoundPlan
-from ditplan.planner.policies.base import register
-from ditplan.planner.policies.blocks import BlockAllocator
-from ditplan.planner.policies.edf import ShapeTimes, TimeTable
+from ditplan.planner.policies.base import Policy, register
+from ditplan.planner.policies.kit.blocks import BlockAllocator
+from ditplan.planner.policies.kit.timing import Timing, TimingTable
 from ditplan.planner.request import RequestStatus, Stage
 from ditplan.planner.state import PlannerState
 
 
-class FcfsPolicy:
+class FcfsPolicy(Policy):
     """First come, first served; each request holds one block of a static degree."""
 
     name = "fcfs"
     degree = 1
 
     def __init__(self) -> None:
-        self._times = TimeTable()
+        self._times = TimingTable()
 
-    def degree_for(self, state: PlannerState, status: RequestStatus, times: ShapeTimes) -> int:
+    def degree_for(self, state: PlannerState, status: RequestStatus, times: Timing) -> int:
         return max(k for k in times.degrees if k <= self.degree)
 
     def plan(self, state: PlannerState) -> RoundPlan:
@@ -55,7 +55,7 @@ class FcfsPolicy:
 
     @staticmethod
     def _continue(state: PlannerState, alloc: BlockAllocator, st: RequestStatus,
-                  t: ShapeTimes) -> Assignment | None:
+                  t: Timing) -> Assignment | None:
         stage = st.next_stage
         k = len(st.latent_gpus)
         if stage is Stage.DIFFUSE and k not in t.degrees:
@@ -88,7 +88,7 @@ class FcfsSp8(FcfsPolicy):
     name, degree = "fcfs-sp8", 8
 
 
-def rssp_degree(times: ShapeTimes, steps: int, slo_s: float) -> int:
+def rssp_degree(times: Timing, steps: int, slo_s: float) -> int:
     """Smallest degree whose standalone latency fits ``slo_s``, else the fastest one.
 
     Standalone latency = encode + steps x step time(k) + decode, on an empty
@@ -108,7 +108,7 @@ class RsspPolicy(FcfsPolicy):
     name = "rssp"
     degree = 8
 
-    def degree_for(self, state: PlannerState, status: RequestStatus, times: ShapeTimes) -> int:
+    def degree_for(self, state: PlannerState, status: RequestStatus, times: Timing) -> int:
         req = status.request
         return rssp_degree(times, req.steps, req.deadline - req.arrival)
 

@@ -54,91 +54,19 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
 
-from ditplan.models.catalog import SP_DEGREES, Shape, get_model
 from ditplan.planner.plan import Assignment, RoundPlan
-from ditplan.planner.policies.base import register
-from ditplan.planner.policies.blocks import BlockAllocator, block_of
-from ditplan.planner.policies.edf import ShapeTimes, deadline_order, migration_estimate, round_steps
-from ditplan.planner.policies.tetriserve import Option, solve_group_knapsack
+from ditplan.planner.policies.base import Policy, register
+from ditplan.planner.policies.kit.blocks import BlockAllocator
+from ditplan.planner.policies.kit.knapsack import KnapsackChoice, solve_group_knapsack
+from ditplan.planner.policies.kit.packing import level_capacity, packing_fits
+from ditplan.planner.policies.kit.rounds import deadline_order, migration_estimate, round_steps
+from ditplan.planner.policies.kit.timing import Timing, TimingTable, batch_limit
 from ditplan.planner.request import RequestState, RequestStatus, Stage
 from ditplan.planner.state import PlannerState
 
-# Elastic scale-up doubles a degree only if the doubling keeps this parallel
-# efficiency: step(2k) <= step(k) / (2 * SCALE_EFFICIENCY).
-SCALE_EFFICIENCY = 0.8
 # A latent move this cheap (seconds) is worth it to keep larger free blocks whole.
 CHEAP_MOVE_S = 0.05
-
-
-# --- costs at a batch size ---------------------------------------------------------
-class BatchTimes:
-    """Memo of ``ShapeTimes`` by (model, shape, batch) for one cluster and cost model."""
-
-    def __init__(self) -> None:
-        self._cluster = None
-        self._cost = None
-        self._memo: dict[tuple, ShapeTimes] = {}
-
-    def bind(self, state: PlannerState) -> "BatchTimes":
-        if state.cluster is not self._cluster or state.cost is not self._cost:
-            self._cluster, self._cost, self._memo = state.cluster, state.cost, {}
-        return self
-
-    def of(self, model: str, shape: Shape, batch: int) -> ShapeTimes:
-        key = (model, shape, batch)
-        hit = self._memo.get(key)
-        if hit is None:
-            hit = self._memo[key] = self._build(model, shape, batch)
-        return hit
-
-    def _build(self, model: str, shape: Shape, batch: int) -> ShapeTimes:
-        cluster, cost = self._cluster, self._cost
-        spec = get_model(model)
-        degrees = tuple(k for k in spec.sp_degrees(cluster.max_node_gpus) if cluster.blocks(k))
-        step = {}
-        for k in degrees:
-            bw = cluster.block_bandwidth(cluster.blocks(k)[0]) if k > 1 else None
-            step[k] = cost.step_time(spec, shape, k, batch, link_bw=bw)
-        act = {k: _act_bytes(model, shape, k, batch) for k in degrees}
-        return ShapeTimes(degrees, step, act, min(step.values()),
-                          cost.encode_time(spec, shape, batch), cost.decode_time(spec, shape, batch))
-
-
-@lru_cache(maxsize=16384)
-def _act_bytes(model: str, shape: Shape, k: int, batch: int) -> int:
-    return get_model(model).activation_bytes(shape, k, batch)
-
-
-# --- aligned-block packing by counts -------------------------------------------------
-def level_capacity(alloc: BlockAllocator, cluster) -> dict[int, int]:
-    """Per degree j: how many aligned j-blocks are entirely free."""
-    return {j: sum(1 for b in cluster.blocks(j) if alloc.is_free(b))
-            for j in SP_DEGREES if j <= cluster.max_node_gpus}
-
-
-def packing_fits(degrees: Counter, caps: dict[int, int]) -> bool:
-    """Can blocks of these degrees all be placed (largest first) on the free aligned blocks?
-
-    Exact for buddy blocks: placing a d-block uses d/j free j-blocks for
-    every j <= d, so largest-first succeeds iff for every level j the demand
-    sum over d >= j of n_d * d / j fits the free j-blocks.
-    """
-    for j, cap in caps.items():
-        if sum(n * (d // j) for d, n in degrees.items() if d >= j) > cap:
-            return False
-    return all(d in caps for d, n in degrees.items() if n)
-
-
-def free_chunk(alloc: BlockAllocator, cluster, blk: tuple[int, ...]) -> int:
-    """Size of the largest free aligned block that contains the free block ``blk``."""
-    size = len(blk)
-    while True:
-        parent = block_of(cluster, blk[0], 2 * size)
-        if parent is None or not alloc.is_free(parent):
-            return size
-        size *= 2
 
 
 # --- units -------------------------------------------------------------------------
@@ -146,7 +74,7 @@ def free_chunk(alloc: BlockAllocator, cluster, blk: tuple[int, ...]) -> int:
 class _Unit:
     members: list[RequestStatus]
     stage: Stage  # ENCODE or DIFFUSE
-    times: ShapeTimes
+    times: Timing
     running: bool = False  # a video at its step boundary, holding its block
     ks: tuple[int, ...] = ()  # on-time degrees, ascending (ignoring what is free)
     slack: float = 0.0
@@ -210,15 +138,10 @@ def _buckets(state: PlannerState, waiting: list[RequestStatus], stage: Stage) ->
     return list(buckets.values())
 
 
-def _batch_cap(state: PlannerState, st: RequestStatus) -> int:
-    req = st.request
-    return max(1, state.cost.max_batch(req.spec, req.shape)) if req.kind == "image" else 1
-
-
 def _decode_batches(state: PlannerState, waiting: list[RequestStatus]) -> list[list[RequestStatus]]:
     out = []
     for members in _buckets(state, waiting, Stage.DECODE):
-        cap = _batch_cap(state, members[0])
+        cap = batch_limit(state, members[0])
         out.extend(members[i:i + cap] for i in range(0, len(members), cap))
     out.sort(key=lambda ms: deadline_order(ms[0]))
     return out
@@ -226,20 +149,19 @@ def _decode_batches(state: PlannerState, waiting: list[RequestStatus]) -> list[l
 
 # --- the policy --------------------------------------------------------------------
 @register("genserve")
-class GenServePolicy:
+class GenServePolicy(Policy):
     """GenServe: dynamic batching, slack-based video preemption, elastic SP, per-round DP."""
 
     name = "genserve"
 
     def __init__(self) -> None:
-        self._times = BatchTimes()
+        self._times = TimingTable()
+        self.reset()
+
+    def reset(self) -> None:
         self._holds: list[tuple[tuple[str, ...], tuple[int, ...]]] = []  # encoding units' blocks
-        self._now = float("-inf")
 
     def plan(self, state: PlannerState) -> RoundPlan:
-        if state.now < self._now:  # a new run
-            self._holds = []
-        self._now = state.now
         times = self._times.bind(state)
         alloc = BlockAllocator(state)
         self._apply_holds(state, alloc)
@@ -291,7 +213,7 @@ class GenServePolicy:
         fresh.extend(paused)
 
         # 6. Degrees for fresh units: DP choices, then work conservation, then best effort.
-        caps = level_capacity(alloc, state.cluster)
+        caps = level_capacity(alloc)
         used: Counter = Counter()
         chosen: list[_Unit] = []
         for u, k_dp in sorted(((u, k) for u, k in zip(wanted, choice) if k is not None),
@@ -348,12 +270,12 @@ class GenServePolicy:
                         alloc.take(1, (g,))
         self._holds = keep
 
-    def _units(self, state: PlannerState, times: BatchTimes, waiting: list[RequestStatus]) -> list[_Unit]:
+    def _units(self, state: PlannerState, times: TimingTable, waiting: list[RequestStatus]) -> list[_Unit]:
         """Encode and diffuse units, with dynamic batching (see the module doc)."""
         units = []
         for stage in (Stage.ENCODE, Stage.DIFFUSE):
             for bucket in _buckets(state, [s for s in waiting if s.next_stage is stage], stage):
-                cap = _batch_cap(state, bucket[0])
+                cap = batch_limit(state, bucket[0])
                 cur = self._unit(state, times, bucket[:1], stage)
                 for st in bucket[1:]:
                     bigger = None
@@ -377,12 +299,11 @@ class GenServePolicy:
         return units
 
     @staticmethod
-    def _unit(state: PlannerState, times: BatchTimes, ms: list[RequestStatus], stage: Stage) -> _Unit:
+    def _unit(state: PlannerState, times: TimingTable, ms: list[RequestStatus], stage: Stage) -> _Unit:
         """A unit and its on-time degrees: k such that the latent move to a k-block
         plus all remaining steps at k fit deadline - now - decode (- encode).
         No on-time degree: the unit is late (best effort)."""
-        req = ms[0].request
-        t = times.of(req.model, req.shape, len(ms))
+        t = times.of(ms[0], len(ms))
         deadline = min(m.request.deadline for m in ms)
         now = state.now
         budget = deadline - now - t.decode - (t.encode if stage is Stage.ENCODE else 0.0)
@@ -397,7 +318,7 @@ class GenServePolicy:
         """Group knapsack over free GPUs: the on-time degree each unit gets (None: none)."""
         max_k = alloc.largest_free_block()
         head = max((alloc.headroom((g,)) for g in alloc.free_gpus()), default=0)
-        groups = [[Option(k, u.value, k) for k in u.ks if k <= max_k and u.act(k) <= head] for u in units]
+        groups = [[KnapsackChoice(k, u.value, k) for k in u.ks if k <= max_k and u.act(k) <= head] for u in units]
         choice, value, _ = solve_group_knapsack(groups, alloc.free_count())
         return [None if c is None else g[c].k for g, c in zip(groups, choice)], value
 
@@ -444,9 +365,7 @@ class GenServePolicy:
             return None
         if defrag and lat:
             alt = alloc.peek(k, (), u.act(k))
-            cluster = state.cluster
-            if (alt is not None and alt != blk
-                    and free_chunk(alloc, cluster, alt) < free_chunk(alloc, cluster, blk)
+            if (alt is not None and alt != blk and alloc.free_chunk(alt) < alloc.free_chunk(blk)
                     and max(state.migration_time(m, alt) for m in u.members) <= CHEAP_MOVE_S):
                 blk = alt
         return alloc.take(k, blk, u.act(k))
@@ -463,16 +382,16 @@ class GenServePolicy:
 
     @staticmethod
     def _scale_up(chosen: list[_Unit], used: Counter, caps: dict[int, int]) -> None:
-        """Double degrees of diffuse units while packing fits and the step gets faster."""
+        """Double degrees of diffuse units while packing fits and the doubling pays."""
         ranked = sorted((u for u in chosen if u.stage is Stage.DIFFUSE),
                         key=lambda u: (u.late, u.order))
         grown = True
         while grown:
             grown = False
             for u in ranked:
-                k2 = 2 * u.k
-                if k2 not in u.times.step or u.times.step[k2] * 2 * SCALE_EFFICIENCY > u.times.step[u.k]:
+                if not u.times.doubling_pays(u.k):
                     continue
+                k2 = 2 * u.k
                 used[u.k] -= 1
                 used[k2] += 1
                 if packing_fits(used, caps):
@@ -483,13 +402,10 @@ class GenServePolicy:
 
     @staticmethod
     def _grow(alloc: BlockAllocator, u: _Unit) -> None:
-        """A running video grows in place into free buddy halves while its step gets faster."""
-        while True:
+        """A running video grows in place into free buddy halves while the doubling pays."""
+        while u.times.doubling_pays(len(u.gpus)):
             k2 = 2 * len(u.gpus)
-            t = u.times
-            if k2 not in t.step or t.step[k2] * 2 * SCALE_EFFICIENCY > t.step[len(u.gpus)]:
-                return
-            parent = alloc.grow(u.gpus, t.act[k2])
+            parent = alloc.grow(u.gpus, u.act(k2))
             if parent is None:
                 return
             u.gpus, u.k = parent, k2

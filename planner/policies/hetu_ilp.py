@@ -65,15 +65,15 @@ import pulp
 
 from ditplan.models.catalog import SP_DEGREES
 from ditplan.planner.plan import Assignment, RoundPlan
-from ditplan.planner.policies.base import register
-from ditplan.planner.policies.blocks import BlockAllocator
-from ditplan.planner.policies.edf import ShapeTimes, deadline_order
-from ditplan.planner.policies.genserve import BatchTimes, free_chunk, packing_fits
+from ditplan.planner.policies.base import Policy, register
+from ditplan.planner.policies.kit.blocks import BlockAllocator
+from ditplan.planner.policies.kit.packing import packing_fits
+from ditplan.planner.policies.kit.rounds import deadline_order
+from ditplan.planner.policies.kit.timing import Timing, TimingTable, batch_limit
 from ditplan.planner.request import RequestState, RequestStatus, Stage
 from ditplan.planner.solvers.pulp_vars import new_var
 from ditplan.planner.state import PlannerState
 
-EFFICIENCY_THRESHOLD = 0.8
 ON_TIME_REWARD = 1000
 IDLE_PENALTY = 1.0
 SOLVE_INTERVAL_S = 0.5
@@ -92,7 +92,7 @@ def _cbc() -> pulp.LpSolver:
 @dataclass(slots=True, eq=False)
 class _Task:
     members: list[RequestStatus]
-    times: ShapeTimes
+    times: Timing
     degrees: tuple[int, ...] = ()  # allowed by efficiency and memory, ascending
 
     @property
@@ -120,32 +120,31 @@ class _Task:
         return total
 
 
-def efficient_degrees(times: ShapeTimes) -> tuple[int, ...]:
-    """Degrees whose parallel efficiency (T1 / Tk) / k is at least the threshold (k = 1 always)."""
-    t1 = times.step[1]
-    return tuple(k for k in times.degrees if (t1 / times.step[k]) / k >= EFFICIENCY_THRESHOLD - _EPS)
+def efficient_degrees(times: Timing) -> tuple[int, ...]:
+    """Degrees whose parallel efficiency (T1 / Tk) / k is at least 0.8 (k = 1 always)."""
+    return tuple(k for k in times.degrees if times.efficient(k))
 
 
 @register("hetu-ilp")
-class HetuIlpPolicy:
+class HetuIlpPolicy(Policy):
     """Hetu-DiT's ILP dispatcher: efficient degrees, deadline rewards, 0.5 s cadence."""
 
     name = "hetu-ilp"
     split_placement = "stages"  # its placement when the models do not all fit (see the module doc)
 
     def __init__(self) -> None:
-        self._times = BatchTimes()
+        self._times = TimingTable()
+        self.reset()
+
+    def reset(self) -> None:
         self._bound: dict[tuple[str, ...], tuple[int, ...]] = {}  # dispatched task -> its block
         self._last_solve: float | None = None
         self._free_after_solve: frozenset[int] = frozenset()
-        self._now = float("-inf")
         self.solves = 0
 
     # --- the plan ------------------------------------------------------------------
     def plan(self, state: PlannerState) -> RoundPlan:
-        if state.now < self._now:  # a new run
-            self._bound, self._last_solve, self._free_after_solve, self.solves = {}, None, frozenset(), 0
-        self._now = now = state.now
+        now = state.now
         times = self._times.bind(state)
         alloc = BlockAllocator(state)
         by_id = {r.id: r for r in state.requests}
@@ -229,7 +228,7 @@ class HetuIlpPolicy:
         return Assignment(task.ids, Stage.DIFFUSE, blk, task.lead.remaining_steps)
 
     # --- queued tasks --------------------------------------------------------------
-    def _tasks(self, state: PlannerState, times: BatchTimes, bound_ids: set[str]) -> list[_Task]:
+    def _tasks(self, state: PlannerState, times: TimingTable, bound_ids: set[str]) -> list[_Task]:
         groups: dict[tuple, list[RequestStatus]] = {}
         for st in sorted(state.waiting(), key=deadline_order):
             if st.id in bound_ids or st.next_stage not in (Stage.ENCODE, Stage.DIFFUSE):
@@ -239,11 +238,10 @@ class HetuIlpPolicy:
             groups.setdefault(key, []).append(st)
         tasks = []
         for members in groups.values():
-            req = members[0].request
-            cap = max(1, state.cost.max_batch(req.spec, req.shape)) if req.kind == "image" else 1
+            cap = batch_limit(state, members[0])
             for i in range(0, len(members), cap):
                 ms = members[i:i + cap]
-                tasks.append(_Task(ms, times.of(req.model, req.shape, len(ms))))
+                tasks.append(_Task(ms, times.of(ms[0], len(ms))))
         tasks.sort(key=lambda t: deadline_order(t.lead))
         return tasks
 
@@ -353,7 +351,7 @@ class HetuIlpPolicy:
                      and alloc.headroom(b) >= need and state.placement.runs(b, model, "diffuse")]
             if not cands:
                 continue
-            blk = min(cands, key=lambda b: (free_chunk(alloc, cluster, b), b[0]))
+            blk = min(cands, key=lambda b: (alloc.free_chunk(b), b[0]))
             got = alloc.take(k, blk, need)
             if got is None:
                 continue

@@ -35,7 +35,7 @@ from ditplan.models.catalog import get_model
 from ditplan.planner.checker import check_plan
 from ditplan.planner.placement import WeightLoad
 from ditplan.planner.plan import RoundPlan
-from ditplan.planner.policies.base import make_policy, register
+from ditplan.planner.policies.base import Policy, make_policy, register
 from ditplan.planner.problem import ProblemRequest, RoundProblem, build_problem
 from ditplan.planner.solvers import cpsat, milp
 from ditplan.planner.solvers.commit import (LATE_MODES, Committed, Gaps, commit_on_time, fill_best_effort, idle_gaps,
@@ -120,7 +120,7 @@ def scopes(problem: RoundProblem, skip: set[str] = frozenset(), fit: str = "best
 MAX_FULL_SCOPES = 4
 
 
-class SchedulePolicy:
+class SchedulePolicy(Policy):
     """The schedule model solved at every planning instant (see the module doc)."""
 
     name = "cpsat"
@@ -155,6 +155,8 @@ class SchedulePolicy:
         """Forget the previous plan and the recent arrivals (a new run)."""
         self._prev: dict[tuple[str, ...], tuple[tuple[int, ...], float]] = {}
         self.loop.reset()
+        if self._fallback is not None:
+            self._fallback.reset()
 
     # -- one scope -----------------------------------------------------------------
     def solve(self, data: ScheduleData, hint: Schedule, limit_s: float) -> Schedule:

@@ -42,7 +42,7 @@ def placement_groups(state: PlannerState) -> list[tuple[frozenset[str], tuple[in
     return sorted(((m, tuple(gs)) for m, gs in groups.items()), key=lambda x: (-len(x[1]), x[1]))
 
 
-class OnStaticPlacement:
+class OnStaticPlacement(Policy):
     """Run ``factory()`` policies, one per placement group, and merge their plans."""
 
     def __init__(self, name: str, factory: Callable[[], Policy], split_placement: str = "split") -> None:
@@ -52,6 +52,10 @@ class OnStaticPlacement:
         self._inner: dict[tuple[int, ...], Policy] = {}
         self._cluster: Cluster | None = None  # the cluster the views below are of
         self._views: dict[frozenset[int], DeploymentView] = {}
+
+    def reset(self) -> None:
+        for policy in self._inner.values():
+            policy.reset()
 
     def _view(self, cluster: Cluster, gpus: set[int]) -> DeploymentView:
         if cluster is not self._cluster:

@@ -13,85 +13,33 @@ the fewest GPUs among the best. Then, beyond the DP:
 * requests with no on-time option get best effort at k = 1 (EDF order);
 * work conservation: leftover GPUs start skipped requests early and double
   the degree of this round's diffuse assignments where the aligned parent
-  block is free and the step gets faster (elastic scale-up).
+  block is free and the doubling keeps parallel efficiency >= 0.8
+  (``Timing.doubling_pays``; elastic scale-up).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 from ditplan.planner.plan import Assignment, RoundPlan
-from ditplan.planner.policies.base import register
-from ditplan.planner.policies.blocks import BlockAllocator
-from ditplan.planner.policies.edf import (ShapeTimes, TimeTable, deadline_order, diffuse_assignment,
-                                  home, migration_estimate, on_track_degrees, round_steps, take_best_effort, take_stage_gpu)
+from ditplan.planner.policies.base import Policy, register
+from ditplan.planner.policies.kit.blocks import BlockAllocator
+from ditplan.planner.policies.kit.knapsack import KnapsackChoice, solve_group_knapsack
+from ditplan.planner.policies.kit.rounds import (deadline_order, diffuse_assignment, home, migration_estimate,
+                                                 on_track_degrees, round_steps, take_best_effort, take_stage_gpu)
+from ditplan.planner.policies.kit.timing import Timing, TimingTable
 from ditplan.planner.request import RequestStatus, Stage
 from ditplan.planner.state import PlannerState
 
 
-# --- the DP ----------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Option:
-    """One choice of a group: ``cost`` GPUs for ``value`` (on-track requests)."""
-
-    cost: int
-    value: float
-    k: int = 0  # SP degree this option stands for (0: skip)
-
-
-def solve_group_knapsack(groups: Sequence[Sequence[Option]],
-                         capacity: int) -> tuple[list[int | None], float, int]:
-    """Pick at most one option per group with total cost <= ``capacity``.
-
-    Maximises total value, then minimises total cost. Returns (index of the
-    chosen option per group or None, value, cost). Among equally good plans,
-    earlier groups get their earlier options, so groups passed in deadline
-    order favour urgent requests. O(groups x capacity x options), integer
-    costs >= 0.
-    """
-    n, width = len(groups), capacity + 1
-    # Suffix tables: best (value, cost) of groups i.. within capacity c, at [i * width + c].
-    val = [0.0] * ((n + 1) * width)
-    cst = [0] * ((n + 1) * width)
-    for i in range(n - 1, -1, -1):
-        row, nxt = i * width, (i + 1) * width
-        opts = groups[i]
-        for c in range(width):
-            bv, bc = val[nxt + c], cst[nxt + c]  # choose nothing
-            for o in opts:
-                if o.cost <= c:
-                    v = o.value + val[nxt + c - o.cost]
-                    w = o.cost + cst[nxt + c - o.cost]
-                    if v > bv or (v == bv and w < bc):
-                        bv, bc = v, w
-            val[row + c], cst[row + c] = bv, bc
-    choice: list[int | None] = []
-    c = capacity
-    for i in range(n):
-        row, nxt = i * width, (i + 1) * width
-        target_v, target_c = val[row + c], cst[row + c]
-        pick = None
-        for j, o in enumerate(groups[i]):
-            if (o.cost <= c and o.value + val[nxt + c - o.cost] == target_v
-                    and o.cost + cst[nxt + c - o.cost] == target_c):
-                pick = j
-                break
-        choice.append(pick)
-        if pick is not None:
-            c -= groups[i][pick].cost
-    return choice, (val[capacity] if n else 0.0), (cst[capacity] if n else 0)
-
-
-# --- the policy --------------------------------------------------------------------
 @dataclass(slots=True)
 class _Placed:
     status: RequestStatus
-    times: ShapeTimes
+    times: Timing
     gpus: tuple[int, ...]
     late: bool
 
 
-def on_time_degrees(state: PlannerState, st: RequestStatus, t: ShapeTimes, budget: float,
+def on_time_degrees(state: PlannerState, st: RequestStatus, t: Timing, budget: float,
                     max_k: int, max_headroom: int, sustained: bool = True) -> list[int]:
     """Degrees k whose one-round option keeps ``st`` on time (ascending).
 
@@ -117,19 +65,14 @@ def on_time_degrees(state: PlannerState, st: RequestStatus, t: ShapeTimes, budge
     return out
 
 
-# Double a degree only if the step gets at least 1.6x faster: a less efficient
-# doubling holds GPUs that arriving requests need more.
-SCALE_UP_MAX_RATIO = 1 / (2 * 0.8)
-
-
 @register("tetriserve-dp")
-class TetriServePolicy:
+class TetriServePolicy(Policy):
     """TetriServe's per-round group-knapsack DP plus placement and work conservation."""
 
     name = "tetriserve-dp"
 
     def __init__(self) -> None:
-        self._times = TimeTable()
+        self._times = TimingTable()
 
     def plan(self, state: PlannerState) -> RoundPlan:
         table = self._times.bind(state)
@@ -154,9 +97,9 @@ class TetriServePolicy:
         now, round_s = state.now, state.round_s
         max_k = alloc.largest_free_block()
         max_headroom = max(alloc.headroom((g,)) for g in alloc.free_gpus())
-        urgent: list[tuple[RequestStatus, ShapeTimes, list[int]]] = []
-        waitable: list[tuple[RequestStatus, ShapeTimes]] = []
-        late: list[tuple[RequestStatus, ShapeTimes]] = []
+        urgent: list[tuple[RequestStatus, Timing, list[int]]] = []
+        waitable: list[tuple[RequestStatus, Timing]] = []
+        late: list[tuple[RequestStatus, Timing]] = []
         for st in diffuse:
             t = table.of(st)
             rem = st.remaining_steps
@@ -172,13 +115,13 @@ class TetriServePolicy:
                     urgent.append((st, t, ks))
                 else:
                     late.append((st, t))
-        groups = [[Option(k, 1, k) for k in ks] for _, _, ks in urgent]
+        groups = [[KnapsackChoice(k, 1, k) for k in ks] for _, _, ks in urgent]
         choice, value, _ = solve_group_knapsack(groups, alloc.free_count())
 
         # 3. Place the DP's choices, largest degree first, near the latent.
         # Requests whose latent block is exactly their chosen size go first: they stay put.
         placed: list[_Placed] = []
-        leftover: list[tuple[RequestStatus, ShapeTimes, list[int] | None]] = []
+        leftover: list[tuple[RequestStatus, Timing, list[int] | None]] = []
         chosen_k = {i: groups[i][j].k for i, j in enumerate(choice) if j is not None}
         order = sorted(chosen_k, key=lambda i: (
             not (len(home(urgent[i][0])) == chosen_k[i] and alloc.is_free(home(urgent[i][0]))),
@@ -235,7 +178,7 @@ class TetriServePolicy:
                          stats={"dp_groups": len(groups), "dp_value": value})
 
     @staticmethod
-    def _take_on_time(alloc: BlockAllocator, st: RequestStatus, t: ShapeTimes,
+    def _take_on_time(alloc: BlockAllocator, st: RequestStatus, t: Timing,
                       ks: list[int]) -> tuple[int, ...] | None:
         """Keep the current block if it is on time and free, else the smallest on-time block."""
         lat = home(st)
@@ -258,9 +201,8 @@ class TetriServePolicy:
             grown = False
             for p in ranked:
                 k, t = len(p.gpus), p.times
-                k2 = 2 * k
-                if k2 not in t.step or t.step[k2] > SCALE_UP_MAX_RATIO * t.step[k]:
-                    continue  # doubling must pay: parallel efficiency >= 0.8
-                parent = alloc.grow(p.gpus, t.act[k2])
+                if not t.doubling_pays(k):
+                    continue  # a less efficient doubling holds GPUs that arriving requests need more
+                parent = alloc.grow(p.gpus, t.act[2 * k])
                 if parent is not None:
                     p.gpus, grown = parent, True

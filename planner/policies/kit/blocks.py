@@ -98,6 +98,15 @@ class BlockAllocator:
         """Bytes of activation memory the block can still hold per GPU."""
         return min(self._headroom[g] for g in gpus)
 
+    def free_chunk(self, blk: tuple[int, ...]) -> int:
+        """Size of the largest fully free aligned block containing the free block ``blk``."""
+        size = len(blk)
+        while True:
+            parent = block_of(self.cluster, blk[0], 2 * size)
+            if parent is None or not self.is_free(parent):
+                return size
+            size *= 2
+
     def largest_free_block(self) -> int:
         """Largest k with a free aligned block (0 if no GPU is free)."""
         for k in (8, 4, 2, 1):
@@ -123,7 +132,7 @@ class BlockAllocator:
             if need_bytes and self.headroom(blk) < need_bytes:
                 continue
             overlap = sum(1 for g in blk if g in prefer) if prefer else 0
-            key = (-overlap, sum(self._resident_owner[g] for g in blk), self._free_chunk(blk), nf, blk[0])
+            key = (-overlap, sum(self._resident_owner[g] for g in blk), self.free_chunk(blk), nf, blk[0])
             if best_key is None or key < best_key:
                 best, best_key = blk, key
         return best
@@ -162,18 +171,3 @@ class BlockAllocator:
                 self._free[g] = free
                 self._node_free[self._node_of[g]] += delta
                 self._n_free += delta
-
-    def _free_chunk(self, blk: tuple[int, ...]) -> int:
-        """Size of the largest fully free aligned block containing ``blk``."""
-        size = len(blk)
-        while True:
-            parent = block_of(self.cluster, blk[0], 2 * size)
-            if parent is None or not self.is_free(parent):
-                return size
-            size *= 2
-
-
-@lru_cache(maxsize=16384)
-def activation_bytes(model: str, shape: Shape, k: int) -> int:
-    """Per-GPU activation bytes of one request diffusing on a block of ``k`` (memoized)."""
-    return get_model(model).activation_bytes(shape, k, 1)
