@@ -160,6 +160,9 @@ class PlannerCore:
     # --- lifecycle ----------------------------------------------------------
     def start(self) -> None:
         """Start the planning loop (a thread; with ``planner_process``, the policy in a child)."""
+        for policy in (self._policy, self._fallback):
+            if policy is not None:
+                policy.reset()  # a service start is a new run (plan_once calls before it were not)
         if self.config.planner_process:
             self._proc = PlannerProcess(self.config.cluster_spec, self.config.policy,
                                         self._fallback.name if self._fallback else None, self.config.check_plans,
