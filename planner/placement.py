@@ -27,7 +27,7 @@ from ditplan.models.catalog import COMPONENTS, STAGE_COMPONENT, get_model
 from ditplan.models.cost import CostModel
 from ditplan.planner.cluster import Cluster
 from ditplan.planner.errors import PlacementError
-from ditplan.planner.request import Request
+from ditplan.planner.request import Request, Stage
 
 Weight = tuple[str, str]  # (model, component)
 PLACEMENT_MODES = ("auto", "replicate", "split", "stages")
@@ -109,7 +109,7 @@ class Placement:
     def holds(self, gpu: int, model: str, component: str) -> bool:
         return (model, component) in self.resident[gpu]
 
-    def runs(self, gpus: Iterable[int], model: str, stage: str) -> bool:
+    def runs(self, gpus: Iterable[int], model: str, stage: Stage) -> bool:
         """Every GPU of ``gpus`` holds what ``stage`` of ``model`` runs on."""
         w = (model, STAGE_COMPONENT[stage])
         return all(w in self.resident[g] for g in gpus)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ditplan.models.catalog import STAGE_COMPONENT, get_model
-from ditplan.planner.request import RequestState, RequestStatus
+from ditplan.planner.request import RequestState, RequestStatus, Stage
 from ditplan.planner.state import PlannerState
 
 FORMAT = "ditplan.round-problem/4"
@@ -29,7 +29,7 @@ class ProblemRequest:
     id: str
     model: str
     kind: str  # "image" | "video"
-    stage: str  # next stage: "encode" | "diffuse" | "decode"
+    stage: Stage  # next stage
     remaining_steps: int
     deadline: float  # seconds from now (negative: already late)
     batch_key: str  # equal keys may share a forward pass
@@ -61,7 +61,7 @@ class ProblemRequest:
 
     def remaining_lb(self) -> float:
         """Fastest time to finish from now on an empty cluster."""
-        t = self.encode_s if self.stage == "encode" else 0.0
+        t = self.encode_s if self.stage is Stage.ENCODE else 0.0
         return t + self.remaining_steps * self.fastest_step_s + self.decode_s
 
 
@@ -96,7 +96,7 @@ class RoundProblem:
         """GPU index -> node index."""
         return {g: n for n, node in enumerate(self.nodes) for g in node}
 
-    def runs(self, gpus, model: str, stage: str) -> bool:
+    def runs(self, gpus, model: str, stage: Stage) -> bool:
         """Every GPU of ``gpus`` holds the component ``stage`` of ``model`` runs on."""
         w = f"{model}/{STAGE_COMPONENT[stage]}"
         return all(w in self._weights[g] for g in gpus)
@@ -158,6 +158,7 @@ class RoundProblem:
             for key in _INT_KEYED2:
                 r[key] = {int(b): {int(k): v for k, v in row.items()} for b, row in r[key].items()}
             r["latent_gpus"] = tuple(r["latent_gpus"])
+            r["stage"] = Stage(r["stage"])
             return ProblemRequest(**r)
 
         return cls(now=d["now"], round_s=d["round_s"],
@@ -169,7 +170,7 @@ class RoundProblem:
 
 def build_problem(state: PlannerState) -> RoundProblem:
     """The round problem of ``state``: its waiting requests, its GPUs, and its in-flight requests."""
-    cluster, cost = state.cluster, state.cost
+    cluster = state.cluster
     resident = state.resident_bytes()
     weights = state.weight_bytes()
     reqs = tuple(_problem_request(state, st) for st in state.waiting())
@@ -194,7 +195,7 @@ def _problem_request(state: PlannerState, st: RequestStatus) -> ProblemRequest:
     if st.in_flight and st.latent_gpus:
         ready_in = max(0.0, max(state.gpu_free_at[g] for g in st.latent_gpus) - state.now)
     return ProblemRequest(
-        id=r.id, model=r.model, kind=r.kind, stage=st.next_stage.value,
+        id=r.id, model=r.model, kind=r.kind, stage=st.next_stage,
         remaining_steps=st.remaining_steps, deadline=r.deadline - state.now,
         batch_key=f"{r.model}|{r.shape}|{r.steps}", max_batch=mb,
         encode_s=cost.encode_time(spec, r.shape), decode_s=cost.decode_time(spec, r.shape),

@@ -2,7 +2,7 @@ from ditplan.models.catalog import Shape
 from ditplan.models.cost import CostModel
 from ditplan.planner.cluster import parse_cluster
 from ditplan.planner.problem import RoundProblem, build_problem, load_problems, save_problems
-from ditplan.planner.request import Request, RequestStatus
+from ditplan.planner.request import Request, RequestStatus, Stage
 from ditplan.planner.state import PlannerState
 
 
@@ -15,7 +15,7 @@ def test_round_problem_captures_state_and_round_trips_through_json(tmp_path):
                          ("flux-dev", "cogvideox-5b"), 2.0, frozenset({"b"}))
     p = build_problem(state)
     a, b = p.requests
-    assert (a.stage, b.stage) == ("encode", "diffuse")
+    assert (a.stage, b.stage) == (Stage.ENCODE, Stage.DIFFUSE)
     assert a.deadline == 25.0 and b.remaining_steps == 40 and b.was_running and not a.was_running
     assert set(a.step_s) == {1, 2, 4} and a.step_s[4] < a.step_s[1]
     assert b.move_s[0] > 0 and b.move_s[1] > b.move_s[0]  # same node over NVLink, other node over the network
@@ -26,6 +26,8 @@ def test_round_problem_captures_state_and_round_trips_through_json(tmp_path):
     path = tmp_path / "problems.jsonl"
     assert save_problems(path, [p, p]) == 2
     assert load_problems(path) == [p, p]
+    assert [r.stage for r in load_problems(path)[0].requests] == [Stage.ENCODE, Stage.DIFFUSE]
+    assert all(type(r.stage) is Stage for r in load_problems(path)[0].requests)  # the enum, not its string
 
 
 def test_whatif_dumps_the_round_problems_it_saw(tmp_path):

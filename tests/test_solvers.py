@@ -19,7 +19,7 @@ from ditplan.planner.metrics import summarize, timeline_records
 from ditplan.planner.policies import make_policy, policy_names
 from ditplan.planner.policies.solver import CpSatPolicy
 from ditplan.planner.problem import RoundProblem, build_problem
-from ditplan.planner.request import Request, RequestState, RequestStatus
+from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
 from ditplan.planner.simulator import SimConfig, Simulator
 from ditplan.planner.solvers import cpsat, milp
 from ditplan.planner.solvers.data import Alt, Job, ScheduleData, ScheduleParams, Weights, build_schedule
@@ -95,10 +95,10 @@ def random_data(seed: int) -> ScheduleData:
             span = rng.randint(2, 5) if len(blk) == 1 else rng.randint(1, 3)
             alts.append(_alt(blk, span + 1, rng.randint(0, 7), lead=1 if len(blk) > 1 else 0,
                              diff=span, migrate=rng.random() < 0.2))
-        jobs.append(Job(j, (f"r{j}",), "diffuse", 5, rng.choice([0, 0, 1]), 1.0, tuple(alts),
+        jobs.append(Job(j, (f"r{j}",), Stage.DIFFUSE, 5, rng.choice([0, 0, 1]), 1.0, tuple(alts),
                         int(rng.random() < 0.4), False))
     if rng.random() < 0.5:  # a batch of r0 and r1
-        jobs.append(Job(n, ("r0", "r1"), "diffuse", 5, 0, 1.0, (_alt((0,), 4, rng.randint(0, 6)),), 0, False))
+        jobs.append(Job(n, ("r0", "r1"), Stage.DIFFUSE, 5, 0, 1.0, (_alt((0,), 4, rng.randint(0, 6)),), 0, False))
     members: dict[str, list[int]] = {}
     for job in jobs:
         for rid in job.ids:
@@ -209,7 +209,7 @@ def test_a_late_request_runs_only_in_capacity_no_on_time_request_needs():
     plan = policy.plan(state)
     assert check_plan(state, plan) == []
     by_id = {a.request_ids: a for a in plan.assignments}
-    assert by_id[("i",)].stage.value == "encode" and plan.stats["on_time"] == 1
+    assert by_id[("i",)].stage is Stage.ENCODE and plan.stats["on_time"] == 1
     (block,) = [b for b, _ in policy._prev.values()]  # the block the schedule keeps for the image
     assert by_id[("i",)].gpus[0] == block[0]
     assert not set(by_id[("v",)].gpus) & set(block)  # the late video runs beside it, never on it

@@ -206,7 +206,7 @@ class HetuIlpPolicy(Policy):
                 req = lead.request
                 act = req.spec.activation_bytes(req.shape, len(blk), len(ms))
                 got = alloc.take(len(blk), blk, act) or alloc.take(len(blk), lead.latent_gpus, act)
-                if got is not None and not state.placement.runs(got, req.model, "diffuse"):
+                if got is not None and not state.placement.runs(got, req.model, Stage.DIFFUSE):
                     alloc.release(got)
                     got = None
                 if got is not None:
@@ -254,7 +254,7 @@ class HetuIlpPolicy(Policy):
         for k in t.degrees:
             nodes = sorted({state.cluster.node_of(b[0]) for b in state.cluster.blocks(k)
                             if alloc.is_free(b) and alloc.headroom(b) >= t.act[k]
-                            and state.placement.runs(b, model, "diffuse")})
+                            and state.placement.runs(b, model, Stage.DIFFUSE)})
             if nodes:
                 fits[k] = nodes
         allowed = [k for k in efficient_degrees(t) if k in fits]
@@ -348,7 +348,7 @@ class HetuIlpPolicy(Policy):
             model = task.lead.request.model
             node = set(cluster.nodes[n])
             cands = [b for b in cluster.blocks(k) if b[0] in node and alloc.is_free(b)
-                     and alloc.headroom(b) >= need and state.placement.runs(b, model, "diffuse")]
+                     and alloc.headroom(b) >= need and state.placement.runs(b, model, Stage.DIFFUSE)]
             if not cands:
                 continue
             blk = min(cands, key=lambda b: (alloc.free_chunk(b), b[0]))

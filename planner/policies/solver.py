@@ -37,6 +37,7 @@ from ditplan.planner.placement import WeightLoad
 from ditplan.planner.plan import RoundPlan
 from ditplan.planner.policies.base import Policy, make_policy, register
 from ditplan.planner.problem import ProblemRequest, RoundProblem, build_problem
+from ditplan.planner.request import Stage
 from ditplan.planner.solvers import cpsat, milp
 from ditplan.planner.solvers.commit import (LATE_MODES, Committed, Gaps, commit_on_time, fill_best_effort, idle_gaps,
                                             load_stranded, rejections, weight_load)
@@ -88,11 +89,11 @@ def scopes(problem: RoundProblem, skip: set[str] = frozenset(), fit: str = "best
         return end
 
     for r in sorted(everyone, key=lambda r: (r.deadline, r.id)):
-        bound = has_latent(r) or r.stage == "decode" or r.id not in waiting
+        bound = has_latent(r) or r.stage is Stage.DECODE or r.id not in waiting
         if bound and r.latent_gpus:
             n = node_of[r.latent_gpus[0]]
             out[n].append(r)
-            k = len(r.latent_gpus) if r.stage != "decode" and len(r.latent_gpus) in r.step_s else 1
+            k = len(r.latent_gpus) if r.stage is not Stage.DECODE and len(r.latent_gpus) in r.step_s else 1
             take(n, min(k, len(free_at[n])), r.ready_in, r)
         else:
             fresh.append(r)
@@ -232,8 +233,8 @@ class SchedulePolicy(Policy):
             commit_on_time(data, sched, problem, self.piece_s, gaps, out)
             present = {rid for j in sched.placed for rid in data.jobs[j].ids}
             left = [r for r in reqs if r.id in waiting and r.id not in present]
-            carry = [r for r in left if not has_latent(r) and r.stage != "decode"]
-            best_effort += [r for r in left if has_latent(r) or r.stage == "decode"]
+            carry = [r for r in left if not has_latent(r) and r.stage is not Stage.DECODE]
+            best_effort += [r for r in left if has_latent(r) or r.stage is Stage.DECODE]
             for j, (a, s) in sched.placed.items():
                 prev[data.jobs[j].key] = (data.jobs[j].alts[a].block, now + s * TICK_S)
             stats["scopes"] += 1

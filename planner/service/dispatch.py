@@ -63,7 +63,7 @@ def startable(a: Assignment, now: float, book: RequestBook, fleet: Fleet) -> boo
             return False
         if a.stage is Stage.DIFFUSE and not 1 <= a.steps <= t.status.remaining_steps:
             return False
-        if fleet.placement is not None and not fleet.placement.runs(a.gpus, t.status.request.model, a.stage.value):
+        if fleet.placement is not None and not fleet.placement.runs(a.gpus, t.status.request.model, a.stage):
             return False
     return all(fleet.idle(g, now) for g in a.gpus)
 

@@ -30,7 +30,6 @@ from ditplan.planner.request import Stage
 from ditplan.planner.solvers.data import TICK_S, ScheduleData, aligned_blocks, has_latent, is_lost, kept_degrees, load_plan
 from ditplan.planner.solvers.solution import Schedule
 
-_STAGE = {"encode": Stage.ENCODE, "diffuse": Stage.DIFFUSE, "decode": Stage.DECODE}
 LATE_MODES = ("serve", "reject")
 
 
@@ -85,7 +84,7 @@ def commit_on_time(data: ScheduleData, sched: Schedule, problem: RoundProblem, p
                 gaps.until[g] = min(gaps.until[g], s0 * TICK_S)
         if s != 0 or job.in_flight or any(rid not in waiting for rid in job.ids):
             continue
-        apart = job.stage == "encode" and alt.encode_gpu >= 0
+        apart = job.stage is Stage.ENCODE and alt.encode_gpu >= 0
         if apart:  # the encode runs now on its own GPU, whether or not the block loads meanwhile
             out.assignments.append(Assignment(job.ids, Stage.ENCODE, (alt.encode_gpu,), 0))
             gaps.take((alt.encode_gpu,))
@@ -97,12 +96,12 @@ def commit_on_time(data: ScheduleData, sched: Schedule, problem: RoundProblem, p
             continue
         if apart:
             continue
-        if job.stage == "diffuse":
+        if job.stage is Stage.DIFFUSE:
             q = piece_steps(alt.step_s, piece_s, job.rem)
             out.assignments.append(Assignment(job.ids, Stage.DIFFUSE, alt.block, q))
             gaps.take(alt.block)
         else:
-            out.assignments.append(Assignment(job.ids, _STAGE[job.stage], (alt.block[0],), 0))
+            out.assignments.append(Assignment(job.ids, job.stage, (alt.block[0],), 0))
             gaps.take((alt.block[0],))
 
 
@@ -118,8 +117,8 @@ def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundPro
         return a
     ids = tuple(r.id for r in [pr, *mates])
     b = len(ids)
-    if pr.stage in ("encode", "decode"):
-        dur = (pr.encode_s if b == 1 else pr.batch_encode_s[b]) if pr.stage == "encode" else \
+    if pr.stage is not Stage.DIFFUSE:
+        dur = (pr.encode_s if b == 1 else pr.batch_encode_s[b]) if pr.stage is Stage.ENCODE else \
             (pr.decode_s if b == 1 else pr.batch_decode_s[b])
         cands = [g for g, u in gaps.until.items()
                  if u >= dur - 1e-12 and problem.runs((g,), pr.model, pr.stage)]
@@ -128,7 +127,7 @@ def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundPro
         own = [g for g in cands if g in pr.latent_gpus]
         g = min(own or cands, key=lambda g: (gaps.until[g], g))  # the tightest gap that fits
         gaps.take((g,))
-        return Assignment(ids, _STAGE[pr.stage], (g,), 0)
+        return Assignment(ids, pr.stage, (g,), 0)
     step = pr.step_s if b == 1 else pr.batch_step_s[b]
     node_of = problem.node_of
     mem = {g.index: g.memory_free for g in problem.gpus}
@@ -141,7 +140,7 @@ def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundPro
     for k in degrees:
         need = pr.act_bytes[k] * b + b
         for blk in aligned_blocks(list(gaps.until), problem.nodes, k):
-            if min(mem[g] for g in blk) < need or not problem.runs(blk, pr.model, "diffuse"):
+            if min(mem[g] for g in blk) < need or not problem.runs(blk, pr.model, Stage.DIFFUSE):
                 continue
             move = max([r.move_s[node_of[blk[0]]] for r in movers if set(r.latent_gpus) != set(blk)],
                        default=0.0)
@@ -194,7 +193,7 @@ def fill_best_effort(candidates: Sequence[ProblemRequest], problem: RoundProblem
         if pr.id in done or not gaps.until:
             continue
         mates: list[ProblemRequest] = []
-        if batching and pr.stage != "decode" and pr.max_batch > 1:
+        if batching and pr.stage is not Stage.DECODE and pr.max_batch > 1:
             same = [r for r in order if r.id != pr.id and r.id not in done and _same_state(r, pr)]
             mates = same[:pr.max_batch - 1]
         a = _fill_one(pr, mates, problem, gaps, piece_s, reserved)
@@ -221,7 +220,7 @@ def load_stranded(candidates: Sequence[ProblemRequest], problem: RoundProblem, g
     for pr in sorted(candidates, key=lambda r: (r.deadline, r.id)):
         if pr.model in done or not gaps.until:
             continue
-        need = pr.act_bytes[min(pr.act_bytes)] + 1 if pr.stage != "decode" else 0
+        need = pr.act_bytes[min(pr.act_bytes)] + 1 if pr.stage is not Stage.DECODE else 0
         if any(problem.runs((g.index,), pr.model, pr.stage) and mem[g.index] >= need for g in problem.gpus
                if reserved.get(g.index, pr.model) == pr.model):
             continue

@@ -36,11 +36,12 @@ free), also at zero slack.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from ditplan.models.catalog import get_model
 from ditplan.planner.problem import ProblemRequest, RoundProblem
+from ditplan.planner.request import Stage
 
 TICK_S = 1e-3
 # Slack of the exact on-time test, in ticks: 1e-10 s absorbs float noise and stays
@@ -120,7 +121,7 @@ class Alt:
 class Job:
     index: int
     ids: tuple[str, ...]  # one request, or a batch (deadline order)
-    stage: str  # next stage: "encode" | "diffuse" | "decode"
+    stage: Stage  # next stage
     rem: int  # diffuse steps left
     release: int  # tick from which it may start (in flight: when its segment ends)
     deadline_s: float  # the earliest member deadline, seconds from now
@@ -206,12 +207,12 @@ class _Member:
     in_flight: bool
 
 
-def chain_parts(stage: str, enc: float, move: float, rem: int, step: float, dec: float
+def chain_parts(stage: Stage, enc: float, move: float, rem: int, step: float, dec: float
                 ) -> tuple[float, float, float]:
     """(encode, diffuse, decode) seconds of a remaining chain from ``stage``."""
-    if stage == "decode":
+    if stage is Stage.DECODE:
         return 0.0, 0.0, dec
-    return (enc if stage == "encode" else 0.0), move + rem * step, dec
+    return (enc if stage is Stage.ENCODE else 0.0), move + rem * step, dec
 
 
 def _may_decode(g: int, pr: ProblemRequest, reserved: Mapping[int, str]) -> bool:
@@ -231,7 +232,7 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
     dec = lead_pr.decode_s if b == 1 else lead_pr.batch_decode_s[b]
     out: list[Alt] = []
     model = lead_pr.model
-    if stage == "decode":
+    if stage is Stage.DECODE:
         for g in gpus:
             if not _may_decode(g, lead_pr, reserved):
                 continue
@@ -249,11 +250,11 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
     node_of = problem.node_of
     allowed = [g for g in gpus if reserved.get(g, model) == model]
     own = {g for m in members if has_latent(m.pr) for g in m.pr.latent_gpus}
-    encoders = _encoders(problem, gpus, model, reserved) if stage == "encode" else {}
+    encoders = _encoders(problem, gpus, model, reserved) if stage is Stage.ENCODE else {}
     for k in kept_degrees(step):
         need = lead_pr.act_bytes[k] * b + b  # per GPU; activations grow linearly with the batch
         if encoders:  # encode apart: the block needs no text encoders
-            for blk, ld in _candidate_blocks(problem, gpus, k, model, "diffuse", need, mem, allowed, own):
+            for blk, ld in _candidate_blocks(problem, gpus, k, model, Stage.DIFFUSE, need, mem, allowed, own):
                 e = encoders.get(node_of[blk[0]])
                 if e is not None and e not in blk and (ld[0] or not problem.gpu_of[blk[0]].holds(model, "text")):
                     alt = _apart_alt(blk, e, ld, enc, lead_pr.embed_s, lead_pr.remaining_steps, step[k], dec,
@@ -267,7 +268,7 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
                 if has_latent(m.pr) and set(m.pr.latent_gpus) != set(blk):
                     move = max(move, m.pr.move_s[node_of[blk[0]]])
                     migrate = True
-                elif m.pr.stage == "diffuse" and m.pr.latent_gpus and not set(m.pr.latent_gpus) & set(blk):
+                elif m.pr.stage is Stage.DIFFUSE and m.pr.latent_gpus and not set(m.pr.latent_gpus) & set(blk):
                     move = max(move, m.pr.embed_s)  # encoded apart: the embeddings come over first
             e, d, dd = chain_parts(stage, enc, move, lead_pr.remaining_steps, step[k], dec)
             latest = ticks_down(deadline - (load_s + e + d + dd))
@@ -315,14 +316,14 @@ def _apart_alt(blk: tuple[int, ...], e: int, ld: "_Loads", enc: float, embed_s: 
     return Alt(blk, lead, diff, span, latest, gpu_ms, False, step, embed_s, loads, load_s, evicts, e, n_enc)
 
 
-def chain_components(stage: str, first: bool) -> tuple[str, ...]:
+def chain_components(stage: Stage, first: bool) -> tuple[str, ...]:
     """Components a GPU of the chain's block needs: all of them the backbone; ``block[0]`` also
     the VAE (it decodes) and the text encoders if the request still has to encode."""
-    if stage == "decode":
+    if stage is Stage.DECODE:
         return ("vae",)
     if not first:
         return ("backbone",)
-    return ("text", "backbone", "vae") if stage == "encode" else ("backbone", "vae")
+    return ("text", "backbone", "vae") if stage is Stage.ENCODE else ("backbone", "vae")
 
 
 def weight_bytes(weight: str) -> int:
@@ -333,7 +334,7 @@ def weight_bytes(weight: str) -> int:
 MAX_LOADING_BLOCKS = 2  # per degree: loading alternatives beyond these are dominated in practice
 
 
-def _candidate_blocks(problem: RoundProblem, gpus: Sequence[int], k: int, model: str, stage: str, need: int,
+def _candidate_blocks(problem: RoundProblem, gpus: Sequence[int], k: int, model: str, stage: Stage, need: int,
                       mem: dict[int, int], allowed: Sequence[int] | None = None, own: set[int] = frozenset()
                       ) -> list[tuple[tuple[int, ...], "_Loads"]]:
     """Blocks of ``k`` a chain may use: every block that holds its weights, and the
@@ -361,7 +362,7 @@ def _candidate_blocks(problem: RoundProblem, gpus: Sequence[int], k: int, model:
 _Loads = tuple[tuple[tuple[int, str], ...] | None, float, tuple[tuple[int, str], ...]]
 
 
-def load_plan(problem: RoundProblem, blk: tuple[int, ...], model: str, stage: str, need: int,
+def load_plan(problem: RoundProblem, blk: tuple[int, ...], model: str, stage: Stage, need: int,
            mem: dict[int, int]) -> _Loads:
     """(loads a chain on ``blk`` needs first, their seconds, evictions), or ``loads`` None when it cannot fit.
 
@@ -463,7 +464,7 @@ def build_schedule(problem: RoundProblem, requests: Iterable[ProblemRequest] | N
     if params.batching:
         groups: dict[tuple, list[_Member]] = {}
         for m in modeled:
-            if m.pr.stage != "decode" and m.pr.max_batch > 1:
+            if m.pr.stage is not Stage.DECODE and m.pr.max_batch > 1:
                 groups.setdefault(_state_key(m), []).append(m)
         for key in sorted(groups, key=lambda k: min((m.pr.deadline, m.pr.id) for m in groups[k])):
             if len(groups[key]) >= 2:

@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 
 from ditplan.models.catalog import get_model
 from ditplan.planner.problem import ProblemRequest, RoundProblem
+from ditplan.planner.request import Stage
 from ditplan.planner.solvers.data import aligned_blocks, chain_components, chain_parts, kept_degrees, load_plan
 
 WINDOW = 32  # recent arrivals the demand estimate looks back over
@@ -65,7 +66,7 @@ def _load_s(problem: RoundProblem, model: str) -> float:
 
 def arrival(pr: ProblemRequest, now: float, load_s: float, age: float = 0.0) -> Arrival:
     """What one fresh request asked of the placement when it arrived ``age`` seconds ago."""
-    chain = {k: sum(chain_parts("encode", pr.encode_s, 0.0, pr.remaining_steps, pr.step_s[k], pr.decode_s))
+    chain = {k: sum(chain_parts(Stage.ENCODE, pr.encode_s, 0.0, pr.remaining_steps, pr.step_s[k], pr.decode_s))
              for k in kept_degrees(pr.step_s)}
     budget = pr.deadline + age + 1e-9
     on_time = [k for k in sorted(chain) if chain[k] <= budget]
@@ -148,7 +149,7 @@ class PlacementLoop:
     def observe(self, problem: RoundProblem, ages: Mapping[str, float] = {}) -> None:
         """Record the fresh requests seen for the first time (``ages``: seconds since each arrived, when
         known; no plan runs while every GPU is busy); re-derive after :attr:`every` of them."""
-        fresh = [pr for pr in problem.requests if pr.stage == "encode" and not pr.steps_done]
+        fresh = [pr for pr in problem.requests if pr.stage is Stage.ENCODE and not pr.steps_done]
         for pr in sorted(fresh, key=lambda r: r.id):
             if pr.id in self.seen:
                 continue
@@ -215,7 +216,7 @@ def keep_loaded(problem: RoundProblem, reserves: Sequence[Reserve], act: Mapping
         for i, g in enumerate(r.block):
             if g not in free or g in latents:
                 continue
-            stage = "encode" if i == 0 else "diffuse"
+            stage = Stage.ENCODE if i == 0 else Stage.DIFFUSE
             if all(problem.gpu_of[g].holds(r.model, c) for c in chain_components(stage, True)):
                 continue
             loads, _, evicts = load_plan(problem, (g,), r.model, stage, act.get(r.model, 0) + 1, mem)
