@@ -1,7 +1,7 @@
 """RoundPlan: what a policy decides for one planning instant."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ditplan.planner.placement import WeightLoad
 from ditplan.planner.request import Stage
@@ -26,6 +26,29 @@ class Assignment:
         return len(self.gpus)
 
 
+@dataclass
+class PlanStats:
+    """What a policy reports about one plan, for logs, the Plan RPC and tests (never for
+    decisions). Each policy family extends it with its own fields."""
+
+    wall_ms: float | None = None  # the whole plan call
+    fallback_reason: str | None = None  # why the primary method's plan was not used
+
+    def to_dict(self) -> dict[str, object]:
+        """The fields that are set, by name (the wire form, ``RoundPlan.stats_json``)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class WireStats(PlanStats):
+    """Stats received over the wire: the sender's fields by name, whatever its policy."""
+
+    fields: dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(self.fields)
+
+
 @dataclass(frozen=True)
 class RoundPlan:
     assignments: tuple[Assignment, ...] = ()
@@ -34,7 +57,7 @@ class RoundPlan:
     # The backend that produced the plan; ``fallback`` when the primary failed.
     solver: str = ""
     fallback: bool = False
-    stats: dict = field(default_factory=dict, compare=False)
+    stats: PlanStats = field(default_factory=PlanStats, compare=False)
     # Requests ended now, with the reason (``--late reject``: they cannot meet their deadline).
     rejections: tuple[tuple[str, str], ...] = ()
     # Placement changes, applied before the assignments: unloads free their

@@ -121,7 +121,7 @@ def test_genserve_pauses_the_video_with_the_most_slack_and_resumes_it(loose):
     res, pol = simulate("genserve", videos + [image])
     st = {s.id: s for s in res.requests}
     assert st[loose].preemptions == 1 and st[tight].preemptions == 0
-    paused_at = [(t, p.stats["paused"]) for t, p in pol.log if p.stats.get("paused")]
+    paused_at = [(t, p.stats.paused) for t, p in pol.log if p.stats.paused]
     assert [ids for _, ids in paused_at] == [[loose]]
     t_pause = paused_at[0][0]
     # The image takes the paused video's 4-GPU block at that boundary and meets its deadline.
@@ -142,7 +142,7 @@ def test_genserve_pauses_no_video_when_images_fit_on_free_gpus():
     image = status(req("i", size=1024, steps=10, deadline=11.5))
     plan = make_policy("genserve").plan(planner_state([video, image], just_paused={"v"}))
     ids = {rid for a in plan.assignments for rid in a.request_ids}
-    assert ids == {"v", "i"} and plan.stats["paused"] == []
+    assert ids == {"v", "i"} and plan.stats.paused == []
 
 
 def test_genserve_elastic_sp_raises_the_degree_of_a_video_that_fell_behind():
@@ -262,10 +262,10 @@ def test_hetu_resolves_on_its_half_second_cadence():
     assert segments_of(res, "a", Stage.ENCODE)[0].start == 0.0
     # b arrived at 0.1 with idle GPUs, but the last solve was at 0: it waits for the 0.5 s tick.
     assert segments_of(res, "b", Stage.ENCODE)[0].start == pytest.approx(SOLVE_INTERVAL_S)
-    solves = [(t, p.stats["trigger"]) for t, p in pol.log if p.stats.get("solved")]
+    solves = [(t, p.stats.trigger) for t, p in pol.log if p.stats.solved]
     assert solves == [(0.0, "interval"), (pytest.approx(0.5), "interval")]
     plan_at_b = next(p for t, p in pol.log if t == pytest.approx(0.1))
-    assert plan_at_b.wake_at == pytest.approx(0.5) and not plan_at_b.stats["solved"]
+    assert plan_at_b.wake_at == pytest.approx(0.5) and not plan_at_b.stats.solved
 
 
 def test_hetu_resolves_early_when_gpus_free_up():
@@ -276,7 +276,7 @@ def test_hetu_resolves_early_when_gpus_free_up():
     a_done = res.requests[0].finish
     assert a_done < SOLVE_INTERVAL_S
     assert segments_of(res, "b", Stage.ENCODE)[0].start == pytest.approx(a_done)
-    assert [p.stats["trigger"] for t, p in pol.log if p.stats.get("solved")] == ["interval", "freed"]
+    assert [p.stats.trigger for t, p in pol.log if p.stats.solved] == ["interval", "freed"]
 
 
 def test_hetu_batches_queued_same_shape_images_and_rewards_on_time_requests():

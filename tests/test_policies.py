@@ -301,7 +301,7 @@ def test_tetriserve_dp_keeps_the_most_requests_on_track():
             urgent_2048("r2", now, 4.40, arrival=2)]
     plan = plan_of("tetriserve-dp", make_state(reqs, now=now))
     a = by_id(plan)
-    assert plan.stats["dp_groups"] == 3 and plan.stats["dp_value"] == 2
+    assert plan.stats.dp_groups == 3 and plan.stats.dp_value == 2
     assert set(a) == {"r1", "r2"}  # 8 GPUs hold two k=4 requests; the earliest deadlines win
     assert {a["r1"].sp, a["r2"].sp} == {4}
     assert a["r2"].steps == math.floor(2.0 / step("flux-dev", 2048, 4)) == 13

@@ -177,7 +177,7 @@ def test_every_plan_passes_the_checker_for_each_backend():
         for pol in policies:
             plan = pol.plan(state)
             assert check_plan(state, plan) == [], (seed, pol.name, plan)
-            assert "fallback_reason" not in plan.stats, (seed, pol.name, plan.stats)
+            assert plan.stats.fallback_reason is None, (seed, pol.name, plan.stats)
 
 
 def test_a_running_request_keeps_its_block_and_an_urgent_image_gets_a_free_one():
@@ -209,7 +209,7 @@ def test_a_late_request_runs_only_in_capacity_no_on_time_request_needs():
     plan = policy.plan(state)
     assert check_plan(state, plan) == []
     by_id = {a.request_ids: a for a in plan.assignments}
-    assert by_id[("i",)].stage is Stage.ENCODE and plan.stats["on_time"] == 1
+    assert by_id[("i",)].stage is Stage.ENCODE and plan.stats.on_time == 1
     (block,) = [b for b, _ in policy._prev.values()]  # the block the schedule keeps for the image
     assert by_id[("i",)].gpus[0] == block[0]
     assert not set(by_id[("v",)].gpus) & set(block)  # the late video runs beside it, never on it
@@ -286,7 +286,7 @@ def test_on_time_claims_hold_in_seconds():
     requests = to_requests(records, COST, cluster, 1.6)
     claims = []
     policy = make_policy("cpsat")
-    result = Simulator(cluster, COST, policy, on_plan=lambda s, p: claims.append(p.stats.get("on_time"))).run(requests)
+    result = Simulator(cluster, COST, policy, on_plan=lambda s, p: claims.append(getattr(p.stats, "on_time", None))).run(requests)
     met_n = sum(st.met for st in result.requests)
     assert 0 < claims[0] <= met_n < len(requests)  # a loaded instance, and no claim was broken
 

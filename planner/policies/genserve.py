@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from ditplan.planner.plan import Assignment, RoundPlan
 from ditplan.planner.policies.base import Policy, register
 from ditplan.planner.policies.kit.blocks import BlockAllocator
-from ditplan.planner.policies.kit.knapsack import KnapsackChoice, solve_group_knapsack
+from ditplan.planner.policies.kit.knapsack import KnapsackChoice, KnapsackStats, solve_group_knapsack
 from ditplan.planner.policies.kit.packing import level_capacity, packing_fits
 from ditplan.planner.policies.kit.rounds import deadline_order, migration_estimate, round_steps
 from ditplan.planner.policies.kit.timing import Timing, TimingTable, batch_limit
@@ -251,8 +251,8 @@ class GenServePolicy(Policy):
                     self._holds.append((u.ids, u.gpus[1:]))
             else:
                 out.append(self._diffuse(state, u))
-        stats = {"dp_groups": len(wanted), "dp_value": value,
-                 "paused": [u.lead.id for u in paused], "batches": sum(1 for u in placed if u.value > 1)}
+        stats = KnapsackStats(dp_groups=len(wanted), dp_value=value, paused=[u.lead.id for u in paused],
+                              batches=sum(1 for u in placed if u.value > 1))
         return RoundPlan(tuple(out), solver=self.name, stats=stats)
 
     # --- helpers -----------------------------------------------------------------

@@ -64,7 +64,7 @@ import ditplan.planner.solvers  # noqa: F401  (loads ortools' libhighs before pu
 import pulp
 
 from ditplan.models.catalog import SP_DEGREES
-from ditplan.planner.plan import Assignment, RoundPlan
+from ditplan.planner.plan import Assignment, PlanStats, RoundPlan
 from ditplan.planner.policies.base import Policy, register
 from ditplan.planner.policies.kit.blocks import BlockAllocator
 from ditplan.planner.policies.kit.packing import packing_fits
@@ -125,6 +125,26 @@ def efficient_degrees(times: Timing) -> tuple[int, ...]:
     return tuple(k for k in times.degrees if times.efficient(k))
 
 
+
+@dataclass
+class IlpInfo:
+    """One solve of the placement ILP."""
+
+    vars: int
+    tasks: int
+    status: str  # PuLP's status name
+    launched: int = 0
+
+
+@dataclass
+class HetuStats(PlanStats):
+    """A plan of hetu-ilp: whether it solved its ILP this time, and why."""
+
+    queued_tasks: int = 0
+    solved: bool = False
+    trigger: str | None = None  # "interval" (the solve cadence) or "freed" (GPUs came free)
+    ilp: IlpInfo | None = None
+
 @register("hetu-ilp")
 class HetuIlpPolicy(Policy):
     """Hetu-DiT's ILP dispatcher: efficient degrees, deadline rewards, 0.5 s cadence."""
@@ -162,14 +182,15 @@ class HetuIlpPolicy(Policy):
         # 2. Queued tasks; solve on the cadence.
         tasks = self._tasks(state, times, bound_ids)
         free = frozenset(alloc.free_gpus())
-        stats: dict = {"queued_tasks": len(tasks), "solved": False}
+        stats = HetuStats(queued_tasks=len(tasks))
         fallback = False
         if tasks and free:
             due = self._last_solve is None or now - self._last_solve >= SOLVE_INTERVAL_S - _EPS
             freed = bool(free - self._free_after_solve)
             if due or freed:
                 launched, fallback, info = self._solve(state, alloc, tasks[:MAX_TASKS])
-                stats.update(info, solved=True, trigger="interval" if due else "freed")
+                stats.ilp = info
+                stats.solved, stats.trigger = True, "interval" if due else "freed"
                 self._last_solve = now
                 self.solves += 1
                 dispatched = set()
@@ -265,7 +286,7 @@ class HetuIlpPolicy(Policy):
         return [(k, n, task.reward(now, k)) for k in allowed for n in fits[k]]
 
     def _solve(self, state: PlannerState, alloc: BlockAllocator, tasks: list[_Task]
-               ) -> tuple[list[tuple[_Task, tuple[int, ...]]], bool, dict]:
+               ) -> tuple[list[tuple[_Task, tuple[int, ...]]], bool, IlpInfo]:
         cluster = state.cluster
         caps = {}  # node -> {j: free aligned j-blocks of backbone GPUs}
         diffusers = [bool(state.placement.models_on(g)) for g in range(cluster.size)]
@@ -287,7 +308,7 @@ class HetuIlpPolicy(Policy):
                 v = new_var(prob, f"x_{i}_{k}_{n}", cat=pulp.LpBinary)
                 x[i, k, n], gain[i, k, n] = v, r
         if not x:
-            return [], False, {"ilp_vars": 0, "status": "no options"}
+            return [], False, IlpInfo(0, len(tasks), "no options")
         used = {n: pulp.lpSum(k * v for (i, k, m), v in x.items() if m == n) for n in caps}
         idle = pulp.lpSum(caps[n][1] - used[n] for n in caps)
         prob += pulp.lpSum(gain[key] * v for key, v in x.items()) - IDLE_PENALTY * idle
@@ -304,12 +325,12 @@ class HetuIlpPolicy(Policy):
             if terms:
                 prob += pulp.lpSum(terms) <= encoders[n], f"encoders_{n}"
         status = prob.solve(_cbc())
-        info = {"ilp_vars": len(x), "ilp_tasks": len(tasks), "status": pulp.LpStatus.get(status, str(status))}
+        info = IlpInfo(len(x), len(tasks), pulp.LpStatus.get(status, str(status)))
         picks = [key for key, v in x.items() if v.value() is not None and v.value() > 0.5]
         fallback = status != pulp.LpStatusOptimal and not picks
         if fallback or not self._packs(picks, caps):
             picks, fallback = self._greedy(options, caps), True
-        info["launched"] = len(picks)
+        info.launched = len(picks)
         return self._place(state, alloc, tasks, picks), fallback, info
 
     @staticmethod

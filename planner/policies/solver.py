@@ -23,18 +23,19 @@ back to the ``tetriserve-dp`` plan. No round is ever missed.
 Determinism: CP-SAT runs on its deterministic time with one worker and a
 fixed seed, so a simulation repeats byte for byte for a seed whatever the
 machine's load. ``wall_limit_s`` (off by default) adds a wall-clock cap for
-the service, where real time rules; ``stats['wall_limited']`` says when it
+the service, where real time rules; ``stats.wall_limited`` says when it
 fired.
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
 from ditplan.models.catalog import get_model
 from ditplan.planner.checker import check_plan
 from ditplan.planner.placement import WeightLoad
-from ditplan.planner.plan import RoundPlan
+from ditplan.planner.plan import PlanStats, RoundPlan
 from ditplan.planner.policies.base import Policy, make_policy, register
 from ditplan.planner.problem import ProblemRequest, RoundProblem, build_problem
 from ditplan.planner.request import Stage
@@ -121,6 +122,20 @@ def scopes(problem: RoundProblem, skip: set[str] = frozenset(), fit: str = "best
 MAX_FULL_SCOPES = 4
 
 
+@dataclass
+class ScheduleStats(PlanStats):
+    """One plan of the schedule model: summed over its scopes (one per node with an idle GPU)."""
+
+    scopes: int = 0
+    jobs: int = 0
+    on_time: int = 0  # on-time weight the solves placed
+    solve_ms: float = 0.0
+    status: list[str] = field(default_factory=list)  # per scope
+    wall_limited: bool = False  # a solve stopped at the wall-clock limit
+    reserved: int = 0  # GPUs the placement loop reserves
+    loads: int = 0  # weight loads in the plan
+
+
 class SchedulePolicy(Policy):
     """The schedule model solved at every planning instant (see the module doc)."""
 
@@ -170,7 +185,7 @@ class SchedulePolicy(Policy):
         hint = greedy(data, prev)
         sched = self.solve(data, hint, limit_s)
         if not sched.has_solution or evaluate(data, sched.placed).objective < hint.objective:
-            hint.stats["fallback_reason"] = sched.status.value
+            hint.stats.fallback_reason = sched.status.value
             return hint, not sched.has_solution
         return sched, False
 
@@ -187,7 +202,7 @@ class SchedulePolicy(Policy):
             problems = check_plan(state, plan)
             if problems:
                 return self.fallback(state, t0, "checker: " + "; ".join(problems[:3]))
-        plan.stats["wall_ms"] = (time.perf_counter() - t0) * 1e3
+        plan.stats.wall_ms = (time.perf_counter() - t0) * 1e3
         return plan
 
     def _plan(self, state: PlannerState, t0: float) -> RoundPlan:
@@ -218,7 +233,7 @@ class SchedulePolicy(Policy):
         out = Committed()
         best_effort, carry = [], []
         fell_back = False
-        stats = {"scopes": 0, "jobs": 0, "on_time": 0, "solve_ms": 0.0, "status": []}
+        stats = ScheduleStats()
         prev = dict(self._prev)
         self.loop.observe(problem, ages or {})
         reserved = self.loop.owners()
@@ -237,23 +252,20 @@ class SchedulePolicy(Policy):
             best_effort += [r for r in left if has_latent(r) or r.stage is Stage.DECODE]
             for j, (a, s) in sched.placed.items():
                 prev[data.jobs[j].key] = (data.jobs[j].alts[a].block, now + s * TICK_S)
-            stats["scopes"] += 1
-            stats["jobs"] += len(data.jobs)
-            stats["on_time"] += sum(data.jobs[j].weight for j in sched.placed)
-            stats["solve_ms"] += sched.wall_ms
-            stats["status"].append(sched.status.value)
-            if "wall_limited" in sched.stats and sched.stats["wall_limited"]:
-                stats["wall_limited"] = True
+            stats.scopes += 1
+            stats.jobs += len(data.jobs)
+            stats.on_time += sum(data.jobs[j].weight for j in sched.placed)
+            stats.solve_ms += sched.wall_ms
+            stats.status.append(sched.status.value)
+            stats.wall_limited |= sched.stats.wall_limited
         best_effort += carry
         committed = {rid for a in out.assignments for rid in a.request_ids}
         leftover = [r for r in best_effort if r.id not in committed]
         self.fill_gaps(leftover, problem, gaps, reserved, out)
-        if reserved:
-            stats["reserved"] = len(reserved)
+        stats.reserved = len(reserved)
         live = waiting | {r.id for r in problem.in_flight}
         self._prev = {k: v for k, v in prev.items() if all(rid in live for rid in k)}
-        if out.loads:
-            stats["loads"] = len(out.loads)
+        stats.loads = len(out.loads)
         return RoundPlan(tuple(out.assignments), solver=self.name, fallback=fell_back, rejections=tuple(rejected),
                          stats=stats, unloads=tuple(out.unloads), loads=tuple(out.loads))
 
@@ -276,7 +288,7 @@ class SchedulePolicy(Policy):
             self._fallback = make_policy("tetriserve-dp")
         plan = self._fallback.plan(state)
         self._prev = {}
-        st = {"fallback_reason": reason, "wall_ms": (time.perf_counter() - t0) * 1e3}
+        st = PlanStats((time.perf_counter() - t0) * 1e3, reason)
         return RoundPlan(plan.assignments, plan.wake_at, solver=self.name, fallback=True, stats=st)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from ditplan.planner.plan import Assignment, RoundPlan
 from ditplan.planner.policies.base import Policy, register
 from ditplan.planner.policies.kit.blocks import BlockAllocator
-from ditplan.planner.policies.kit.knapsack import KnapsackChoice, solve_group_knapsack
+from ditplan.planner.policies.kit.knapsack import KnapsackChoice, KnapsackStats, solve_group_knapsack
 from ditplan.planner.policies.kit.rounds import (deadline_order, diffuse_assignment, home, migration_estimate,
                                                  on_track_degrees, round_steps, take_best_effort, take_stage_gpu)
 from ditplan.planner.policies.kit.timing import Timing, TimingTable
@@ -175,7 +175,7 @@ class TetriServePolicy(Policy):
 
         out.extend(diffuse_assignment(state, p.status, p.gpus) for p in placed)
         return RoundPlan(tuple(out), solver=self.name,
-                         stats={"dp_groups": len(groups), "dp_value": value})
+                         stats=KnapsackStats(dp_groups=len(groups), dp_value=value))
 
     @staticmethod
     def _take_on_time(alloc: BlockAllocator, st: RequestStatus, t: Timing,

@@ -5,7 +5,7 @@ import json
 import math
 
 from ditplan.planner.placement import WeightLoad
-from ditplan.planner.plan import Assignment, RoundPlan
+from ditplan.planner.plan import Assignment, RoundPlan, WireStats
 from ditplan.planner.request import Stage
 from ditplan.planner.service.admission import RequestSpec
 from ditplan.planner.service.errors import InvalidArgument
@@ -206,7 +206,7 @@ def plan_to_pb(plan: RoundPlan) -> pb.RoundPlan:
     m = pb.RoundPlan(
         assignments=[pb.Assignment(request_ids=list(a.request_ids), stage=STAGE_TO_PB[a.stage], gpus=list(a.gpus),
                                    steps=a.steps) for a in plan.assignments],
-        solver=plan.solver, fallback=plan.fallback, stats_json=json.dumps(plan.stats, default=str, sort_keys=True),
+        solver=plan.solver, fallback=plan.fallback, stats_json=json.dumps(plan.stats.to_dict(), default=str, sort_keys=True),
         unloads=[weight_to_pb(w) for w in plan.unloads], loads=[weight_to_pb(w) for w in plan.loads])
     if plan.wake_at is not None:
         m.wake_at = plan.wake_at
@@ -218,7 +218,7 @@ def plan_from_pb(m: pb.RoundPlan) -> RoundPlan:
         assignments=tuple(Assignment(tuple(a.request_ids), PB_TO_STAGE[a.stage], tuple(a.gpus), a.steps)
                           for a in m.assignments),
         wake_at=m.wake_at if m.HasField("wake_at") else None, solver=m.solver, fallback=m.fallback,
-        stats=json.loads(m.stats_json) if m.stats_json else {},
+        stats=WireStats(fields=json.loads(m.stats_json) if m.stats_json else {}),
         unloads=tuple(weight_from_pb(w) for w in m.unloads), loads=tuple(weight_from_pb(w) for w in m.loads))
 
 

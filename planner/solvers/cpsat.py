@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ortools.sat.python import cp_model
 
 from ditplan.planner.solvers.data import ScheduleData
-from ditplan.planner.solvers.solution import Schedule, SolveStatus, constant_of, release_offset
+from ditplan.planner.solvers.solution import Schedule, SolveStats, SolveStatus, constant_of, release_offset
 
 _STATUS = {
     cp_model.OPTIMAL: SolveStatus.OPTIMAL,
@@ -141,9 +141,8 @@ def solve(data: ScheduleData, time_limit_s: float = 0.05, hint: Schedule | None 
     t_end = time.perf_counter()
     wall_limited = wall_limit_s is not None and solver.wall_time >= wall_limit_s * 0.99
     out = Schedule(status=status, backend="cpsat", wall_ms=(t_end - t0) * 1e3,
-                   stats={"model_ms": (t_model - t0) * 1e3, "solve_ms": (t_end - t_model) * 1e3,
-                          "deterministic_time": solver.deterministic_time, "wall_limited": wall_limited,
-                          "jobs": len(data.jobs), "alternatives": sum(len(j.alts) for j in data.jobs)})
+                   stats=SolveStats((t_model - t0) * 1e3, (t_end - t_model) * 1e3, solver.deterministic_time,
+                                    wall_limited, len(data.jobs), sum(len(j.alts) for j in data.jobs)))
     if status.has_solution:
         for job in data.jobs:
             j = job.index

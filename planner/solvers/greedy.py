@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from ditplan.planner.solvers.data import ScheduleData
-from ditplan.planner.solvers.solution import Schedule, SolveStatus, evaluate
+from ditplan.planner.solvers.solution import Schedule, SolveStats, SolveStatus, evaluate
 
 
 def list_schedule(data: ScheduleData, order: Sequence[int],
@@ -44,7 +44,7 @@ def list_schedule(data: ScheduleData, order: Sequence[int],
         taken.update(job.ids)
         placed[j] = (a, s)
     ev = evaluate(data, placed)
-    return Schedule(placed, SolveStatus.FEASIBLE, "greedy", ev.objective, stats={"on_time": ev.on_time})
+    return Schedule(placed, SolveStatus.FEASIBLE, "greedy", ev.objective, stats=SolveStats(on_time=ev.on_time))
 
 
 def edf_order(data: ScheduleData) -> list[int]:

@@ -32,7 +32,7 @@ import pulp
 
 from ditplan.planner.solvers.data import ScheduleData
 from ditplan.planner.solvers.pulp_vars import new_var
-from ditplan.planner.solvers.solution import Schedule, SolveStatus, constant_of, release_offset
+from ditplan.planner.solvers.solution import Schedule, SolveStats, SolveStatus, constant_of, release_offset
 
 SOLVERS = ("cbc", "highs")
 
@@ -120,10 +120,10 @@ def solve(data: ScheduleData, time_limit_s: float = 10.0, hint: Schedule | None 
             status, bound = _highs_child(prob, time_limit_s, num_workers)
     except Exception as exc:  # the solver binary or library failed
         return Schedule(status=SolveStatus.ERROR, backend=name, wall_ms=(time.perf_counter() - t0) * 1e3,
-                        stats={"error": repr(exc)})
+                        stats=SolveStats(error=repr(exc)))
     t_end = time.perf_counter()
     out = Schedule(status=status, backend=name, wall_ms=(t_end - t0) * 1e3,
-                   stats={"model_ms": (t_model - t0) * 1e3, "solve_ms": (t_end - t_model) * 1e3})
+                   stats=SolveStats((t_model - t0) * 1e3, (t_end - t_model) * 1e3))
     if status.has_solution:
         for job in data.jobs:
             j = job.index

@@ -26,6 +26,21 @@ class SolveStatus(str, enum.Enum):
 
 
 @dataclass
+class SolveStats:
+    """One backend solve."""
+
+    model_ms: float = 0.0  # building the model
+    solve_ms: float = 0.0  # the solver itself
+    deterministic_time: float | None = None  # CP-SAT's deterministic seconds
+    wall_limited: bool = False  # stopped by the wall-clock limit before its deterministic budget
+    jobs: int = 0
+    alternatives: int = 0
+    on_time: int | None = None  # the list schedule's on-time weight (greedy)
+    error: str | None = None  # the backend failed
+    fallback_reason: str | None = None  # the list schedule stood in for the backend's answer, with its status
+
+
+@dataclass
 class Schedule:
     """Present jobs: job index -> (alternative index, start tick). Absent jobs are best effort."""
 
@@ -35,7 +50,7 @@ class Schedule:
     objective: int | None = None
     bound: int | None = None
     wall_ms: float = 0.0
-    stats: dict = field(default_factory=dict)
+    stats: SolveStats = field(default_factory=SolveStats)
 
     @property
     def has_solution(self) -> bool:

@@ -1,8 +1,10 @@
 """TetriServe's group knapsack over GPUs (arXiv 2510.01565): at most one choice per group."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
+
+from ditplan.planner.plan import PlanStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -12,6 +14,16 @@ class KnapsackChoice:
     cost: int
     value: float
     k: int = 0  # SP degree this choice stands for (0: skip)
+
+
+@dataclass
+class KnapsackStats(PlanStats):
+    """A plan of a knapsack peer (tetriserve-dp, genserve)."""
+
+    dp_groups: int = 0  # groups in the knapsack
+    dp_value: float = 0.0  # its best value (on-time requests)
+    paused: list[str] | None = None  # genserve: requests it preempted for a more urgent one
+    batches: int | None = None  # genserve: batches of more than one request
 
 
 def solve_group_knapsack(groups: Sequence[Sequence[KnapsackChoice]],
