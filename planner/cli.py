@@ -38,11 +38,10 @@ def fail(message: str) -> "typer.Exit":
 
 
 def _policies(requested: list[str]) -> list[str]:
-    from ditplan.planner.policies.base import policy_names
     from ditplan.planner.whatif import expand_policies
 
     try:
-        return expand_policies(requested, policy_names() + ["offline-bound"], DEFAULT_POLICIES)
+        return expand_policies(requested, DEFAULT_POLICIES)
     except ValueError as exc:
         raise InputError(str(exc)) from None
 

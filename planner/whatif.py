@@ -6,16 +6,14 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from ditplan.models.cost import CostModel
 from ditplan.planner.cluster import Cluster
-from ditplan.planner.metrics import summarize
-from ditplan.planner.policies.base import make_policy
+from ditplan.planner.policies.base import policy_names
 from ditplan.planner.request import Request
-from ditplan.planner.sim_result import SimResult
-from ditplan.planner.simulator import SimConfig, Simulator
+from ditplan.planner.runners import PolicyRun, RunOptions, get_runner, runner_names
+from ditplan.planner.simulator import SimConfig
 from ditplan.planner.traces import TraceRecord, ideal_latency_from, resolve_deadlines
 
 
@@ -25,28 +23,23 @@ def to_requests(records: Sequence[TraceRecord], cost: CostModel, cluster: Cluste
     return resolve_deadlines(records, ideal_latency_from(cost, cluster.max_node_gpus), slo_scale)
 
 
-@dataclass
-class PolicyRun:
-    result: SimResult
-    summary: dict
-
-
-OFFLINE = "offline-bound"
 # The PuLP MILP policies: minutes on a few hundred requests (500 requests: milp 325 s, milp-highs 135 s),
 # so ``--policy all`` leaves them out and ``--policy all+milp`` takes them too.
 SLOW_POLICIES = ("milp", "milp-highs")
 
 
-def expand_policies(requested: Sequence[str], known: Sequence[str], default: Sequence[str]) -> list[str]:
-    """The policies ``--policy`` names, in order, without repeats.
+def expand_policies(requested: Sequence[str], default: Sequence[str]) -> list[str]:
+    """The policies ``--policy`` names, in order, without repeats; every runner is known (``planner/runners.py``).
 
-    ``all`` is every known round policy but the slow MILP ones
-    (``SLOW_POLICIES``) and ``offline-bound``; ``all+milp`` adds the MILP
-    ones. No names: ``default`` (those of it that are known).
+    ``all`` is every round policy but the slow MILP ones (``SLOW_POLICIES``);
+    ``all+milp`` adds the MILP ones; a runner that is not a round policy
+    (``offline-bound``) runs only by its name. No names: ``default`` (those of
+    it that are known).
     """
+    known = runner_names()
     if not requested:
         return [p for p in default if p in known]
-    rounds = [k for k in known if k != OFFLINE]
+    rounds = policy_names()
     chosen: list[str] = []
     for p in requested:
         if p == "all":
@@ -168,37 +161,24 @@ def run_policies(requests: Sequence[Request], cluster: Cluster, cost: CostModel,
                  offline_budget_s: float = 4.0, late: str = "serve",
                  on_start: Callable[[str], None] | None = None,
                  on_done: Callable[[str, PolicyRun, float], None] | None = None) -> dict[str, PolicyRun]:
-    """Simulate each policy on the same requests; a fresh policy object per run.
+    """Run each policy on the same requests with its runner (``planner/runners.py``).
 
-    ``offline-bound`` is not a round policy: it solves the whole trace with
-    CP-SAT (``offline_budget_s`` deterministic seconds, so the result repeats
-    for a seed) and its summary adds ``slo_attainment_upper_bound``, the
-    proven bound on any policy's attainment. ``late`` (``serve`` or
-    ``reject``) is what the solver policies do with requests that can no
-    longer make their deadline; the peers always serve them. ``on_start(name)``
-    and ``on_done(name, run, wall_seconds)`` bracket each policy's run.
+    A round policy runs through the simulator, a fresh policy object per run.
+    ``offline-bound`` solves the whole trace with CP-SAT (``offline_budget_s``
+    deterministic seconds, so the result repeats for a seed) and its summary
+    adds ``slo_attainment_upper_bound``, the proven bound on any policy's
+    attainment. ``late`` (``serve`` or ``reject``) is what the solver policies
+    do with requests that can no longer make their deadline; the peers always
+    serve them. ``on_start(name)`` and ``on_done(name, run, wall_seconds)``
+    bracket each policy's run.
     """
     out: dict[str, PolicyRun] = {}
     for name in policies:
         t0 = time.perf_counter()
         if on_start:
             on_start(name)
-        if name == OFFLINE:
-            from ditplan.planner.offline import solve_offline
-
-            off = solve_offline(requests, cluster, cost, time_limit_s=max(60.0, 20 * offline_budget_s),
-                                seed=config.seed, deterministic_time=offline_budget_s)
-            summary = summarize(off.result)
-            summary["slo_attainment_upper_bound"] = round(off.upper_bound, 6)
-            summary["offline_status"] = off.status
-            out[name] = PolicyRun(off.result, summary)
-            if progress:
-                progress(name, len(requests), len(requests))
-        else:
-            policy = make_policy(name, late=late)
-            cb = (lambda done, total, _n=name: progress(_n, done, total)) if progress else None
-            result = Simulator(cluster, cost, policy, config).run(requests, progress=cb)
-            out[name] = PolicyRun(result, summarize(result))
+        cb = (lambda done, total, _n=name: progress(_n, done, total)) if progress else None
+        out[name] = get_runner(name)(requests, cluster, cost, RunOptions(config, late, offline_budget_s, cb))
         if on_done:
             on_done(name, out[name], time.perf_counter() - t0)
     return out

@@ -1,18 +1,21 @@
-"""Offline bound (planner/offline.py): a checkable schedule and a valid upper bound."""
+"""Offline bound (planner/offline/): a checkable schedule and a valid upper bound."""
 import itertools
 
 import pytest
 
 from ditplan.models.catalog import Shape
 from ditplan.models.cost import CostModel
-from ditplan.planner import offline
 from ditplan.planner.checker import check_timeline
 from ditplan.planner.cluster import parse_cluster
+from ditplan.planner.execution import EPS
 from ditplan.planner.metrics import summarize, timeline_records
-from ditplan.planner.offline import solve_offline
+from ditplan.planner.offline import POLICY_NAME, bound, fit, schedule, solve_offline
+from ditplan.planner.plan import Assignment, RoundPlan
+from ditplan.planner.policies.base import policy_names
 from ditplan.planner.request import Request, RequestState, Stage
+from ditplan.planner.runners import runner_names
 from ditplan.planner.simulator import SimConfig, Simulator
-from ditplan.planner.whatif import to_requests
+from ditplan.planner.whatif import run_policies, to_requests
 from ditplan.planner.workloads import generate
 
 COST = CostModel("H100")
@@ -37,7 +40,8 @@ def flux(rid, side, arrival, scale, cluster=C4):
 @pytest.fixture(scope="module")
 def small():
     reqs = to_requests(generate("tetriserve-uniform", n=10, seed=0, rate=4.0), COST, C4, 1.5)
-    return reqs, solve_offline(reqs, C4, COST, time_limit_s=30, deterministic_time=0.4)
+    # The arguments the offline-bound runner passes for --offline-budget 0.4 and seed 0.
+    return reqs, solve_offline(reqs, C4, COST, time_limit_s=60, seed=0, deterministic_time=0.4)
 
 
 def test_schedule_passes_the_checker_and_summarizes(small):
@@ -100,7 +104,7 @@ def test_overloaded_trace_has_a_bound_below_one():
 
 def brute_force(reqs, cluster):
     """Most requests on time over every order, option and subset, each run contiguous on its block."""
-    opts = [offline._options(r, cluster, COST, offline._served_weight_bytes(reqs, cluster)) for r in reqs]
+    opts = [schedule.block_choices(r, cluster, COST, fit.served_weight_bytes(reqs, cluster)) for r in reqs]
     best = 0
     for order in itertools.permutations(range(len(reqs))):
         for choice in itertools.product(*[[None, *opts[i]] for i in order]):
@@ -144,22 +148,78 @@ def test_empty_trace():
 
 
 def test_envelope_is_the_cheapest_mix():
-    hull = offline._envelope([(1.0, 4.0), (2.0, 3.0), (3.0, 2.9), (4.0, 1.0), (5.0, 1.5)])
+    hull = bound._envelope([(1.0, 4.0), (2.0, 3.0), (3.0, 2.9), (4.0, 1.0), (5.0, 1.5)])
     assert hull == [(1.0, 4.0), (4.0, 1.0)]  # (2, 3) and (3, 2.9) lie above the chord; (5, 1.5) is dominated
-    assert offline._phi(hull, 2.5) == pytest.approx(2.5)
-    assert offline._phi(hull, 9.0) == 1.0
+    assert bound._phi(hull, 2.5) == pytest.approx(2.5)
+    assert bound._phi(hull, 9.0) == 1.0
 
 
 def test_relaxed_request_inside_whole_window_costs_its_cheapest_work():
     req = flux("a", 1024, 0.0, 3.0)
-    (q,) = offline._relaxed([req], C4, COST)
+    (q,) = bound._relaxed([req], C4, COST)
     assert q.feasible
     whole = q.inside(req.arrival, req.deadline)
     slack = req.deadline - req.arrival - q.e_t - q.d_t
-    assert whole == pytest.approx(q.e_g + q.d_g + 28 * offline._phi(q.hull, slack / 28))
+    assert whole == pytest.approx(q.e_g + q.d_g + 28 * bound._phi(q.hull, slack / 28))
     assert q.inside(req.deadline, req.deadline + 5) == 0.0
     # Loose: all of it may happen in the second half. Tight: part must happen in the first.
     assert q.inside(req.arrival, (req.arrival + req.deadline) / 2) == 0.0
     tight = flux("b", 1024, 0.0, 1.5)
-    (q,) = offline._relaxed([tight], C4, COST)
+    (q,) = bound._relaxed([tight], C4, COST)
     assert 0.0 < q.inside(0.0, tight.deadline / 2) < q.inside(0.0, tight.deadline)
+
+
+def test_offline_bound_is_a_registered_runner(small):
+    """The what-if lists offline-bound after the round policies and runs solve_offline through its runner."""
+    reqs, direct = small
+    assert runner_names() == policy_names() + [POLICY_NAME]
+    seen = []
+    run = run_policies(reqs, C4, COST, [POLICY_NAME], SimConfig(seed=0), offline_budget_s=0.4,
+                       progress=lambda *a: seen.append(a))[POLICY_NAME]
+    assert seen == [(POLICY_NAME, 10, 10)]
+    assert timeline_records(run.result) == timeline_records(direct.result)
+    expected = {**summarize(direct.result), "slo_attainment_upper_bound": round(direct.upper_bound, 6),
+                "offline_status": direct.status}
+    assert {k: v for k, v in run.summary.items() if k != "solver_ms"} == \
+        {k: v for k, v in expected.items() if k != "solver_ms"}
+    assert run.summary["slo_attainment"] == direct.attainment == 0.5
+    assert run.summary["slo_attainment_upper_bound"] == direct.upper_bound == 0.6
+
+
+class TimelineReplay:
+    """A round policy that starts a run's segments again: each in its GPUs' order, once its GPUs are idle,
+    its request is waiting and its start time has come."""
+
+    name = "timeline-replay"
+
+    def __init__(self, segments):
+        self.pending = sorted(segments, key=lambda s: (s.start, s.gpus))
+
+    def plan(self, state):
+        idle, waiting = set(state.idle_gpus()), {st.id for st in state.waiting()}
+        held, started = set(), []
+        for seg in self.pending:
+            if seg.start > state.now + EPS:
+                break
+            (rid,) = seg.request_ids
+            if rid in waiting and set(seg.gpus) <= idle - held:
+                started.append(seg)
+                idle -= set(seg.gpus)
+            held |= set(seg.gpus)  # a later segment on these GPUs waits for this one
+            waiting.discard(rid)  # and a request's later segment for its earlier one
+        self.pending = [s for s in self.pending if s not in started]
+        wake = min((s.start for s in self.pending), default=None)
+        return RoundPlan(tuple(Assignment(s.request_ids, s.stage, s.gpus, s.steps) for s in started),
+                         wake_at=wake if wake is not None and wake > state.now + EPS else None)
+
+
+def test_replay_counts_as_the_simulator_does(small):
+    """The simulator, running the offline schedule segment by segment, counts each request's migrations,
+    SP changes and preemptions as the replay does."""
+    reqs, res = small
+    counters = {st.id: (st.migrations, st.sp_changes, st.preemptions) for st in res.result.requests}
+    assert [sum(c[k] for c in counters.values()) for k in range(3)] == [4, 4, 4]
+    sim = Simulator(C4, COST, TimelineReplay(res.result.segments), SimConfig()).run(reqs)
+    assert {st.id: (st.migrations, st.sp_changes, st.preemptions) for st in sim.requests} == counters
+    assert [(s.request_ids, s.stage, s.gpus, s.steps) for s in sim.segments] == \
+        [(s.request_ids, s.stage, s.gpus, s.steps) for s in sorted(res.result.segments, key=lambda s: s.start)]
