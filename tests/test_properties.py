@@ -34,7 +34,7 @@ def traces(draw):
 
 # The MILP backends take up to seconds per plan: fewer examples keep the suite short.
 MILP = ("milp", "milp-highs")
-FAST = [p for p in policy_names() if p not in ("offline-bound", *MILP)]
+FAST = [p for p in policy_names() if p not in MILP]
 
 
 @pytest.mark.parametrize("policy", MILP)
