@@ -55,6 +55,16 @@ class TraceRecord:
     def shape(self) -> Shape:
         return Shape(self.height, self.width, self.frames)
 
+    def to_request(self, deadline: float) -> Request:
+        """The request this record describes, with its resolved absolute ``deadline``."""
+        return Request(id=self.id, model=self.model, shape=self.shape, steps=self.steps,
+                       arrival=float(self.arrival), deadline=float(deadline))
+
+    @classmethod
+    def from_request(cls, r: Request) -> "TraceRecord":
+        """A record that reads back as ``r`` (its deadline absolute)."""
+        return cls(r.id, r.arrival, r.model, r.shape.height, r.shape.width, r.shape.frames, r.steps, r.deadline)
+
     def to_json(self) -> str:
         """One JSON line (no newline), keys in contract order, floats rounded."""
         obj: dict[str, object] = {
@@ -307,8 +317,7 @@ def resolve_deadlines(records: Iterable[TraceRecord], ideal_latency: IdealLatenc
                 raise InputError(f"{where}request {_snippet(r.id)}: field 'slo_scale' = {scale!r} puts the "
                                  f"deadline {scale * cache[key]:.6g} s after arrival ({r.model} {r.shape}, "
                                  f"{r.steps} steps, ideal {cache[key]:.6g} s); at most {horizon_s:g} s")
-        out.append(Request(id=r.id, model=r.model, shape=r.shape, steps=r.steps,
-                           arrival=r.arrival, deadline=deadline))
+        out.append(r.to_request(deadline))
     return out
 
 

@@ -438,3 +438,13 @@ def test_every_workload_stays_within_the_bounds():
         opts = {"videos": "cogvideox-5b,hunyuanvideo,wan2.1-t2v-14b"} if "videos" in w.options else {}
         for r in w.generate(n=300, seed=1, **opts):
             assert CATALOG[r.model].size_problem(r.height, r.width, r.frames, r.steps) is None, (w.name, r)
+
+
+def test_a_request_round_trips_through_its_trace_record_and_the_file(tmp_path):
+    reqs = [Request("a", "flux-dev", Shape(1024, 768, 1), 28, 0.5, 3.25),
+            Request("v", "cogvideox-5b", Shape(480, 720, 49), 50, 1.0, 400.0)]
+    path = tmp_path / "t.jsonl"
+    write_trace(path, [TraceRecord.from_request(r) for r in reqs])
+    back = resolve_deadlines(read_trace(path), lambda *_: 1.0, 1.5)
+    assert back == reqs
+    assert TraceRecord.from_request(reqs[0]).to_request(reqs[0].deadline) == reqs[0]

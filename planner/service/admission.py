@@ -174,8 +174,7 @@ def validate_request(index: int, id, model, height, width, frames, steps, arriva
         raise _invalid(where, exc) from None
     if not math.isfinite(arrival + rec.deadline):
         raise InvalidArgument(f"{where}: field 'deadline' = {deadline!r} must be a finite number")
-    return Request(id=rec.id, model=rec.model, shape=rec.shape, steps=rec.steps, arrival=float(arrival),
-                   deadline=float(deadline))
+    return rec.to_request(deadline)
 
 
 def unservable(r: Request, cluster: Cluster, placement: Placement | None, served: Sequence[str], policy: str,

@@ -58,7 +58,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from ditplan.models.catalog import Shape
 from ditplan.models.cost import CostModel
 from ditplan.planner.cluster import Cluster
 from ditplan.planner.execution import Segment, count_preemptions, end_segment, next_wake
@@ -73,7 +72,7 @@ from ditplan.planner.service.errors import (AlreadyExists, FailedPrecondition, I
                                             ResourceExhausted, ServiceError, Unavailable, shown)
 from ditplan.planner.service.eta import Estimator
 from ditplan.planner.service.fleet import TOL, Fleet
-from ditplan.planner.service.journal import Journal, JournalError, Recovered
+from ditplan.planner.service.journal import Journal, JournalError, Recovered, request_row
 from ditplan.planner.service.messages import (STATES, ExecutorView, PlanDelta, RequestView, ServerInfoView,
                                               StepReport, SubmitOutcome)
 from ditplan.planner.service.planning import PlannerProcess, plan_checked
@@ -189,9 +188,7 @@ class PlannerCore:
     def _recover(self, rec: Recovered) -> None:
         book = self._book
         for row in rec.rows:
-            req = Request(row.id, row.model, Shape(row.height, row.width, row.frames), row.steps,
-                          row.arrival, row.deadline)
-            st = RequestStatus(req, encoded=row.encoded, steps_done=row.steps_done,
+            st = RequestStatus(row.to_request(), encoded=row.encoded, steps_done=row.steps_done,
                                preemptions=row.preemptions, sp_changes=row.sp_changes, migrations=row.migrations)
             t = book.add(st, reported_steps=row.steps_done, reported_encoded=row.encoded, outcome=row.outcome)
             if row.outcome is None:
@@ -308,9 +305,7 @@ class PlannerCore:
         self._models_seen.update(r.model for r in reqs)
         if not out:
             return out, None
-        fut = self.journal.append_requests(
-            (r.id, r.model, r.shape.height, r.shape.width, r.shape.frames, r.steps, r.arrival, r.deadline)
-            for r in reqs)
+        fut = self.journal.append_requests(request_row(r) for r in reqs)
         return out, fut
 
     def _commit_admission(self, tracked: list[Tracked], fut: Future | None) -> None:

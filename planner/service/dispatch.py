@@ -93,8 +93,7 @@ def _start(a: Assignment, now: float, epoch: int, book: RequestBook, fleet: Flee
             if t.id not in sess.known:
                 sess.known.add(t.id)
                 r = t.status.request
-                d.requests.append(RequestData(r.id, r.model, r.shape.height, r.shape.width, r.shape.frames,
-                                              r.steps, r.deadline, t.reported_steps, t.reported_encoded))
+                d.requests.append(RequestData.from_request(r, t.reported_steps, t.reported_encoded))
         d.assignments.append(AssignmentMsg(a.request_ids, a.stage, a.gpus, a.steps, start_step,
                                            seg.end - seg.start, step, move, eid == lead))
     for rid, src in moves:

@@ -58,6 +58,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from ditplan.models.catalog import Shape
+from ditplan.planner.request import Request
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no lock (one server per state directory is then up to the operator)
@@ -220,6 +223,15 @@ class JournalRow:
     sp_changes: int
     migrations: int
     reason: str | None = None
+
+    def to_request(self) -> Request:
+        return Request(self.id, self.model, Shape(self.height, self.width, self.frames), self.steps, self.arrival,
+                       self.deadline)
+
+
+def request_row(r: Request) -> tuple:
+    """A newly admitted request as ``append_requests`` takes it."""
+    return r.id, r.model, r.shape.height, r.shape.width, r.shape.frames, r.steps, r.arrival, r.deadline
 
 
 @dataclass(frozen=True)

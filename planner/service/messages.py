@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ditplan.planner.placement import WeightLoad
-from ditplan.planner.request import Stage
+from ditplan.planner.request import Request, Stage
 
 # Request states as the service reports them: RequestState values plus "cancelled".
 STATES = ("queued", "running", "paused", "decoding", "done", "failed", "cancelled", "rejected")
@@ -72,6 +72,11 @@ class RequestData:
     deadline: float
     steps_done: int
     encoded: bool
+
+    @classmethod
+    def from_request(cls, r: Request, steps_done: int, encoded: bool) -> "RequestData":
+        return cls(r.id, r.model, r.shape.height, r.shape.width, r.shape.frames, r.steps, r.deadline, steps_done,
+                   encoded)
 
 
 @dataclass(frozen=True)
