@@ -23,6 +23,23 @@ class Stage(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class RequestFields:
+    """What names a request's work, the head every request record on a boundary shares (a Submit,
+    a GetRequest view, a plan update's request data, a journal row, a stateless Plan input)."""
+
+    id: str
+    model: str
+    height: int
+    width: int
+    frames: int
+    steps: int
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.height, self.width, self.frames)
+
+
+@dataclass(frozen=True)
 class Request:
     """One generation request; immutable once accepted."""
 

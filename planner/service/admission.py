@@ -19,7 +19,7 @@ from ditplan.models.catalog import get_model
 from ditplan.planner.cluster import Cluster
 from ditplan.planner.errors import InputError, PlacementError, TraceError
 from ditplan.planner.placement import Placement, check_fits
-from ditplan.planner.request import Request
+from ditplan.planner.request import Request, RequestFields
 from ditplan.planner.service.errors import AlreadyExists, InvalidArgument, shown
 from ditplan.planner.traces import (MAX_DEADLINE_AFTER_S, IdealLatency, TraceRecord, is_number, validate_fields,
                                     resolve_deadlines)
@@ -28,15 +28,9 @@ MAX_ID_LEN = 256
 
 
 @dataclass(frozen=True)
-class RequestSpec:
+class RequestSpec(RequestFields):
     """A request as a client submits it; ``arrival`` is the acceptance time."""
 
-    id: str
-    model: str
-    height: int
-    width: int
-    frames: int
-    steps: int
     deadline: float | None = None  # absolute, service clock
     deadline_in_s: float | None = None  # relative to arrival
     slo_scale: float | None = None

@@ -58,8 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from ditplan.models.catalog import Shape
-from ditplan.planner.request import Request
+from ditplan.planner.request import Request, RequestFields
 
 try:
     import fcntl
@@ -203,16 +202,10 @@ class StateLock:
 
 
 @dataclass(frozen=True)
-class JournalRow:
+class JournalRow(RequestFields):
     """One request as recovered from the journal."""
 
     seq: int
-    id: str
-    model: str
-    height: int
-    width: int
-    frames: int
-    steps: int
     arrival: float
     deadline: float
     encoded: bool
@@ -225,8 +218,7 @@ class JournalRow:
     reason: str | None = None
 
     def to_request(self) -> Request:
-        return Request(self.id, self.model, Shape(self.height, self.width, self.frames), self.steps, self.arrival,
-                       self.deadline)
+        return Request(self.id, self.model, self.shape, self.steps, self.arrival, self.deadline)
 
 
 def request_row(r: Request) -> tuple:

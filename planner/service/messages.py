@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ditplan.planner.placement import WeightLoad
-from ditplan.planner.request import Request, Stage
+from ditplan.planner.request import Request, RequestFields, Stage
 
 # Request states as the service reports them: RequestState values plus "cancelled".
 STATES = ("queued", "running", "paused", "decoding", "done", "failed", "cancelled", "rejected")
@@ -16,15 +16,9 @@ TERMINAL = ("done", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
-class RequestView:
+class RequestView(RequestFields):
     """A request's status as GetRequest / ListRequests report it."""
 
-    id: str
-    model: str
-    height: int
-    width: int
-    frames: int
-    steps: int
     state: str  # one of STATES
     steps_done: int  # last reported by an executor
     encoded: bool
@@ -60,15 +54,9 @@ class SubmitOutcome:
 
 
 @dataclass(frozen=True)
-class RequestData:
+class RequestData(RequestFields):
     """A request's data as an executor needs it (sent once per executor)."""
 
-    id: str
-    model: str
-    height: int
-    width: int
-    frames: int
-    steps: int
     deadline: float
     steps_done: int
     encoded: bool

@@ -24,7 +24,7 @@ from ditplan.planner.errors import InputError, PlacementError
 from ditplan.planner.placement import Placement, check_fits, validate_placement
 from ditplan.planner.plan import RoundPlan
 from ditplan.planner.policies.base import make_policy, policy_names
-from ditplan.planner.request import RequestState, RequestStatus, resting_state
+from ditplan.planner.request import RequestFields, RequestState, RequestStatus, resting_state
 from ditplan.planner.service.admission import validate_records, validate_request
 from ditplan.planner.service.errors import Cancelled, DeadlineExceeded, InvalidArgument, ServiceError, shown
 from ditplan.planner.simulator import PlanViolation, SimConfig
@@ -98,15 +98,9 @@ def _gpu_kind(name: str, cluster: Cluster) -> str:
 
 # --- Plan -------------------------------------------------------------------
 @dataclass(frozen=True)
-class ProgressIn:
+class ProgressIn(RequestFields):
     """One live request with its progress, as Plan receives it."""
 
-    id: str
-    model: str
-    height: int
-    width: int
-    frames: int
-    steps: int
     arrival: float
     deadline: float
     state: str | None = None  # queued | running | paused | decoding | None (derived from progress)
