@@ -11,7 +11,7 @@ from ditplan.planner.execution import EPS
 from ditplan.planner.metrics import summarize, timeline_records
 from ditplan.planner.offline import POLICY_NAME, bound, fit, schedule, solve_offline
 from ditplan.planner.plan import Assignment, RoundPlan
-from ditplan.planner.policies.base import policy_names
+from ditplan.planner.policies.base import Policy, policy_names
 from ditplan.planner.request import Request, RequestState, Stage
 from ditplan.planner.runners import runner_names
 from ditplan.planner.simulator import SimConfig, Simulator
@@ -24,8 +24,9 @@ C8 = parse_cluster("8xH100")
 BASELINES = ("fcfs-sp1", "fcfs-sp8", "edf", "tetriserve-dp")
 
 
-def check(reqs, cluster, res):
-    recs = timeline_records(res.result)
+def check(reqs, cluster, result):
+    """check_timeline's problems with ``result`` (a SimResult)."""
+    recs = timeline_records(result)
     segs = [r for r in recs if r["type"] == "segment"]
     outcomes = {r["id"]: r for r in recs if r["type"] == "request"}
     return check_timeline(reqs, cluster, segs, outcomes)
@@ -46,7 +47,7 @@ def small():
 
 def test_schedule_passes_the_checker_and_summarizes(small):
     reqs, res = small
-    assert check(reqs, C4, res) == []
+    assert check(reqs, C4, res.result) == []
     assert res.result.policy == "offline-bound"
     summary = summarize(res.result)
     assert summary["requests"] == 10
@@ -86,7 +87,7 @@ def test_bound_is_at_least_every_baseline(small):
 def test_easy_trace_is_solved_to_the_bound():
     reqs = [flux("a", 1024, 0.0, 10), flux("b", 512, 1.0, 10), flux("c", 256, 2.0, 10)]
     res = solve_offline(reqs, C8, COST, time_limit_s=60, deterministic_time=0.5)
-    assert check(reqs, C8, res) == []
+    assert check(reqs, C8, res.result) == []
     assert res.attainment == res.upper_bound == 1.0
     assert res.status == "schedule=OPTIMAL bound=OPTIMAL"
 
@@ -96,7 +97,7 @@ def test_overloaded_trace_has_a_bound_below_one():
     # each needs about the whole node for most of its window.
     reqs = [flux(f"r{i}", 2048, 0.0, 1.2) for i in range(8)]
     res = solve_offline(reqs, C4, COST, time_limit_s=30, deterministic_time=0.3)
-    assert check(reqs, C4, res) == []
+    assert check(reqs, C4, res.result) == []
     assert res.upper_bound < 1.0
     assert 1 / 8 <= res.attainment <= res.upper_bound
     assert res.upper_bound <= 2 / 8  # two of them already need 34 GPU-s in a 22 GPU-s window
@@ -129,7 +130,7 @@ def test_three_requests_against_brute_force():
     exact = brute_force(reqs, C4)
     assert exact == 2
     res = solve_offline(reqs, C4, COST, time_limit_s=30, deterministic_time=0.3)
-    assert check(reqs, C4, res) == []
+    assert check(reqs, C4, res.result) == []
     assert res.met >= exact
     assert res.bound_met == res.met == exact  # the bound is tight here
 
@@ -139,7 +140,7 @@ def test_deterministic_for_a_seed():
     runs = [solve_offline(reqs, C4, COST, time_limit_s=30, deterministic_time=0.2, seed=3) for _ in range(2)]
     assert timeline_records(runs[0].result) == timeline_records(runs[1].result)
     assert runs[0].upper_bound == runs[1].upper_bound
-    assert check(reqs, C4, runs[0]) == []
+    assert check(reqs, C4, runs[0].result) == []
 
 
 def test_empty_trace():
@@ -186,7 +187,7 @@ def test_offline_bound_is_a_registered_runner(small):
     assert run.summary["slo_attainment_upper_bound"] == direct.upper_bound == 0.6
 
 
-class TimelineReplay:
+class TimelineReplay(Policy):
     """A round policy that starts a run's segments again: each in its GPUs' order, once its GPUs are idle,
     its request is waiting and its start time has come."""
 
@@ -213,13 +214,56 @@ class TimelineReplay:
                          wake_at=wake if wake is not None and wake > state.now + EPS else None)
 
 
+def handoffs(result):
+    """(embedding moves, decode-side latent moves) of a run: first pieces off their encode GPU, decodes off
+    their last piece's block."""
+    emb = dec = 0
+    for st in result.requests:
+        segs = sorted((s for s in result.segments if st.id in s.request_ids), key=lambda s: s.start)
+        diffuse = [s for s in segs if s.stage is Stage.DIFFUSE]
+        if st.state is RequestState.DONE:
+            emb += not set(segs[0].gpus) & set(diffuse[0].gpus)
+            dec += segs[-1].gpus[0] not in diffuse[-1].gpus
+    return emb, dec
+
+
+def simulate_schedule(reqs, cluster, res):
+    """The simulator running ``res``'s segments: the same finishes, counters, segments and summary."""
+    sim = Simulator(cluster, COST, TimelineReplay(res.result.segments), SimConfig()).run(reqs)
+    assert check(reqs, cluster, sim) == []
+    assert {st.id: st.finish for st in sim.requests} == {st.id: st.finish for st in res.result.requests}
+    assert {st.id: (st.migrations, st.sp_changes, st.preemptions) for st in sim.requests} == \
+        {st.id: (st.migrations, st.sp_changes, st.preemptions) for st in res.result.requests}
+    assert sim.segments == sorted(res.result.segments, key=lambda s: s.start)
+    keys = ("slo_attainment", "latency_s", "gpu_seconds", "preemptions", "sp_changes", "migrations", "finished",
+            "late_finished")
+    ran, replayed = summarize(sim), summarize(res.result)
+    assert {k: ran[k] for k in keys} == {k: replayed[k] for k in keys}
+    assert ran["slo_attainment"] == round(res.attainment, 6)
+    return sim
+
+
 def test_replay_counts_as_the_simulator_does(small):
     """The simulator, running the offline schedule segment by segment, counts each request's migrations,
-    SP changes and preemptions as the replay does."""
+    SP changes and preemptions as the replay does, and finishes each at the same time."""
     reqs, res = small
     counters = {st.id: (st.migrations, st.sp_changes, st.preemptions) for st in res.result.requests}
     assert [sum(c[k] for c in counters.values()) for k in range(3)] == [4, 4, 4]
-    sim = Simulator(C4, COST, TimelineReplay(res.result.segments), SimConfig()).run(reqs)
-    assert {st.id: (st.migrations, st.sp_changes, st.preemptions) for st in sim.requests} == counters
-    assert [(s.request_ids, s.stage, s.gpus, s.steps) for s in sim.segments] == \
-        [(s.request_ids, s.stage, s.gpus, s.steps) for s in sorted(res.result.segments, key=lambda s: s.start)]
+    simulate_schedule(reqs, C4, res)
+
+
+@pytest.mark.parametrize("workload, n, seed, cluster, slo_scale, attainment", [
+    ("tetriserve-uniform", 12, 1, C8, 1.5, 11 / 12),
+    ("genserve-mixed", 8, 2, C4, 1.5, 6 / 8),
+    ("patchedserve-mixed", 12, 0, C8, 1.2, 1.0),
+])
+def test_schedule_reserves_every_handoff_the_simulator_charges(workload, n, seed, cluster, slo_scale, attainment):
+    """Encodes and decodes off the diffuse block pay hand-offs; the windows reserve them, so the simulator
+    running the schedule gets exactly the replay's finishes and attainment, and no segment overlaps."""
+    reqs = to_requests(generate(workload, n=n, seed=seed, rate=4.0), COST, cluster, slo_scale)
+    res = solve_offline(reqs, cluster, COST, time_limit_s=60, seed=0, deterministic_time=0.4)
+    emb, dec = handoffs(res.result)
+    assert emb > 0 and dec > 0
+    assert check(reqs, cluster, res.result) == []
+    assert res.attainment == pytest.approx(attainment)
+    simulate_schedule(reqs, cluster, res)

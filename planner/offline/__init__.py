@@ -13,8 +13,9 @@
 So every policy's gap to the limit can be reported (docs/architecture.md).
 The package: ``bound`` (model 2, the relaxation), ``schedule`` (model 1, the
 schedule in ticks and its CP-SAT model), ``search`` (model 1 solved in
-stages), ``replay`` (the schedule as a simulation result); ``fit`` and
-``cpsat`` hold what the two models share. ``offline-bound`` is registered as
+stages), ``replay`` (the schedule as a simulation result); ``fit`` holds
+what fits, for both models; CP-SAT's parameters are the solver layer's
+(``planner/solvers/cpsat_params.py``). ``offline-bound`` is registered as
 a what-if runner (``planner/runners.py``).
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ditplan.planner.cluster import Cluster
 from ditplan.planner.metrics import summarize
 from ditplan.planner.offline.bound import upper_bound_count
 from ditplan.planner.offline.replay import to_sim_result
-from ditplan.planner.offline.search import best_schedule
+from ditplan.planner.offline.search import MIN_DET_S, MIN_WALL_S, best_schedule
 from ditplan.planner.request import Request, RequestState, RequestStatus
 from ditplan.planner.runners import PolicyRun, RunOptions, register_runner
 from ditplan.planner.sim_result import SimResult
@@ -89,8 +90,8 @@ def solve_offline(requests: Sequence[Request], cluster: Cluster, cost: CostModel
     det_left = deterministic_time
 
     def budget(share: float) -> tuple[float, float | None]:
-        wall = max(0.05, (time_limit_s - (time.perf_counter() - t0)) * share)
-        return wall, (None if det_left is None else max(0.01, det_left * share))
+        wall = max(MIN_WALL_S, (time_limit_s - (time.perf_counter() - t0)) * share)
+        return wall, (None if det_left is None else max(MIN_DET_S, det_left * share))
 
     def spent(stats: dict) -> None:
         nonlocal det_left

@@ -59,9 +59,9 @@ from ortools.sat.python import cp_model
 from ditplan.models.catalog import SP_DEGREES
 from ditplan.models.cost import CostModel
 from ditplan.planner.cluster import Cluster
-from ditplan.planner.offline.cpsat import STATUS, new_solver
 from ditplan.planner.offline.fit import degrees, fits, served_weight_bytes
 from ditplan.planner.request import Request
+from ditplan.planner.solvers.cpsat_params import configure
 
 _GPU_MS = 1e3  # GPU-time unit of the bound's rows: GPU-milliseconds
 _EPS = 1e-9
@@ -227,9 +227,10 @@ def upper_bound_count(requests: Sequence[Request], cluster: Cluster, cost: CostM
     for i, h in enumerate(hint or ()):
         m.add_hint(x[i], bool(h))
     build_s = time.perf_counter() - t0
-    solver = new_solver(time_limit_s, num_workers, seed, deterministic_time)
+    solver = cp_model.CpSolver()
+    configure(solver, deterministic_time, seed, num_workers, time_limit_s)
     code = solver.solve(m)
-    status = STATUS.get(code, str(code))
+    status = solver.status_name(code)
     bound = alone  # always valid: nobody infeasible alone is on time
     if code in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         bound = min(bound, math.floor(solver.best_objective_bound + 1e-6))

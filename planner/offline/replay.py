@@ -1,10 +1,13 @@
 """A schedule of model 1 as a simulation result, counted by the simulator's execution rules.
 
-Segments keep the times the schedule reserved (``planner/offline/schedule.py``).
-Each request's state and its migration, SP-change and preemption counters
-come from the rules the simulator applies (``start_segment``, ``end_segment``
-and ``count_preemptions`` in ``planner/execution.py``), so the offline bound
-and every policy count them alike. Requests the schedule drops are appended
+Each segment starts at the tick the schedule gives it and lasts what the
+simulator's rules make it last (``start_segment``, hand-offs included); it
+fits inside the window the schedule reserved (``planner/offline/schedule.py``),
+so the simulator running the same segments finishes every request at the
+same time. Each request's state and its migration, SP-change and preemption
+counters come from the same rules (``start_segment``, ``end_segment`` and
+``count_preemptions`` in ``planner/execution.py``), so the offline bound and
+every policy count them alike. Requests the schedule drops are appended
 at the end, each on the block that finishes it first (best effort: they count
 as misses unless one happens to make its deadline, which only raises
 attainment).
@@ -17,11 +20,11 @@ from ditplan.models.cost import CostModel
 from ditplan.planner.cluster import Cluster
 from ditplan.planner.execution import EPS, Segment, count_preemptions, end_segment, start_segment
 from ditplan.planner.offline.fit import served_weight_bytes
-from ditplan.planner.offline.schedule import TICK, Plan, block_choices, contiguous, run_ticks, ticks
+from ditplan.planner.offline.schedule import Plan, block_choices, contiguous, dec_ticks, plan_spans, run_ticks
 from ditplan.planner.plan import Assignment
 from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
 from ditplan.planner.sim_result import SimResult
-from ditplan.planner.state import handoff_time
+from ditplan.planner.ticks import TICK_S, ticks_up
 
 
 def to_sim_result(requests: Sequence[Request], cluster: Cluster, cost: CostModel, plans: dict[int, Plan],
@@ -30,28 +33,21 @@ def to_sim_result(requests: Sequence[Request], cluster: Cluster, cost: CostModel
     run afterwards, best effort."""
     statuses = {r.id: RequestStatus(r) for r in requests}
     segments: list[Segment] = []
-    tail = [0] * cluster.size  # tick after the last work on each GPU
-    predicted = [0.0] * cluster.size  # start_segment's GPU bookkeeping, unused: the schedule fixes the times
+    tail = [0] * cluster.size  # tick after the last reserved window on each GPU
+    free_at = [0.0] * cluster.size  # start_segment's GPU bookkeeping, unused: the schedule fixes the starts
 
     def place(r: Request, plan: Plan) -> None:
-        st = statuses[r.id]
-        # (assignment, start tick, seconds of its own work)
-        work = [(Assignment((r.id,), Stage.ENCODE, (plan.enc_gpu,)), plan.enc_start, cost.encode_time(r.spec, r.shape)),
-                *((Assignment((r.id,), Stage.DIFFUSE, pc.choice.block, pc.steps), pc.start,
-                   pc.steps * (pc.choice.diff / r.steps)) for pc in plan.pieces),
-                (Assignment((r.id,), Stage.DECODE, (plan.dec_gpu,)), plan.dec_start, cost.decode_time(r.spec, r.shape))]
-        for n, (a, tick, seconds) in enumerate(work):
-            start = tick * TICK
-            # The schedule reserves a latent move between diffuse pieces only (planner/offline/schedule.py).
-            move = handoff_time(cluster, cost, st, a.stage, a.gpus) if a.stage is Stage.DIFFUSE and n > 1 else 0.0
-            seg = Segment(a.request_ids, a.stage, a.gpus, a.steps, start, start + move + seconds)
-            start_segment(cluster, cost, a, start, statuses, predicted)
+        work = [(Assignment((r.id,), Stage.ENCODE, (plan.enc_gpu,)), plan.enc_start),
+                *((Assignment((r.id,), Stage.DIFFUSE, pc.choice.block, pc.steps), pc.start) for pc in plan.pieces),
+                (Assignment((r.id,), Stage.DECODE, (plan.dec_gpu,)), plan.dec_start)]
+        for n, (a, tick) in enumerate(work):
+            seg = start_segment(cluster, cost, a, tick * TICK_S, statuses, free_at)
             _, paused = end_segment(seg, statuses)
             nxt = work[n + 1] if n + 1 < len(work) else None
-            count_preemptions(paused, [nxt[0]] if nxt is not None and nxt[1] * TICK <= seg.end + EPS else [])
+            count_preemptions(paused, [nxt[0]] if nxt is not None and nxt[1] * TICK_S <= seg.end + EPS else [])
             segments.append(seg)
-            for g in a.gpus:
-                tail[g] = max(tail[g], tick + ticks(seg.end - start))
+        for g, _, end in plan_spans(r, plan):
+            tail[g] = max(tail[g], end)
 
     for i, plan in sorted(plans.items()):
         place(requests[i], plan)
@@ -59,9 +55,9 @@ def to_sim_result(requests: Sequence[Request], cluster: Cluster, cost: CostModel
     for i in sorted(set(range(len(requests))) - set(plans), key=lambda i: (requests[i].arrival, i)):
         r, best = requests[i], None
         for o in block_choices(r, cluster, cost, weights):
-            e = ticks(o.enc)
-            s = max([ticks(r.arrival), tail[o.block[0]]] + [tail[g] - e for g in o.block[1:]])
-            key = (s + e + run_ticks(o, r.steps) + ticks(o.dec), o.gpu_seconds)
+            e = ticks_up(o.enc)
+            s = max([ticks_up(r.arrival), tail[o.block[0]]] + [tail[g] - e for g in o.block[1:]])
+            key = (s + e + run_ticks(o, r.steps) + dec_ticks(o), o.gpu_seconds)
             if best is None or key < best[0]:
                 best = (key, o, s)
         if best is None:  # fits no block: it can never run

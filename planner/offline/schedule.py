@@ -1,18 +1,23 @@
 """Model 1 of the offline bound: the schedule, in integer ticks, and its CP-SAT model.
 
-Time is in integer ticks of ``TICK`` seconds. A request either is dropped or
-runs, in order:
+Time is in integer ticks (``planner/ticks.py``). A request either is dropped
+or runs, in order:
 
 * encode on one GPU (any), ``e`` ticks;
 * up to ``pieces`` diffuse pieces, each with its own SP degree ``k``, aligned
   block of ``k`` GPUs inside a node (:meth:`Cluster.blocks`) and number of
   steps ``n_p >= 1`` (sum = the request's steps); a piece's length covers
-  ``n_p`` steps at batch 1 on that block's link bandwidth, and a piece after
-  the first also the slowest latent move of the cluster (the simulator charges
-  a move when a diffuse segment changes GPUs; the hand-offs it also charges
-  before the first piece and before a decode off the last piece's block,
-  ``planner.state.handoff_time``, are not reserved);
-* decode on one GPU (any), ``d`` ticks, ending by the deadline.
+  ``n_p`` steps at batch 1 on that block's link bandwidth after the worst
+  hand-off (:func:`worst_handoff`);
+* decode on one GPU (any), its decode time after the worst hand-off, ending
+  by the deadline.
+
+The simulator charges a hand-off (``planner.state.handoff_time``) before a
+piece that changes GPUs (the latent), before a first piece off the encode
+GPU (the prompt embeddings) and before a decode off the last piece's block
+(the latent); reserving the worst one for every piece and decode, whether
+it is paid or not, keeps the model simple and every real segment inside its
+window.
 
 Every GPU carries one NoOverlap over all optional intervals that may use it
 (one per GPU of each (piece, block choice)). Objective: most requests on time, then
@@ -33,9 +38,9 @@ from ditplan.models.cost import CostModel
 from ditplan.planner.cluster import Cluster
 from ditplan.planner.offline.fit import degrees, fits
 from ditplan.planner.request import Request
+from ditplan.planner.ticks import TICK_S, ticks_down, ticks_up
 
-TICK = 1e-3  # seconds per integer time unit of the schedule model
-_TICK_NS = 1_000_000
+_TICK_NS = round(TICK_S * 1e9)
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class BlockChoice:
     enc: float  # seconds
     diff: float  # seconds, all steps at batch 1 on this block
     dec: float  # seconds
+    handoff: float  # seconds, reserved before every piece and before decode (worst_handoff)
 
     @property
     def gpu_seconds(self) -> float:
@@ -73,11 +79,22 @@ class Plan:
     dec_start: int
 
 
+def worst_handoff(req: Request, cluster: Cluster, cost: CostModel) -> float:
+    """Longest hand-off ``req`` may pay: the larger of its latent and its prompt embeddings over the
+    slowest link of the cluster."""
+    if cluster.size < 2:
+        return 0.0
+    slow = min(cluster.link_bandwidth(a, b) for a in range(cluster.size) for b in range(a + 1, cluster.size))
+    spec = req.spec
+    return cost.transfer_time(max(spec.latent_bytes(req.shape), spec.embedding_bytes()), slow)
+
+
 def block_choices(req: Request, cluster: Cluster, cost: CostModel, weights: int) -> list[BlockChoice]:
     """Every aligned block ``req`` fits on beside ``weights`` served bytes, lowest degree first."""
     model = req.spec
     enc = cost.encode_time(model, req.shape)
     dec = cost.decode_time(model, req.shape)
+    handoff = worst_handoff(req, cluster, cost)
     out = []
     for k in degrees(model, cluster):
         for block in cluster.blocks(k):
@@ -85,75 +102,68 @@ def block_choices(req: Request, cluster: Cluster, cost: CostModel, weights: int)
                 continue
             bw = cluster.block_bandwidth(block) if k > 1 else None
             step = cost.step_time(model, req.shape, k, 1, link_bw=bw)
-            out.append(BlockChoice(k, tuple(block), enc, req.steps * step, dec))
+            out.append(BlockChoice(k, tuple(block), enc, req.steps * step, dec, handoff))
     return out
-
-
-def ticks(seconds: float) -> int:
-    """``seconds`` rounded up to whole ticks."""
-    return max(0, int(math.ceil(seconds / TICK - 1e-7)))
-
-
-def dec_latest(req: Request, dec: float) -> int:
-    """Last decode start tick from which the request is on time in real seconds."""
-    return int(math.floor((req.deadline - dec) / TICK + 1e-7))
 
 
 def _step_ns(o: BlockChoice, steps: int) -> int:
     return int(math.ceil(o.diff / steps * 1e9))
 
 
-def _piece_ticks(o: BlockChoice, n: int, steps: int, move: float) -> int:
-    """Ticks reserved for ``n`` steps on ``o`` after a move of up to ``move`` seconds."""
-    ns = n * _step_ns(o, steps) + int(math.ceil(move * 1e9))
-    return -(-ns // _TICK_NS)
+def _handoff_ns(o: BlockChoice) -> int:
+    return int(math.ceil(o.handoff * 1e9))
+
+
+def _piece_ticks(o: BlockChoice, n: int, steps: int) -> int:
+    """Ticks reserved for the hand-off and ``n`` of a request's ``steps`` steps on ``o``."""
+    return -(-(n * _step_ns(o, steps) + _handoff_ns(o)) // _TICK_NS)
 
 
 def run_ticks(o: BlockChoice, steps: int) -> int:
     """Ticks reserved for all steps of a request on ``o`` in one piece."""
-    return _piece_ticks(o, steps, steps, 0.0)
+    return _piece_ticks(o, steps, steps)
+
+
+def dec_ticks(o: BlockChoice) -> int:
+    """Ticks reserved for the hand-off and the decode."""
+    return ticks_up(o.dec + o.handoff)
+
+
+def dec_latest(req: Request, o: BlockChoice) -> int:
+    """Last decode start tick from which the request is on time in real seconds."""
+    return ticks_down(req.deadline - (o.dec + o.handoff))
 
 
 def alone_on_time(req: Request, choices: list[BlockChoice]) -> bool:
     """Whether the schedule model can put ``req`` on time at all (alone, fastest block)."""
-    return bool(choices) and (ticks(req.arrival) + ticks(choices[0].enc)
-                              + min(run_ticks(o, req.steps) for o in choices) <= dec_latest(req, choices[0].dec))
-
-
-def max_move(requests: Sequence[Request], cluster: Cluster, cost: CostModel) -> float:
-    """Longest latent move a piece may pay: the request's latent over the slowest link."""
-    if cluster.size < 2:
-        return 0.0
-    slow = min(cluster.link_bandwidth(a, b) for a in range(cluster.size) for b in range(a + 1, cluster.size))
-    return max((cost.transfer_time(r.spec.latent_bytes(r.shape), slow) for r in requests), default=0.0)
+    return bool(choices) and (ticks_up(req.arrival) + ticks_up(choices[0].enc)
+                              + min(run_ticks(o, req.steps) for o in choices) <= dec_latest(req, choices[0]))
 
 
 def contiguous(req: Request, o: BlockChoice, s: int) -> Plan:
     """Encode, all steps and decode back to back on ``o``'s block (encode/decode on its first GPU)."""
-    e, D = ticks(o.enc), run_ticks(o, req.steps)
+    e, D = ticks_up(o.enc), run_ticks(o, req.steps)
     return Plan(o.block[0], s, (Piece(o, s + e, req.steps),), o.block[0], s + e + D)
 
 
-def _plan_cost(req: Request, plan: Plan, move: float) -> int:
+def _plan_cost(req: Request, plan: Plan) -> int:
     o0 = plan.pieces[0].choice
-    total = ticks(o0.enc) + ticks(o0.dec)
-    for p, pc in enumerate(plan.pieces):
-        total += pc.choice.k * _piece_ticks(pc.choice, pc.steps, req.steps, move if p else 0.0)
-    return total
+    return ticks_up(o0.enc) + dec_ticks(o0) + sum(pc.choice.k * _piece_ticks(pc.choice, pc.steps, req.steps)
+                                                  for pc in plan.pieces)
 
 
-def score(requests: Sequence[Request], plans: dict[int, Plan], move: float) -> tuple[int, int]:
+def score(requests: Sequence[Request], plans: dict[int, Plan]) -> tuple[int, int]:
     """(on time, -GPU-ticks): larger is better."""
-    return len(plans), -sum(_plan_cost(requests[i], pl, move) for i, pl in plans.items())
+    return len(plans), -sum(_plan_cost(requests[i], pl) for i, pl in plans.items())
 
 
-def plan_spans(req: Request, plan: Plan, move: float) -> list[tuple[int, int, int]]:
+def plan_spans(req: Request, plan: Plan) -> list[tuple[int, int, int]]:
     """(gpu, start tick, end tick) of everything ``plan`` reserves."""
     o0 = plan.pieces[0].choice
-    out = [(plan.enc_gpu, plan.enc_start, plan.enc_start + ticks(o0.enc)),
-           (plan.dec_gpu, plan.dec_start, plan.dec_start + ticks(o0.dec))]
-    for p, pc in enumerate(plan.pieces):
-        end = pc.start + _piece_ticks(pc.choice, pc.steps, req.steps, move if p else 0.0)
+    out = [(plan.enc_gpu, plan.enc_start, plan.enc_start + ticks_up(o0.enc)),
+           (plan.dec_gpu, plan.dec_start, plan.dec_start + dec_ticks(o0))]
+    for pc in plan.pieces:
+        end = pc.start + _piece_ticks(pc.choice, pc.steps, req.steps)
         out.extend((g, pc.start, end) for g in pc.choice.block)
     return out
 
@@ -161,9 +171,9 @@ def plan_spans(req: Request, plan: Plan, move: float) -> list[tuple[int, int, in
 class ScheduleModel:
     """Model 1 over the ``free`` requests; ``fixed`` plans stay as they are (busy GPU time)."""
 
-    def __init__(self, requests: Sequence[Request], choices: list[list[BlockChoice]], n_gpu: int, move: float,
+    def __init__(self, requests: Sequence[Request], choices: list[list[BlockChoice]], n_gpu: int,
                  pieces: int, free: Sequence[int], fixed: dict[int, Plan]) -> None:
-        self.requests, self.choices, self.move = requests, choices, move
+        self.requests, self.choices = requests, choices
         m = self.m = cp_model.CpModel()
         per_gpu: list[list] = [[] for _ in range(n_gpu)]
         self.ys: dict[int, cp_model.IntVar] = {}
@@ -175,8 +185,8 @@ class ScheduleModel:
             r = requests[i]
             if not alone_on_time(r, choices[i]):
                 continue
-            e, d = ticks(choices[i][0].enc), ticks(choices[i][0].dec)
-            lo, dl = ticks(r.arrival), dec_latest(r, choices[i][0].dec)
+            e, d = ticks_up(choices[i][0].enc), dec_ticks(choices[i][0])
+            lo, dl = ticks_up(r.arrival), dec_latest(r, choices[i][0])
             horizon = [min(horizon[0], lo), max(horizon[1], dl + d)]
             y = self.ys[i] = m.new_bool_var(f"y{i}")
             rv: dict = {"enc": {}, "dec": {}, "pieces": [],
@@ -198,16 +208,14 @@ class ScheduleModel:
                 m.add(n >= 1).only_enforce_if(z)
                 m.add(n == 0).only_enforce_if(~z)
                 sp, ep = m.new_int_var(lo, dl, f"sp{i}_{p}"), m.new_int_var(lo, dl, f"ep{i}_{p}")
-                mv = move if p else 0.0
                 lits, sizes = {}, {}
                 for j, o in enumerate(choices[i]):
-                    if lo + e + _piece_ticks(o, 1, r.steps, mv) > dl:
+                    if lo + e + _piece_ticks(o, 1, r.steps) > dl:
                         continue  # not even one step on this block fits in the window
-                    full = _piece_ticks(o, r.steps, r.steps, mv)
+                    full = run_ticks(o, r.steps)
                     lit, size = m.new_bool_var(f"l{i}_{p}_{j}"), m.new_int_var(0, full, f"D{i}_{p}_{j}")
                     m.add(size == 0).only_enforce_if(~lit)
-                    m.add(size * _TICK_NS >= n * _step_ns(o, r.steps) + int(math.ceil(mv * 1e9))
-                          ).only_enforce_if(lit)
+                    m.add(size * _TICK_NS >= n * _step_ns(o, r.steps) + _handoff_ns(o)).only_enforce_if(lit)
                     for g in o.block:
                         per_gpu[g].append(m.new_optional_interval_var(sp, size, ep, lit, f"P{i}_{p}_{j}_{g}"))
                     lits[j], sizes[j] = lit, size
@@ -225,7 +233,7 @@ class ScheduleModel:
             worst += e + d
             self.v[i] = rv
         for i, plan in fixed.items():
-            for g, a, b in plan_spans(requests[i], plan, move):
+            for g, a, b in plan_spans(requests[i], plan):
                 if b > horizon[0] and a < horizon[1]:
                     per_gpu[g].append(m.new_fixed_size_interval_var(a, b - a, f"F{i}_{g}_{a}"))
         for ivs in per_gpu:
@@ -236,7 +244,7 @@ class ScheduleModel:
 
     def hint(self, plans: dict[int, Plan]) -> None:
         """A complete hint from ``plans`` (pieces it lacks: absent, zero steps)."""
-        m, move = self.m, self.move
+        m = self.m
         for i, y in self.ys.items():
             plan, rv = plans.get(i), self.v[i]
             m.add_hint(y, plan is not None)
@@ -251,7 +259,7 @@ class ScheduleModel:
                 if p:
                     m.add_hint(pv["z"], pc is not None)
                 m.add_hint(pv["n"], pc.steps if pc else 0)
-                size = _piece_ticks(pc.choice, pc.steps, self.requests[i].steps, move if p else 0.0) if pc else 0
+                size = _piece_ticks(pc.choice, pc.steps, self.requests[i].steps) if pc else 0
                 if pc is not None:
                     m.add_hint(pv["s"], pc.start)
                     m.add_hint(pv["e"], pc.start + size)

@@ -17,13 +17,15 @@ from ortools.sat.python import cp_model
 
 from ditplan.models.cost import CostModel
 from ditplan.planner.cluster import Cluster
-from ditplan.planner.offline.cpsat import STATUS, new_solver
 from ditplan.planner.offline.fit import served_weight_bytes
-from ditplan.planner.offline.schedule import (TICK, BlockChoice, Plan, ScheduleModel, alone_on_time, block_choices,
-                                              contiguous, dec_latest, max_move, plan_spans, run_ticks, score, ticks)
+from ditplan.planner.offline.schedule import (BlockChoice, Plan, ScheduleModel, alone_on_time, block_choices,
+                                              contiguous, dec_latest, dec_ticks, plan_spans, run_ticks, score)
 from ditplan.planner.request import Request
+from ditplan.planner.solvers.cpsat_params import configure
+from ditplan.planner.ticks import TICK_S, ticks_up
 
 FULL_SHARE = 0.3  # of the schedule's budget, for the one-piece whole-trace solve
+MIN_WALL_S, MIN_DET_S = 0.05, 0.01  # the least budget a solve gets, so a share of a small budget still searches
 
 
 class _Busy:
@@ -61,8 +63,8 @@ def _greedy(requests: Sequence[Request], choices: list[list[BlockChoice]], n_gpu
         r = requests[i]
         best = None
         for o in choices[i]:
-            e, D, d = ticks(o.enc), run_ticks(o, r.steps), ticks(o.dec)
-            lo, hi = ticks(r.arrival), dec_latest(r, o.dec) - e - D
+            e, D, d = ticks_up(o.enc), run_ticks(o, r.steps), dec_ticks(o)
+            lo, hi = ticks_up(r.arrival), dec_latest(r, o) - e - D
             if hi < lo:
                 continue
             s = busy.earliest(o, lo, e, D, d)
@@ -73,7 +75,7 @@ def _greedy(requests: Sequence[Request], choices: list[list[BlockChoice]], n_gpu
                 best = (key, o, s)
         if best is not None:
             _, o, s = best
-            busy.add(o, s, ticks(o.enc), run_ticks(o, r.steps), ticks(o.dec))
+            busy.add(o, s, ticks_up(o.enc), run_ticks(o, r.steps), dec_ticks(o))
             out[i] = contiguous(r, o, s)
     return out
 
@@ -87,27 +89,26 @@ class _Scheduler:
         self.num_workers, self.seed = num_workers, seed
         weights = served_weight_bytes(requests, cluster)
         self.choices = [block_choices(r, cluster, cost, weights) for r in requests]
-        self.move = max_move(requests, cluster, cost)
         self.best: dict[int, Plan] = max((_greedy(requests, self.choices, self.n_gpu, cheap)
                                           for cheap in (True, False)), key=self.score)
         self.stats: dict = {"greedy_on_time": len(self.best)}
 
     def score(self, plans: dict[int, Plan]) -> tuple[int, int]:
-        return score(self.requests, plans, self.move)
+        return score(self.requests, plans)
 
     def _solve(self, model: ScheduleModel, time_limit_s: float,
                deterministic_time: float | None) -> tuple[dict[int, Plan] | None, str, float]:
-        solver = new_solver(time_limit_s, self.num_workers, self.seed, deterministic_time)
+        solver = cp_model.CpSolver()
+        configure(solver, deterministic_time, self.seed, self.num_workers, time_limit_s)
         code = solver.solve(model.m)
-        status = STATUS.get(code, str(code))
+        status = solver.status_name(code)
         found = model.plans(solver) if code in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None
         return found, status, solver.deterministic_time
 
     def full(self, pieces: int, time_limit_s: float, deterministic_time: float | None,
              max_on_time: int | None) -> tuple[str, float]:
         """Solve the whole trace at once; returns (status, deterministic time used)."""
-        model = ScheduleModel(self.requests, self.choices, self.n_gpu, self.move, pieces,
-                              range(len(self.requests)), {})
+        model = ScheduleModel(self.requests, self.choices, self.n_gpu, pieces, range(len(self.requests)), {})
         if max_on_time is not None and model.ys:
             model.m.add(model.count <= max_on_time)
         model.hint(self.best)
@@ -122,11 +123,11 @@ class _Scheduler:
     def _neighbours(self, m: int, size: int) -> list[int]:
         """Missed request ``m`` and the ``size - 1`` on-time requests using most GPU-time in its window."""
         r = self.requests[m]
-        lo, hi = r.arrival / TICK, r.deadline / TICK
+        lo, hi = r.arrival / TICK_S, r.deadline / TICK_S
 
         def overlap(i: int) -> float:
             return sum(max(0.0, min(b, hi) - max(a, lo))
-                       for _, a, b in plan_spans(self.requests[i], self.best[i], self.move))
+                       for _, a, b in plan_spans(self.requests[i], self.best[i]))
 
         near = sorted((-overlap(i), i) for i in self.best)
         return [m] + [i for w, i in near[:size - 1] if w < 0]
@@ -157,14 +158,14 @@ class _Scheduler:
             missed = [i for i in order if i not in self.best and self._possible(i)]
             for hood in [*slides, *([m] for m in missed)]:
                 wall_left = time_limit_s - (time.perf_counter() - t0)
-                if wall_left <= 0.05 or (det_left is not None and det_left <= 0.01):
+                if wall_left <= MIN_WALL_S or (det_left is not None and det_left <= MIN_DET_S):
                     return stats
                 if len(hood) == 1:  # a missed request: take its neighbours now, from the current best
                     if hood[0] in self.best:
                         continue
                     hood = self._neighbours(hood[0], window)
                 fixed = {i: pl for i, pl in self.best.items() if i not in hood}
-                model = ScheduleModel(self.requests, self.choices, self.n_gpu, self.move, pieces, hood, fixed)
+                model = ScheduleModel(self.requests, self.choices, self.n_gpu, pieces, hood, fixed)
                 if not model.ys:
                     continue
                 model.hint(self.best)
@@ -194,8 +195,8 @@ def best_schedule(requests: Sequence[Request], cluster: Cluster, cost: CostModel
     """
     t0 = time.perf_counter()
     sched = _Scheduler(requests, cluster, cost, num_workers, seed)
-    det_full = None if deterministic_time is None else deterministic_time * FULL_SHARE
-    status, used = sched.full(1, time_limit_s * FULL_SHARE, det_full, max_on_time)
+    det_full = None if deterministic_time is None else max(MIN_DET_S, deterministic_time * FULL_SHARE)
+    status, used = sched.full(1, max(MIN_WALL_S, time_limit_s * FULL_SHARE), det_full, max_on_time)
     sched.stats["full_on_time"] = len(sched.best)
     at_bound = max_on_time is not None and len(sched.best) >= max_on_time
     wall_rest = time_limit_s - (time.perf_counter() - t0)

@@ -42,12 +42,13 @@ from ditplan.planner.request import Stage
 from ditplan.planner.solvers import cpsat, milp
 from ditplan.planner.solvers.commit import (LATE_MODES, Committed, Gaps, commit_on_time, fill_best_effort, idle_gaps,
                                             load_stranded, rejections, weight_load)
-from ditplan.planner.solvers.data import (TICK_S, ScheduleData, ScheduleParams, build_schedule, chain_parts, has_latent,
-                                  kept_degrees)
+from ditplan.planner.solvers.data import (ScheduleData, ScheduleParams, build_schedule, chain_parts, has_latent,
+                                          kept_degrees)
 from ditplan.planner.solvers.greedy import greedy
 from ditplan.planner.solvers.reserve import PlacementLoop, keep_loaded
 from ditplan.planner.solvers.solution import Schedule, evaluate
 from ditplan.planner.state import PlannerState
+from ditplan.planner.ticks import TICK_S
 
 
 def _chain_s(pr: ProblemRequest, k: int) -> float:

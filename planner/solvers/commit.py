@@ -27,8 +27,9 @@ from ditplan.planner.placement import WeightLoad
 from ditplan.planner.plan import Assignment
 from ditplan.planner.problem import ProblemRequest, RoundProblem
 from ditplan.planner.request import Stage
-from ditplan.planner.solvers.data import TICK_S, ScheduleData, aligned_blocks, has_latent, is_lost, kept_degrees, load_plan
+from ditplan.planner.solvers.data import ScheduleData, aligned_blocks, has_latent, is_lost, kept_degrees, load_plan
 from ditplan.planner.solvers.solution import Schedule
+from ditplan.planner.ticks import TICK_S
 
 LATE_MODES = ("serve", "reject")
 

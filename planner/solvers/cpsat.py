@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
+from ditplan.planner.solvers.cpsat_params import configure
 from ditplan.planner.solvers.data import ScheduleData
 from ditplan.planner.solvers.solution import Schedule, SolveStats, SolveStatus, constant_of, release_offset
 
@@ -43,22 +44,6 @@ class _Vars:
     start: list
     x: list  # per job: per alternative
     cont: dict  # job -> continued-now literal (running jobs)
-
-
-def configure(solver: cp_model.CpSolver, deterministic_s: float, seed: int = 0, num_workers: int = 1,
-              wall_s: float | None = None) -> None:
-    """The one home of CP-SAT parameters: deterministic limit, fixed seed, optional wall limit."""
-    prm = solver.parameters
-    prm.random_seed = int(seed)
-    prm.num_workers = max(1, int(num_workers))
-    if prm.num_workers > 1:
-        prm.interleave_search = True  # deterministic parallel search
-    prm.max_deterministic_time = max(1e-6, float(deterministic_s))
-    if wall_s is not None:
-        prm.max_time_in_seconds = max(1e-6, float(wall_s))
-    # Probing and symmetry detection cost more of a tight budget than they save here.
-    prm.cp_model_probing_level = 0
-    prm.symmetry_level = 0
 
 
 def build_model(data: ScheduleData) -> tuple[cp_model.CpModel, _Vars]:
@@ -134,7 +119,7 @@ def solve(data: ScheduleData, time_limit_s: float = 0.05, hint: Schedule | None 
         add_hint(m, data, v, hint)
     t_model = time.perf_counter()
     solver = cp_model.CpSolver()
-    configure(solver, time_limit_s, seed, num_workers, wall_limit_s)
+    configure(solver, time_limit_s, seed, num_workers, wall_limit_s, light_presolve=True)
     solver.parameters.log_search_progress = log
     code = solver.solve(m)
     status = _STATUS.get(code, SolveStatus.ERROR)

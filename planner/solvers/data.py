@@ -26,7 +26,7 @@ does not (text encoders are large and run once: stage-level placement):
 is committed; the next step boundary plans again, so a preemption is just the
 remaining chain starting later, maybe at another degree.
 
-Time is in integer ticks of :data:`TICK_S` from now. Reserved windows are
+Time is in integer ticks (``planner/ticks.py``) from now. Reserved windows are
 rounded *outwards* (the real work lies inside them), while the on-time test
 is exact in seconds: alternative ``a`` is on time iff its start tick ``s``
 satisfies ``s * TICK_S + chain_s(a) <= deadline``, which is the integer
@@ -42,19 +42,7 @@ from typing import Iterable, Mapping, Sequence
 from ditplan.models.catalog import get_model
 from ditplan.planner.problem import ProblemRequest, RoundProblem
 from ditplan.planner.request import Stage
-
-TICK_S = 1e-3
-# Slack of the exact on-time test, in ticks: 1e-10 s absorbs float noise and stays
-# below the 1e-9 s tolerance with which a finish is judged on time (planner.metrics.met).
-_ON_TIME_EPS = 1e-7
-
-
-def ticks_up(seconds: float) -> int:
-    return max(0, math.ceil(seconds / TICK_S - 1e-9))
-
-
-def ticks_down(seconds: float) -> int:
-    return math.floor(seconds / TICK_S + _ON_TIME_EPS)
+from ditplan.planner.ticks import ticks_down, ticks_up
 
 
 @dataclass(frozen=True)
