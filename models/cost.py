@@ -14,6 +14,10 @@ Two layers:
   without a table still get an estimate. Models with no table at all use the
   roofline with the median coefficients of the fitted models.
 
+On top, a running service refines step times from measured reports (``models/refine.py``):
+``with_corrections`` gives a ``CorrectedCostModel``, a view whose step times are the prior (the two
+layers above) times a factor per (model, shape, SP degree, batch).
+
 VAE decode does not take an SP degree: it does not speed up with k (GenServe).
 """
 from __future__ import annotations
@@ -22,7 +26,8 @@ import bisect
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from types import MappingProxyType
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -142,6 +147,8 @@ class _Table:
 class CostModel:
     """Step and stage times on one GPU kind."""
 
+    corrections: Mapping[tuple[str, Shape, int, int], float] = MappingProxyType({})  # none: the prior
+
     def __init__(self, gpu: GpuKind | str = "H100", profiles: Sequence[Profile] | None = None) -> None:
         self.gpu = get_gpu(gpu) if isinstance(gpu, str) else gpu
         self.profiles = list(builtin_profiles() if profiles is None else profiles)
@@ -217,6 +224,13 @@ class CostModel:
         self._cache[key] = value
         return value
 
+    prior_step_time = step_time  # without online corrections, on a corrected view too
+
+    def with_corrections(self, factors: Mapping[tuple[str, Shape, int, int], float]) -> "CorrectedCostModel":
+        """This cost model with its step times scaled by ``factors[(model, shape, sp, batch)]``
+        (``StepRefiner.corrections()``)."""
+        return CorrectedCostModel(self, factors)
+
     def min_step_time(self, model: ModelSpec, shape: Shape, max_sp: int = 8) -> float:
         return min(self.step_time(model, shape, k) for k in model.sp_degrees(max_sp))
 
@@ -264,6 +278,28 @@ class CostModel:
         if math.isinf(bandwidth):
             return 0.0
         return 0.002 + nbytes / bandwidth
+
+
+class CorrectedCostModel(CostModel):
+    """A view of a cost model whose step times are the prior's times a factor per (model, shape, sp,
+    batch) where one is given. A new object, so memos keyed by the cost model's identity
+    (``TimingTable``) start afresh; tables, calibrations and the prior's cache are shared, so a view is
+    cheap to make, and the plain ``CostModel.step_time`` pays nothing for corrections it has none of."""
+
+    def __init__(self, prior: CostModel, factors: Mapping[tuple[str, Shape, int, int], float]) -> None:
+        self.__dict__.update(prior.__dict__)
+        self._factors = dict(factors)
+        self.corrections = MappingProxyType(self._factors)
+        self._corrected: dict[tuple, float] = {}  # this view's step times
+
+    def step_time(self, model: ModelSpec, shape: Shape, sp: int, batch: int = 1,
+                  link_bw: float | None = None) -> float:
+        key = (model.name, shape, sp, batch, link_bw)
+        hit = self._corrected.get(key)
+        if hit is None:
+            hit = self._corrected[key] = (self.prior_step_time(model, shape, sp, batch, link_bw)
+                                          * self._factors.get(key[:4], 1.0))
+        return hit
 
 
 def _shape_with_tokens(model: ModelSpec, like: Shape, tokens: int) -> Shape:

@@ -3,9 +3,12 @@
 A profile file is JSON: ``name``, ``gpu``, ``role`` (``profile`` feeds the cost
 model, ``validation`` is held out for the calibration benchmark),
 ``provenance`` (where the numbers come from), ``points`` (one row per
-measurement: model, height, width, frames, sp, batch, step_s) and optional
-``stages`` (model, height, width, frames, stage, batch, seconds). Published
-tables ship in this folder; ``ditplan profile`` writes the same format.
+measurement: model, height, width, frames, sp, batch, step_s, optional iqr_s)
+and optional ``stages`` (model, height, width, frames, stage, batch, seconds,
+optional iqr_s and stage_impl: what ran, e.g. ``stand-in: ...`` where the
+executor has no real stage yet). Published tables ship in this folder;
+``ditplan profile`` measures one and writes the same format
+(``Profile.to_doc``), with the provenance fields ``MEASURED_PROVENANCE``.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from typing import Any
 from ditplan.models.catalog import CATALOG, SP_DEGREES, Shape
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
+# What a measured profile's provenance records (``ditplan profile``).
+MEASURED_PROVENANCE = ("source", "device", "torch", "date", "command", "model_scale")
 
 
 class ProfileError(ValueError):
@@ -30,6 +35,10 @@ class ProfilePoint:
     sp: int
     batch: int
     step_s: float
+    iqr_s: float | None = None  # spread of the measurements (interquartile range), where measured
+
+    def to_row(self) -> dict[str, Any]:
+        return _row(self.model, self.shape, sp=self.sp, batch=self.batch, step_s=self.step_s, iqr_s=self.iqr_s)
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,18 @@ class StagePoint:
     stage: str  # "encode" | "decode"
     batch: int
     seconds: float
+    iqr_s: float | None = None
+    stage_impl: str = ""  # what ran where it is not the model's real stage (e.g. "stand-in: ...")
+
+    def to_row(self) -> dict[str, Any]:
+        return _row(self.model, self.shape, stage=self.stage, batch=self.batch, seconds=self.seconds,
+                    iqr_s=self.iqr_s, stage_impl=self.stage_impl or None)
+
+
+def _row(model: str, shape: Shape, **fields) -> dict[str, Any]:
+    row = {"model": model, "height": shape.height, "width": shape.width, "frames": shape.frames}
+    row.update((k, v) for k, v in fields.items() if v is not None)
+    return row
 
 
 @dataclass(frozen=True)
@@ -50,6 +71,23 @@ class Profile:
     points: tuple[ProfilePoint, ...]
     stages: tuple[StagePoint, ...] = ()
     batch_rules: tuple[tuple[int | None, int], ...] = field(default=())
+
+    def to_doc(self) -> dict[str, Any]:
+        """The JSON document ``parse_profile`` reads back to an equal profile."""
+        doc: dict[str, Any] = {"name": self.name, "gpu": self.gpu, "role": self.role,
+                               "provenance": dict(self.provenance)}
+        if self.batch_rules:
+            doc["best_batch_by_tokens"] = {"rules": [{"max_tokens": t, "batch": b} for t, b in self.batch_rules]}
+        doc["points"] = [p.to_row() for p in self.points]
+        if self.stages:
+            doc["stages"] = [s.to_row() for s in self.stages]
+        return doc
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_doc(), indent=1) + "\n")
+        return path
 
 
 def _require(row: dict, key: str, kind: type, where: str):
@@ -71,6 +109,10 @@ def _shape(row: dict, where: str) -> Shape:
     return shape
 
 
+def _spread(row: dict, where: str) -> float | None:
+    return _require(row, "iqr_s", float, where) if "iqr_s" in row else None
+
+
 def parse_profile(doc: dict[str, Any], source: str = "<profile>") -> Profile:
     from ditplan.models.gpus import GPU_KINDS
 
@@ -89,7 +131,8 @@ def parse_profile(doc: dict[str, Any], source: str = "<profile>") -> Profile:
         step_s = _require(row, "step_s", float, where)
         if step_s <= 0:
             raise ProfileError(f"{where}: field 'step_s' = {step_s!r} must be > 0")
-        points.append(ProfilePoint(model, _shape(row, where), sp, int(row.get("batch", 1)), step_s))
+        points.append(ProfilePoint(model, _shape(row, where), sp, int(row.get("batch", 1)), step_s,
+                                   _spread(row, where)))
     stages = []
     for i, row in enumerate(doc.get("stages", [])):
         where = f"{source}: stages[{i}]"
@@ -97,7 +140,8 @@ def parse_profile(doc: dict[str, Any], source: str = "<profile>") -> Profile:
         if stage not in ("encode", "decode"):
             raise ProfileError(f"{where}: field 'stage' = {stage!r} must be 'encode' or 'decode'")
         stages.append(StagePoint(_require(row, "model", str, where), _shape(row, where), stage,
-                                 int(row.get("batch", 1)), _require(row, "seconds", float, where)))
+                                 int(row.get("batch", 1)), _require(row, "seconds", float, where),
+                                 _spread(row, where), str(row.get("stage_impl", ""))))
     rules = tuple((r.get("max_tokens"), int(r["batch"]))
                   for r in doc.get("best_batch_by_tokens", {}).get("rules", []))
     return Profile(name=str(doc.get("name", source)), gpu=gpu, role=str(doc.get("role", "profile")),

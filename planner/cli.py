@@ -332,6 +332,10 @@ def serve(
     placement: str = typer.Option("auto", help="With --models: auto (replicate if all fit, else split evenly), "
                                   "replicate, split, or MODEL:GPUS,... per node. cpsat re-places weights as the "
                                   "load shifts; other policies keep this placement."),
+    profile: List[Path] = typer.Option([], help="Extra measured step-time profile JSON (repeatable; `ditplan "
+                                       "profile` writes one): the cost model the planner starts from."),
+    refine: bool = typer.Option(True, "--refine/--no-refine", help="Refine step times per (model, shape, SP "
+                                "degree, batch) from the executors' reports (GetServerInfo, /metrics)."),
 ) -> None:
     """Run the gRPC planning service.
 
@@ -376,7 +380,7 @@ def serve(
                          health_reserve=health_reserve, unary_reserve=unary_reserve,
                          max_plan_streams=max_plan_streams, max_report_streams=max_report_streams,
                          max_other_streams=max_other_streams, handshake_s=handshake_timeout,
-                         stream_idle_s=stream_idle_timeout)
+                         stream_idle_s=stream_idle_timeout, profiles=tuple(str(p) for p in profile), refine=refine)
     try:
         run_server(config, announce=lambda line: print(line, flush=True))
     except (InputError, KeyError, ValueError, OSError, JournalError) as exc:
@@ -524,6 +528,76 @@ def executor(
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(3) from None
     console.print(f"executor {executor_id}: {n} assignment(s) run", highlight=False)
+
+
+@app.command()
+def profile(
+    model: str = typer.Option(..., help="Catalog model to measure (its family needs a torch model: flux, sd3)."),
+    model_scale: str = typer.Option("tiny", help="'tiny' (seeded models built from code, as `ditplan executor` "
+                                    "runs them) or 'full' (a local checkpoint, --checkpoint)."),
+    shapes: str = typer.Option("256,512,1024", help="Output sizes in pixels, comma-separated: SIZE (square), HxW "
+                               "or HxWxF (frames)."),
+    degrees: str = typer.Option("1", help="SP degrees, comma-separated; each at most --devices."),
+    batches: str = typer.Option("1", help="Batch sizes, comma-separated."),
+    devices: int = typer.Option(1, help="Ranks to spawn: one per CUDA device, or CPU ranks (gloo)."),
+    out_path: Path = typer.Option(..., "--out", help="Profile JSON to write (the format of models/profiles/*.json)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="--model-scale full: a local diffusers checkpoint."),
+    warmup: int = typer.Option(3, help="Steps measured and dropped first, per point."),
+    repeats: int = typer.Option(10, help="Steps whose median is the point."),
+    downscale: Optional[int] = typer.Option(None, help="Latent side = pixels / this (default: 64 tiny, as "
+                                            "`ditplan executor`; 8 full, the real VAE factor)."),
+    gpu: Optional[str] = typer.Option(None, help="GPU kind to file the profile under (the cost model's key). Default: "
+                                      "the CUDA device's kind; on CPU the default cluster's kind."),
+) -> None:
+    """Measure step, encode and decode times on the local devices and write a profile for --profile."""
+    import shlex
+
+    from ditplan.planner.cluster import parse_cluster
+
+    try:
+        from ditplan.executor.profile import ProfileInputError, make_job, measure, measurements
+    except ImportError as exc:
+        raise fail(f"profiling needs the 'executor' extra (torch, yunchang, diffusers): {exc}") from None
+    given = [("--checkpoint", checkpoint), ("--downscale", downscale), ("--gpu", gpu)]
+    argv = ["ditplan", "profile", "--model", model, "--model-scale", model_scale, "--shapes", shapes,
+            "--degrees", degrees, "--batches", batches, "--devices", devices, "--warmup", warmup,
+            "--repeats", repeats, *[x for flag, v in given if v is not None for x in (flag, v)], "--out", out_path]
+    try:
+        job = make_job(model, model_scale, shapes, degrees, batches, devices,
+                       str(checkpoint) if checkpoint else None, warmup, repeats, downscale, gpu,
+                       fallback_gpu=parse_cluster(DEFAULT_CLUSTER).kind.name,
+                       command=" ".join(shlex.quote(str(a)) for a in argv))
+    except ProfileInputError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"[bold]ditplan profile[/]: {model} ({model_scale}), shapes {', '.join(map(str, job.shapes))}, "
+                  f"degrees {', '.join(map(str, job.degrees))}, batches {', '.join(map(str, job.batches))} on "
+                  f"{devices} rank(s); {warmup} warm-up + {repeats} steps per point", highlight=False)
+    live = console.is_terminal
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not live) as bar:
+        task = bar.add_task("measuring", total=measurements(job))
+
+        def measured(m) -> None:
+            where = f" sp{m.sp}" if m.what == "step" else ""
+            what = f"{m.what} {m.shape}{where} batch {m.batch}: {m.median * 1e3:.3f} ms (iqr {m.iqr * 1e3:.3f})"
+            bar.update(task, advance=1, description=what)
+            if not live:
+                console.print(what, highlight=False)
+
+        try:
+            prof = measure(job, measured)
+        except (RuntimeError, TimeoutError) as exc:
+            console.print(f"[bold red]error:[/] profiling failed: {exc}", highlight=False)
+            raise typer.Exit(1) from None
+    t = Table(title=f"{prof.name}: seconds per step (median of {repeats})")
+    for col in ("shape", "sp", "batch", "step ms", "iqr ms"):
+        t.add_column(col, justify="right")
+    for p in prof.points:
+        t.add_row(str(p.shape), str(p.sp), str(p.batch), f"{p.step_s * 1e3:.3f}", f"{(p.iqr_s or 0) * 1e3:.3f}")
+    out.print(t)
+    prof.write(out_path)
+    console.print(f"wrote {out_path}: {len(prof.points)} step points, {len(prof.stages)} stage points, filed under "
+                  f"{prof.gpu} (measured on {prof.provenance['device']})", highlight=False)
 
 
 def main() -> None:

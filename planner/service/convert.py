@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import math
 
+from ditplan.models.catalog import Shape
+from ditplan.models.refine import StepEstimate, StepKey
 from ditplan.planner.placement import WeightLoad
 from ditplan.planner.plan import Assignment, RoundPlan, WireStats
 from ditplan.planner.request import Stage
@@ -94,7 +96,8 @@ def info_to_pb(i: ServerInfoView) -> pb.ServerInfo:
         executors=[pb.ExecutorInfo(executor_id=e.executor_id, gpus=list(e.gpus), last_seen=e.last_seen)
                    for e in i.executors],
         requests_by_state=i.requests_by_state, weight_loads=i.weight_loads,
-        placement=[pb.GpuWeights(weights=list(ws)) for ws in i.placement])
+        placement=[pb.GpuWeights(weights=list(ws)) for ws in i.placement],
+        step_estimates=[estimate_to_pb(e) for e in i.step_estimates])
 
 
 def info_from_pb(m: pb.ServerInfo) -> ServerInfoView:
@@ -104,7 +107,19 @@ def info_from_pb(m: pb.ServerInfo) -> ServerInfoView:
         executors=tuple(ExecutorView(e.executor_id, tuple(e.gpus), e.last_seen) for e in m.executors),
         requests_by_state=dict(m.requests_by_state), version=m.version, slo_scale=m.slo_scale,
         max_queue=m.max_queue, placement=tuple(tuple(g.weights) for g in m.placement),
-        weight_loads=m.weight_loads)
+        weight_loads=m.weight_loads, step_estimates=tuple(estimate_from_pb(e) for e in m.step_estimates))
+
+
+def estimate_to_pb(e: StepEstimate) -> pb.StepEstimate:
+    k = e.key
+    return pb.StepEstimate(model=k.model, height=k.shape.height, width=k.shape.width, frames=k.shape.frames,
+                           sp=k.sp, batch=k.batch, seconds=e.seconds, prior_seconds=e.prior_s, factor=e.factor,
+                           reports=e.reports, in_use=e.in_use)
+
+
+def estimate_from_pb(m: pb.StepEstimate) -> StepEstimate:
+    return StepEstimate(StepKey(m.model, Shape(m.height, m.width, m.frames), m.sp, m.batch), m.seconds,
+                        m.prior_seconds, m.factor, m.reports, m.in_use)
 
 
 # --- executors ------------------------------------------------------------

@@ -36,8 +36,18 @@ fit together: admission refuses one that does not).
 Parts (each not thread-safe, called under the core's lock): the request
 book (``book.py``: every request, the live index and its queue), the fleet
 (``fleet.py``: GPUs, executor sessions, placement), dispatch
-(``dispatch.py``: plan -> flights and per-executor deltas) and the
-estimator (``eta.py``: ideal latency, backlog, predicted finish).
+(``dispatch.py``: plan -> flights and per-executor deltas), the
+estimator (``eta.py``: ideal latency, backlog, predicted finish) and the
+step-time refiner (``models/refine.py``).
+
+Cost refinement: each accepted diffuse report's step times (their median)
+update the refiner's estimate for the assignment's (model, shape, SP degree
+= len(gpus), batch = len(request_ids)), as a factor on the prior the
+configured cost model gives for that block. When the factors in use change,
+``self.cost`` becomes a new corrected view (``CostModel.with_corrections``)
+of ``config.cost``: snapshots, dispatch, the estimator and the planner
+child process all see it. Refinement is not journaled: a restart starts
+again from the profile.
 
 Threads: gRPC handlers call the public methods; one loop thread plans. All
 state is under one lock; the policy runs outside it on a snapshot, and its
@@ -51,6 +61,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import statistics
 import threading
 import time
 from collections import Counter
@@ -59,10 +70,11 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from ditplan.models.cost import CostModel
+from ditplan.models.refine import RefineConfig, StepKey, StepRefiner
 from ditplan.planner.cluster import Cluster
 from ditplan.planner.execution import Segment, count_preemptions, end_segment, next_wake
 from ditplan.planner.placement import Placement, WeightLoad, static_placement, validate_placement
-from ditplan.planner.plan import RoundPlan
+from ditplan.planner.plan import Assignment, RoundPlan
 from ditplan.planner.policies.base import make_policy
 from ditplan.planner.request import Request, RequestState, RequestStatus, Stage
 from ditplan.planner.service.admission import RequestSpec, unservable, validate_batch, validate_spec
@@ -111,6 +123,8 @@ class CoreConfig:
     # MODEL:GPUS,...). Empty: every model requests name, on every GPU.
     models: tuple[str, ...] = ()
     placement: str = "auto"
+    # Step-time refinement from reports (models/refine.py); None: plan with ``cost`` as given.
+    refine: RefineConfig | None = field(default_factory=RefineConfig)
 
 
 def initial_placement(config: CoreConfig) -> Placement | None:
@@ -134,7 +148,8 @@ class _Snapshot:
 class PlannerCore:
     def __init__(self, config: CoreConfig, journal: Journal, recovered: Recovered, clock) -> None:
         self.config = config
-        self.cluster, self.cost = config.cluster, config.cost
+        self.cluster, self.cost = config.cluster, config.cost  # self.cost: config.cost, refined
+        self._refiner = StepRefiner(config.refine) if config.refine is not None else None
         self.clock = clock
         self.journal = journal
         self.stats = Stats()
@@ -165,7 +180,8 @@ class PlannerCore:
         if self.config.planner_process:
             self._proc = PlannerProcess(self.config.cluster_spec, self.config.policy,
                                         self._fallback.name if self._fallback else None, self.config.check_plans,
-                                        options=self.config.policy_options)
+                                        options=self.config.policy_options, gpu=self.config.cost.gpu.name,
+                                        profiles=self.config.cost.profiles)
         self._thread.start()
 
     def stop(self) -> None:
@@ -431,7 +447,8 @@ class PlannerCore:
             return ServerInfoView(now, self.clock.speed, self.clock.simulated, self.cluster.name, self.cluster.size,
                                   self.config.policy, self._epoch, execs, {s: counts.get(s, 0) for s in STATES},
                                   self.config.version, self.config.slo_scale, self.config.max_queue,
-                                  placement.names() if placement is not None else (), self.stats.weight_loads)
+                                  placement.names() if placement is not None else (), self.stats.weight_loads,
+                                  tuple(self._refiner.estimates()) if self._refiner is not None else ())
 
     def slo_attainment(self) -> float | None:
         """Met / decided so far: done requests, and live ones already past their deadline (certain misses)."""
@@ -576,6 +593,8 @@ class PlannerCore:
         now = self.clock.now()
         flight.reported_steps += rep.steps
         fut = None
+        if a.stage is Stage.DIFFUSE and rep.step_seconds:
+            self._refine(a, rep.step_seconds)
         for rid in a.request_ids:
             t = self._book.tracked[rid]
             if rep.step_seconds:
@@ -592,6 +611,18 @@ class PlannerCore:
         if rep.done:
             fut = self._end_flight(flight, now) or fut
         return fut
+
+    def _refine(self, a: Assignment, step_seconds: Sequence[float]) -> None:
+        """Under the lock: one diffuse report's step times refine its key's estimate."""
+        if self._refiner is None:
+            return
+        lead = self._book.tracked[a.request_ids[0]].status.request
+        sp, batch = len(a.gpus), len(a.request_ids)
+        bw = self.cluster.block_bandwidth(a.gpus) if sp > 1 else None
+        prior = self.config.cost.prior_step_time(lead.spec, lead.shape, sp, batch, link_bw=bw)
+        if self._refiner.observe(StepKey(lead.model, lead.shape, sp, batch), statistics.median(step_seconds), prior):
+            self.cost = self.config.cost.with_corrections(self._refiner.corrections())
+            self._eta.rebind(self.cost)
 
     def _reported_flight(self, rep: StepReport) -> Flight:
         """Under the lock: the flight a report is about, or the error that refuses it."""

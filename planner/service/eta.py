@@ -1,4 +1,8 @@
-"""Cost-model figures the service quotes: ideal latency at admission, backlog, predicted finish."""
+"""Cost-model figures the service quotes: ideal latency at admission, backlog, predicted finish.
+
+The core rebinds the estimator to each refined cost model (``rebind``); its cache goes with the
+cost model it was filled from, so a reader racing a rebind fills the old cache, never the new one.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,19 +28,28 @@ class Estimator:
     """The cost model's answers for one cluster, cached per (model, shape)."""
 
     def __init__(self, cluster: Cluster, cost: CostModel) -> None:
-        self.cluster, self.cost = cluster, cost
-        self._cache: dict[tuple[str, Shape], ShapeCosts] = {}
+        self.cluster = cluster
+        self._bound: tuple[CostModel, dict[tuple[str, Shape], ShapeCosts]] = (cost, {})
+
+    @property
+    def cost(self) -> CostModel:
+        return self._bound[0]
+
+    def rebind(self, cost: CostModel) -> None:
+        """Quote from ``cost`` from now on (a refined view of the same model); the cache starts afresh."""
+        self._bound = (cost, {})
 
     def costs(self, model: str, shape: Shape) -> ShapeCosts:
+        cost, cache = self._bound
         key = (model, shape)
-        c = self._cache.get(key)
+        c = cache.get(key)
         if c is None:
             spec = get_model(model)
-            k = self.cost.best_sp(spec, shape, self.cluster.max_node_gpus)
-            c = ShapeCosts(k, self.cost.step_time(spec, shape, k), self.cost.encode_time(spec, shape),
-                           self.cost.decode_time(spec, shape))
-            if len(self._cache) < CACHE_LIMIT:
-                self._cache[key] = c
+            k = cost.best_sp(spec, shape, self.cluster.max_node_gpus)
+            c = ShapeCosts(k, cost.step_time(spec, shape, k), cost.encode_time(spec, shape),
+                           cost.decode_time(spec, shape))
+            if len(cache) < CACHE_LIMIT:
+                cache[key] = c
         return c
 
     def ideal_latency(self, model: str, shape: Shape, steps: int) -> float:

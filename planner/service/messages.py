@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ditplan.models.refine import StepEstimate
 from ditplan.planner.placement import WeightLoad
 from ditplan.planner.request import Request, RequestFields, Stage
 
@@ -161,3 +162,4 @@ class ServerInfoView:
     max_queue: int
     placement: tuple[tuple[str, ...], ...] = ()  # per GPU, "model/component"; (): live models replicated
     weight_loads: int = 0
+    step_estimates: tuple[StepEstimate, ...] = ()  # refined step times, per key reported (models/refine.py)

@@ -11,7 +11,12 @@ Prometheus dependency and each server has its own registry:
   ``ditplan_plan_violations_total``, ``ditplan_preemptions_total``,
   ``ditplan_submitted_total``, ``ditplan_refused_total{code}``,
   ``ditplan_executors``, ``ditplan_executors_lost_total``,
-  ``ditplan_requeued_total``, ``ditplan_plan_epoch``.
+  ``ditplan_requeued_total``, ``ditplan_plan_epoch``;
+* ``ditplan_step_time_estimate_seconds{model,shape,sp,batch}``: the refined
+  step time per key reported so far (cost refinement), with
+  ``ditplan_step_time_prior_seconds`` (the profile's or roofline's) and
+  ``ditplan_step_time_reports`` and ``ditplan_step_time_estimate_in_use``
+  (1 once plans use it: enough reports) beside it.
 """
 from __future__ import annotations
 
@@ -68,6 +73,23 @@ class CoreCollector:
         yield refused
         yield GaugeMetricFamily("ditplan_executors", "Connected executors.", value=len(info.executors))
         yield GaugeMetricFamily("ditplan_plan_epoch", "Current plan epoch.", value=info.plan_epoch)
+        yield from _step_estimates(info.step_estimates)
+
+
+def _step_estimates(estimates):
+    from prometheus_client.core import GaugeMetricFamily
+
+    families = (("ditplan_step_time_estimate_seconds", "Refined step time (on the block last reported).",
+                 lambda e: e.seconds),
+                ("ditplan_step_time_prior_seconds", "Profile / roofline step time it refines.", lambda e: e.prior_s),
+                ("ditplan_step_time_reports", "Reports the estimate is from.", lambda e: e.reports),
+                ("ditplan_step_time_estimate_in_use", "1 once plans use the estimate (enough reports), else 0.",
+                 lambda e: int(e.in_use)))
+    for name, doc, value in families:
+        g = GaugeMetricFamily(name, doc, labels=["model", "shape", "sp", "batch"])
+        for e in estimates:
+            g.add_metric([e.key.model, str(e.key.shape), str(e.key.sp), str(e.key.batch)], value(e))
+        yield g
 
 
 def start_metrics_server(core: PlannerCore, port: int, host: str = "127.0.0.1"):

@@ -8,8 +8,11 @@ is illegal, so no round is lost.
 --planner-process``, the CLI default): a CP-SAT model build is long pure
 Python, and in the server's process it would hold the GIL that every RPC
 thread needs. The child builds its own cluster, cost model and policy from
-the same configuration; each round it receives the policy's view (the live
-statuses, GPU free times, clock, just-paused ids) and answers with the plan.
+the same configuration (cluster, GPU kind, profiles); each round it receives
+the policy's view (the live statuses, GPU free times, clock, just-paused ids)
+and answers with the plan. The cost model's online corrections (cost
+refinement, ``models/refine.py``) come with the first round that plans on
+them: the child plans on the same corrected view as the server would.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ import logging
 import multiprocessing as mp
 import time
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
+from ditplan.models.profiles import Profile
 from ditplan.planner.checker import check_plan
 from ditplan.planner.plan import RoundPlan
 from ditplan.planner.state import PlannerState
@@ -65,14 +70,16 @@ def plan_checked(policy, fallback, state: PlannerState, check: bool = True) -> P
     return PlanResult(plan, (time.perf_counter() - t0) * 1e3, violations)
 
 
-def _worker(conn, cluster_spec: str, policy: str, fallback: str | None, check: bool, options: dict) -> None:
+def _worker(conn, cluster_spec: str, policy: str, fallback: str | None, check: bool, options: dict,
+            gpu: str | None, profiles: list[Profile] | None) -> None:
     """The child process: build the planning context once, then answer one plan per message."""
     from ditplan.models.cost import CostModel
     from ditplan.planner.cluster import parse_cluster
     from ditplan.planner.policies.base import make_policy
 
     cluster = parse_cluster(cluster_spec)
-    cost = CostModel(cluster.kind)
+    prior = CostModel(gpu or cluster.kind, profiles)
+    cost = prior
     pol = make_policy(policy, **options)
     fb = make_policy(fallback) if fallback else None
     conn.send("ready")
@@ -83,7 +90,9 @@ def _worker(conn, cluster_spec: str, policy: str, fallback: str | None, check: b
             return
         if msg is None:
             return
-        now, statuses, free_at, served, round_s, just = msg
+        now, statuses, free_at, served, round_s, just, corrections = msg
+        if corrections is not None:
+            cost = prior.with_corrections(corrections)
         state = PlannerState(now, cluster, cost, statuses, free_at, served, round_s, just)
         conn.send(plan_checked(pol, fb, state, check))
 
@@ -92,11 +101,16 @@ class PlannerProcess:
     """A planner child process; ``plan`` blocks the calling thread (not the GIL) while it solves."""
 
     def __init__(self, cluster_spec: str, policy: str, fallback: str | None, check: bool = True,
-                 start_timeout_s: float = 120.0, options: dict | None = None) -> None:
+                 start_timeout_s: float = 120.0, options: dict | None = None, gpu: str | None = None,
+                 profiles: Sequence[Profile] | None = None) -> None:
+        """``gpu`` and ``profiles``: the server's cost model's (default: the cluster's kind, the built-in
+        profiles)."""
         ctx = mp.get_context("spawn")  # never fork a process that runs gRPC threads
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_worker, args=(child, cluster_spec, policy, fallback, check, dict(options or {})),
+        self._proc = ctx.Process(target=_worker, args=(child, cluster_spec, policy, fallback, check, dict(options or {}),
+                                                       gpu, None if profiles is None else list(profiles)),
                                  name="ditplan-planner", daemon=True)
+        self._sent: Mapping | None = None  # the corrections the child plans with (None: none sent yet)
         self._proc.start()
         child.close()
         if not self._conn.poll(start_timeout_s) or self._conn.recv() != "ready":
@@ -108,9 +122,13 @@ class PlannerProcess:
         return self._proc.pid
 
     def plan(self, state: PlannerState) -> PlanResult:
-        """Plan ``state`` in the child. Raises ``OSError``/``EOFError`` if the child died."""
+        """Plan ``state`` in the child (on ``state.cost``'s corrections). Raises ``OSError``/``EOFError`` if the
+        child died."""
+        corrections = state.cost.corrections
+        new = None if corrections is self._sent else dict(corrections)
         self._conn.send((state.now, list(state.requests), list(state.gpu_free_at), state.placement,
-                         state.round_s, state.just_paused))
+                         state.round_s, state.just_paused, new))
+        self._sent = corrections
         return self._conn.recv()
 
     def close(self) -> None:

@@ -20,6 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ditplan.models.cost import CostModel
+from ditplan.models.profiles import builtin_profiles, load_profile
+from ditplan.models.refine import RefineConfig
 from ditplan.planner.cluster import parse_cluster
 from ditplan.planner.policies.base import make_policy, policy_names
 from ditplan.planner.service.auth import TokenAuthInterceptor
@@ -82,6 +84,8 @@ class ServeConfig:
     reject_grace_s: float = 1.0  # --late reject: reject only requests that would miss by more (planning latency)
     models: tuple[str, ...] = ()  # served models, placed per GPU; (): every model requests name, everywhere
     placement: str = "auto"  # with models: auto | replicate | split | MODEL:GPUS,...
+    profiles: tuple[str, ...] = ()  # measured profile files (ditplan profile) on top of the built-in ones
+    refine: bool = True  # refine step times from executors' reports (models/refine.py)
     metrics_host: str = "127.0.0.1"  # /metrics has no authentication: loopback unless told otherwise
     allow_insecure: bool = False  # serve a --host beyond loopback without a token (a warning, not a refusal)
     # Concurrency budgets and stream deadlines (planner/service/limits.py):
@@ -201,6 +205,7 @@ class PlannerServer:
         if not cfg.speed > 0:
             raise ValueError(f"--speed must be > 0, got {cfg.speed}")
         cluster = parse_cluster(cfg.cluster)
+        cost = CostModel(cluster.kind, builtin_profiles() + [load_profile(p) for p in cfg.profiles])
         cfg.limits().validate()
         check_exposure(cfg)
         creds = None
@@ -209,7 +214,7 @@ class PlannerServer:
                 raise ValueError("TLS needs both --tls-cert and --tls-key")
             creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
         try:
-            self._start(policy, cluster, creds)
+            self._start(policy, cluster, cost, creds)
             self._watch_journal(True)
         except BaseException:
             self.stop(grace=0)  # close what was opened: the journal (and its lock), threads, the port
@@ -217,9 +222,8 @@ class PlannerServer:
             raise
         return self
 
-    def _start(self, policy: str, cluster, creds) -> None:
+    def _start(self, policy: str, cluster, cost: CostModel, creds) -> None:
         cfg = self.config
-        cost = CostModel(cluster.kind)
         clock_box: dict = {}
 
         def meta() -> dict[str, str]:  # persisted with every commit: the virtual clock resumes from it
@@ -264,7 +268,7 @@ class PlannerServer:
                               policy_options={"late": cfg.late, "wall_limit_s": cfg.wall_limit_s,
                                               "reject_grace_s": cfg.reject_grace_s},
                               cluster_spec=cfg.cluster, version=_version(), models=tuple(cfg.models),
-                              placement=cfg.placement)
+                              placement=cfg.placement, refine=RefineConfig() if cfg.refine else None)
         self.core = PlannerCore(core_cfg, self._journal, recovered, clock)
         self.core.start()
         if cfg.simulate:
