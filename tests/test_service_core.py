@@ -147,3 +147,29 @@ def test_restart_recovers_unfinished_requests_at_their_reported_progress(make_co
     b = again.get("b")
     assert b.state in {"queued", "paused", "done"} and b.steps_done == progress
     assert again.epoch >> 32 == 2  # the second start of this state directory
+
+
+def test_the_planner_process_sees_what_the_core_sees_round_after_round(make_core):
+    """The planner child gets only the statuses that changed since its last plan; its plans must be
+    the in-process policy's, plan for plan, while requests start, progress, finish and arrive."""
+    def run(core):
+        core.start(loop=False)
+        sess = core.connect_executor("ex", range(4), heartbeats=False)
+        drain(sess)
+        core.submit([flux(f"a{i}", 512 + 256 * (i % 3)) for i in range(6)])
+        log = []
+        for rnd in range(40):
+            if rnd == 5:
+                core.submit([flux(f"b{i}", 768) for i in range(4)])
+            core.plan_once()
+            for epoch, a in assignments(sess):
+                log.append((a.request_ids, a.stage, a.gpus, a.steps, a.start_step))
+                core.clock.advance(a.predicted_s)
+                core.report(StepReport(sess.id, epoch, a.request_ids, a.stage,
+                                       a.steps if a.stage is Stage.DIFFUSE else 0, done=True,
+                                       session_secret=sess.secret), wait=True)
+        return log
+
+    alone = run(make_core("edf", "4xH100", state="alone"))
+    child = run(make_core("edf", "4xH100", state="child", planner_process=True, cluster_spec="4xH100"))
+    assert len(alone) > 20 and child == alone

@@ -172,8 +172,9 @@ class PlannerCore:
         self._recover(recovered)
 
     # --- lifecycle ----------------------------------------------------------
-    def start(self) -> None:
-        """Start the planning loop (a thread; with ``planner_process``, the policy in a child)."""
+    def start(self, loop: bool = True) -> None:
+        """Start planning: with ``planner_process`` the policy's child, then the loop thread (``loop=False``:
+        no thread, the caller plans with ``plan_once``)."""
         for policy in (self._policy, self._fallback):
             if policy is not None:
                 policy.reset()  # a service start is a new run (plan_once calls before it were not)
@@ -182,7 +183,8 @@ class PlannerCore:
                                         self._fallback.name if self._fallback else None, self.config.check_plans,
                                         options=self.config.policy_options, gpu=self.config.cost.gpu.name,
                                         profiles=self.config.cost.profiles)
-        self._thread.start()
+        if loop:
+            self._thread.start()
 
     def stop(self) -> None:
         with self._cv:

@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 from ditplan.models.profiles import Profile
 from ditplan.planner.checker import check_plan
 from ditplan.planner.plan import RoundPlan
+from ditplan.planner.request import RequestStatus
 from ditplan.planner.state import PlannerState
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def _worker(conn, cluster_spec: str, policy: str, fallback: str | None, check: b
     cost = prior
     pol = make_policy(policy, **options)
     fb = make_policy(fallback) if fallback else None
+    mirror: dict[str, RequestStatus] = {}  # the statuses the parent sent, by id (it sends only changes)
     conn.send("ready")
     while True:
         try:
@@ -90,9 +92,14 @@ def _worker(conn, cluster_spec: str, policy: str, fallback: str | None, check: b
             return
         if msg is None:
             return
-        now, statuses, free_at, served, round_s, just, corrections = msg
+        now, order, changed, free_at, served, round_s, just, corrections = msg
         if corrections is not None:
             cost = prior.with_corrections(corrections)
+        for st in changed:
+            mirror[st.id] = st
+        statuses = [mirror[rid] for rid in order]
+        if len(mirror) > 2 * len(order) + 64:  # drop the ended ones now and then
+            mirror = {st.id: st for st in statuses}
         state = PlannerState(now, cluster, cost, statuses, free_at, served, round_s, just)
         conn.send(plan_checked(pol, fb, state, check))
 
@@ -111,6 +118,7 @@ class PlannerProcess:
                                                        gpu, None if profiles is None else list(profiles)),
                                  name="ditplan-planner", daemon=True)
         self._sent: Mapping | None = None  # the corrections the child plans with (None: none sent yet)
+        self._sent_status: dict[str, RequestStatus] = {}  # what the child's mirror holds, by id
         self._proc.start()
         child.close()
         if not self._conn.poll(start_timeout_s) or self._conn.recv() != "ready":
@@ -126,9 +134,14 @@ class PlannerProcess:
         child died."""
         corrections = state.cost.corrections
         new = None if corrections is self._sent else dict(corrections)
-        self._conn.send((state.now, list(state.requests), list(state.gpu_free_at), state.placement,
-                         state.round_s, state.just_paused, new))
+        # Only the statuses that changed since the last plan travel: the core hands the policy the same
+        # copy of a request until it changes (core ``Tracked.snap``), so identity tells.
+        sent = self._sent_status
+        changed = [st for st in state.requests if sent.get(st.id) is not st]
+        self._conn.send((state.now, [st.id for st in state.requests], changed, list(state.gpu_free_at),
+                         state.placement, state.round_s, state.just_paused, new))
         self._sent = corrections
+        self._sent_status = {st.id: st for st in state.requests}
         return self._conn.recv()
 
     def close(self) -> None:
