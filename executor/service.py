@@ -30,9 +30,12 @@ freed and what the rank holds (``weights: GPU ...`` lines). With a placement, a 
 not resident on its GPUs is an error: logged, and the assignment ends early (done, 0 steps). Without one
 (no load ever received) every model is available everywhere: a backbone is built on first use.
 
-Limits of this first version: latents are not checkpointed, so a request requeued
-elsewhere restarts from fresh noise at its last reported step. A load that fails on its rank is logged and
-not reported (the contract has no way to say so yet): the service keeps that GPU loading.
+Faults: a worker rank that dies (``kill -9``, a crash) stops the world (``launch.RankDied``) and the
+executor leaves, which closes its plan stream: the service marks its GPUs lost and requeues their work from
+the last reported step at once (``ditplan executor`` exits 4, a lost executor 3, so a supervisor restarts
+it). With ``--checkpoint-dir`` the lead of every run writes each step's latents to the host before reporting
+the step (``checkpoints.py``), and an executor given a request it does not hold, some steps in, resumes it
+from the checkpoint at exactly that step; without one it goes on from fresh noise at that step.
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ditplan.executor.checkpoints import CheckpointStore, CheckpointWriter
 from ditplan.executor.runtime import Worker
 from ditplan.models.torch import LatentSpec, load_transformer, set_timesteps, tiny_config, tiny_transformer
 
@@ -86,13 +90,22 @@ def model_config(checkpoints: dict[str, str], world: int = 4):
 STOP_SLOTS = 256  # shared stop table: slot cid % STOP_SLOTS holds cid + 1 when run cid must stop
 
 
-def worker_main(rank: int, world: int, commands, results, checkpoints: dict[str, str], stops=None) -> int:
-    """One device: execute commands from this rank's queue until ``stop``; returns commands executed."""
+def worker_main(rank: int, world: int, commands, results, checkpoints: dict[str, str], stops=None,
+                checkpoint_dir: str | None = None) -> int:
+    """One device: execute commands from this rank's queue until ``stop``; returns commands executed.
+    ``checkpoint_dir``: where the lead of a run writes each step's latents before reporting the step."""
     worker = Worker(rank, world, build=model_builder(checkpoints, world), config=model_config(checkpoints, world))
-    worker.on_step = lambda cmd, i, n, s: results.put(("step", cmd["id"], i, n, s))
-    worker.on_weight = lambda cmd, op, info: results.put(("weight", cmd["id"], rank, op, info))
+    writer = CheckpointWriter(CheckpointStore(checkpoint_dir), results.put) if checkpoint_dir else None
+    put = writer.put if writer is not None else (lambda item, latents=(): results.put(item))
+
+    def on_step(cmd, i, n, seconds):
+        put(("step", cmd["id"], i, n, seconds), step_latents(worker, cmd["rids"]) if writer is not None else ())
+
+    worker.on_step = on_step
+    worker.on_weight = lambda cmd, op, info: put(("weight", cmd["id"], rank, op, info))
     if stops is not None:
         worker.should_stop = lambda cmd, k: stops[cmd["id"] % STOP_SLOTS] == cmd["id"] + 1
+    warm_up()
     results.put(("ready", rank))
     done = 0
     parent = os.getppid()
@@ -104,6 +117,8 @@ def worker_main(rank: int, world: int, commands, results, checkpoints: dict[str,
                 return done
             continue
         if cmd["op"] == "stop":
+            if writer is not None:
+                writer.close()
             return done
         try:
             if cmd["op"] == "setstep":
@@ -111,23 +126,55 @@ def worker_main(rank: int, world: int, commands, results, checkpoints: dict[str,
                 if st is not None and st.step != cmd["step"]:
                     st.step = cmd["step"]
                     set_timesteps(st.scheduler, st.spec, begin=st.step)
+            elif cmd["op"] == "restore":
+                restore_latent(worker, cmd)
             else:
                 times = worker.handle(cmd)
                 lead = cmd["op"] == "run" and rank == worker.where[cmd["rids"][0]][0]
                 if lead and (times == [] or worker.stopped):
-                    results.put(("nothing", cmd["id"]))  # stopped early or nothing left: the assignment ends
+                    put(("nothing", cmd["id"]))  # stopped early or nothing left: the assignment ends
         except Exception as exc:  # noqa: BLE001 - report and go on; the controller fails the assignment
             log.exception("rank %d: %s failed", rank, cmd["op"])
-            results.put(("error", cmd.get("id"), rank, repr(exc)))
+            put(("error", cmd.get("id"), rank, repr(exc)))
         done += 1
+
+
+def warm_up() -> None:
+    """Before a rank says ready: build each family's tiny model once, which imports the model library
+    (about 3 s of a CPU core), so the first request the rank runs is not charged for it (a backbone then
+    builds in milliseconds)."""
+    for family in TORCH_FAMILIES:
+        tiny_transformer(family)
+
+
+def step_latents(worker: Worker, rids) -> list[tuple[str, int, torch.Tensor]]:
+    """On a run's lead, after a step: each request's steps done and a copy of its latent (the next step
+    replaces it), for the checkpoint writer."""
+    return [(rid, worker.states[rid].step, worker.states[rid].latent.detach().clone()) for rid in rids]
+
+
+def restore_latent(worker: Worker, cmd: dict) -> None:
+    """On the ranks of the request's group: its latent from checkpoint ``cmd["path"]``, at ``cmd["step"]``."""
+    st = worker.states.get(cmd["rid"])
+    if st is None:
+        return
+    latent = CheckpointStore.load(cmd["path"], cmd["rid"], cmd["step"])
+    if latent.shape != st.latent.shape:
+        raise ValueError(f"checkpoint {cmd['path']}: latent {tuple(latent.shape)} does not match "
+                         f"{cmd['rid']!r}'s {tuple(st.latent.shape)} (another --downscale?)")
+    st.latent = latent.to(device=st.latent.device, dtype=st.latent.dtype)
+    st.step = cmd["step"]
+    set_timesteps(st.scheduler, st.spec, begin=st.step)
 
 
 class Controller:
     """Turns plan updates into worker commands and step results into reports (runs in the parent)."""
 
-    def __init__(self, link, world: int, first_gpu: int, downscale: int, commands, results, stops=None) -> None:
+    def __init__(self, link, world: int, first_gpu: int, downscale: int, commands, results, stops=None,
+                 store: CheckpointStore | None = None) -> None:
         self.link, self.world, self.first_gpu, self.downscale = link, world, first_gpu, downscale
         self.commands, self.results, self.stops = commands, results, stops
+        self.store = store  # latent checkpoints (None: requeued requests restart from noise)
         self.running: dict[int, tuple[str, ...]] = {}  # run command id -> request ids, until its done report
         self.where: dict[str, tuple[int, ...]] = {}  # the workers' view, mirrored
         self.runs: dict[int, tuple] = {}  # command id -> (epoch, ids, stage)
@@ -180,11 +227,24 @@ class Controller:
             return False
         if rid not in self.where:
             self.send({"op": "create", "spec": spec, "ranks": ranks, "model": self.link.requests[rid].model})
+            if start_step > 0:
+                self.resume(rid, start_step)
         elif self.where[rid] != ranks:
             self.send({"op": "migrate", "rid": rid, "ranks": ranks})
         self.where[rid] = ranks
         self.send({"op": "setstep", "rid": rid, "step": start_step})
         return True
+
+    def resume(self, rid: str, step: int) -> None:
+        """A request new to this executor, ``step`` steps in: its latent from the checkpoint at exactly that
+        step (the service's last reported one), if there is one; else it goes on from fresh noise."""
+        path = self.store.find(rid, step) if self.store is not None else None
+        if path is None:
+            log.info("checkpoint: none for %s at step %d; going on from fresh noise", rid, step)
+            return
+        self.send({"op": "restore", "rid": rid, "step": step, "path": str(path)})
+        self.store.note_resume(rid, step, self.link.executor_id)
+        log.info("checkpoint: resuming %s at step %d from %s", rid, step, path)
 
     def _send(self, what: str, *args, level: int = logging.INFO, **kw) -> bool:
         """One StepReport to the service; False (logged at ``level``) if it refused it (cancelled, re-planned)."""
@@ -346,6 +406,8 @@ class Controller:
                 for rid in ids:
                     if self.where.pop(rid, None) is not None:
                         self.send({"op": "release", "rid": rid})
+                    if self.store is not None:
+                        self.store.drop(rid)
                 self._report(epoch, ids, a.stage, 0, (), True)
             elif a.steps > 0:
                 if all([self.ensure(rid, ranks, a.start_step) for rid in ids]):
@@ -373,13 +435,26 @@ class ExecutorLost(RuntimeError):
     """The service declared this executor lost and requeued its work: it must be started again."""
 
 
+class RanksFailed(RuntimeError):
+    """The worker ranks did not come up; ``detail`` is the failing rank's traceback."""
+
+    def __init__(self, detail: str) -> None:
+        lines = [x for x in detail.strip().splitlines() if x.strip()]
+        super().__init__(f"worker ranks failed to start: {lines[-1].strip() if lines else 'no error given'}")
+        self.detail = detail
+
+
 def run_executor(server: str, devices: int, executor_id: str = "executor0", first_gpu: int = 0,
                  downscale: int = 64, checkpoints: dict[str, str] | None = None, token: str | None = None,
-                 heartbeat_s: float = 1.0, max_idle_s: float | None = None) -> int:
-    """Serve plans with ``devices`` workers until the plan stream ends (or ``max_idle_s`` without updates)."""
+                 heartbeat_s: float = 1.0, max_idle_s: float | None = None, checkpoint_dir: str | None = None) -> int:
+    """Serve plans with ``devices`` workers until the plan stream ends (or ``max_idle_s`` without updates).
+
+    ``checkpoint_dir``: latent checkpoints (``checkpoints.py``). A worker rank that dies raises
+    ``RankDied`` once the other ranks are stopped; leaving closes the plan stream, so the service requeues
+    this executor's work at once."""
     import torch.multiprocessing as mp
 
-    from ditplan.executor.launch import spawn_world
+    from ditplan.executor.launch import RankDied, spawn_world
     from ditplan.planner.service.client import PlannerClient, PlannerError
     from ditplan.planner.service.executor_link import ExecutorLink
 
@@ -392,7 +467,7 @@ def run_executor(server: str, devices: int, executor_id: str = "executor0", firs
 
     def world():
         try:
-            spawn_world(_worker_entry, devices, commands, results, dict(checkpoints or {}), stops,
+            spawn_world(_worker_entry, devices, commands, results, dict(checkpoints or {}), stops, checkpoint_dir,
                         timeout=float("inf"))
         except BaseException as exc:  # noqa: BLE001 - surfaced by the controller
             failure.append(exc)
@@ -404,8 +479,15 @@ def run_executor(server: str, devices: int, executor_id: str = "executor0", firs
     link = None
     lost = None
     try:
-        ctl = Controller(None, devices, first_gpu, downscale, commands, results, stops)
-        ctl.wait_ready()
+        store = CheckpointStore(checkpoint_dir) if checkpoint_dir else None
+        ctl = Controller(None, devices, first_gpu, downscale, commands, results, stops, store)
+        try:
+            ctl.wait_ready()
+        except RuntimeError:
+            runner.join(30)
+            if failure and isinstance(failure[0], RankDied):
+                raise failure[0] from None
+            raise RanksFailed(str(failure[0]) if failure else "a rank reported an error") from None
         if failure:
             raise failure[0]
         link = ExecutorLink(client, executor_id, range(first_gpu, first_gpu + devices), heartbeat_s=heartbeat_s)
@@ -443,5 +525,5 @@ def run_executor(server: str, devices: int, executor_id: str = "executor0", firs
         client.close()
 
 
-def _worker_entry(rank, world, commands, results, checkpoints, stops):
-    return worker_main(rank, world, commands[rank], results, checkpoints, stops)
+def _worker_entry(rank, world, commands, results, checkpoints, stops, checkpoint_dir):
+    return worker_main(rank, world, commands[rank], results, checkpoints, stops, checkpoint_dir)

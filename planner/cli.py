@@ -202,6 +202,99 @@ def whatif(
                           highlight=False)
 
 
+@app.command("run")
+def run_cmd(
+    trace: Path = typer.Option(..., help="Trace file (JSON Lines, or Hetu-DiT Request(...) lines)."),
+    executors: int = typer.Option(2, "--executors", min=1, help="CPU worker ranks: the cluster's GPUs, one rank each."),
+    ranks_per_executor: Optional[int] = typer.Option(None, min=1, help="Ranks per executor process, each one node "
+                                                     "of the cluster (default: one executor with every rank)."),
+    model_scale: str = typer.Option("tiny", help="Models the ranks run: 'tiny' (seeded transformers from code)."),
+    policy: Optional[str] = typer.Option(None, help="Planning policy (default: the service's, cpsat)."),
+    cluster: Optional[str] = typer.Option(None, help="Cluster the planner plans for (default: NODESxRANKSxH100, "
+                                          "one node per executor); its GPUs must be the worker ranks."),
+    speed: float = typer.Option(1.0, min=1.0, help="Divide idle gaps (nothing live) by this; busy time is real. "
+                                "Outputs stay on the trace's clock."),
+    slo_scale: float = typer.Option(DEFAULT_SLO_SCALE, min=1e-9, help="Deadline scale for lines without one."),
+    downscale: int = typer.Option(64, min=1, help="Latent side = pixels / this (the executor's --downscale)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the what-if JSON of the run (docs/architecture.md)."),
+    timeline: Optional[Path] = typer.Option(None, help="Write the measured timeline JSONL."),
+    state_dir: Optional[Path] = typer.Option(None, help="A fresh directory for the journal, logs and latent "
+                                             "checkpoints (default: a temporary one, removed after success)."),
+    heartbeat_timeout: float = typer.Option(10.0, min=0.1, help="The service declares a silent executor lost after this, s."),
+    max_restarts: int = typer.Option(3, min=0, help="Restarts of each executor that exits before the run ends."),
+    timeout: float = typer.Option(600.0, min=1.0, help="Seconds after the last arrival for every request to end."),
+    checkpoints: bool = typer.Option(True, "--checkpoints/--no-checkpoints", help="Latent checkpoints on the host at "
+                                     "every reported step, so requeued requests resume."),
+) -> None:
+    """Replay a trace through the planning service and real CPU worker ranks; write what was measured.
+
+    Starts `ditplan serve` on loopback and the torch executors, replays the trace at its arrival times,
+    waits until every request has ended, prints the what-if table and writes --json and --timeline from
+    the measured segments. Every process it started is stopped on exit, error and Ctrl-C."""
+    import time
+
+    from ditplan.planner.metrics import write_summary, write_timeline
+    from ditplan.planner.run import RunConfig, RunError, fmt_restarts, install_signal_handlers, resolve, run
+    from ditplan.planner.whatif import fmt_duration
+
+    cfg = RunConfig(trace=trace, ranks=executors, ranks_per_executor=ranks_per_executor, cluster=cluster,
+                    policy=policy, speed=speed, slo_scale=slo_scale, model_scale=model_scale, downscale=downscale,
+                    state_dir=state_dir, heartbeat_timeout_s=heartbeat_timeout, max_restarts=max_restarts,
+                    timeout_s=timeout, checkpoints=checkpoints)
+    try:
+        resolve(cfg)
+    except (InputError, UnknownModelError, KeyError, ValueError) as exc:
+        raise fail(str(exc).strip('"')) from None
+    live = console.is_terminal
+    say = lambda line: console.print(line, highlight=False)  # noqa: E731
+    t0 = time.monotonic()
+    last = [0.0]
+    with Progress(TextColumn("ditplan run"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[what]}"),
+                  TimeElapsedColumn(), console=console, transient=True, disable=not live) as bar:
+        task = bar.add_task("run", total=None, what="")
+
+        def progressed(p) -> None:
+            what = (f"{p.on_time} on time, {p.submitted}/{p.total} submitted"
+                    + (f", {p.restarts} executor restart(s)" if p.restarts else ""))
+            bar.update(task, total=p.total, completed=p.ended, what=f"ended; {what}")
+            if not live and time.monotonic() - last[0] >= 10.0:
+                last[0] = time.monotonic()
+                say(f"{p.ended}/{p.total} ended, {what}, {fmt_duration(time.monotonic() - t0)}")
+
+        install_signal_handlers()
+        try:
+            outcome = run(cfg, say=say, progress=progressed)
+        except KeyboardInterrupt:
+            bar.stop()
+            console.print("[bold red]interrupted[/]: stopped every process the run started", highlight=False)
+            raise typer.Exit(130) from None
+        except RunError as exc:
+            bar.stop()
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        except (InputError, OSError) as exc:
+            raise fail(str(exc).strip('"')) from None
+    s = outcome.summary
+    out.print(_table({outcome.policy: s}, f"ditplan run: {trace} on {executors} CPU worker rank(s), measured"))
+    resumed = ", ".join(f"{r['id']} at step {r['step']}" for r in outcome.resumed[:5])
+    say(f"ran in {fmt_duration(time.monotonic() - t0)}; executor restarts: {fmt_restarts(outcome.restarts)}; "
+        f"resumed from latent checkpoints: {len(outcome.resumed)}" + (f" ({resumed})" if resumed else "")
+        + (f"; idle time compressed: {outcome.idle_compressed_s:.1f} s" if speed > 1 else ""))
+    if json_out is not None:
+        write_summary(json_out, {outcome.policy: s})
+        say(f"wrote {json_out}")
+    if timeline is not None:
+        write_timeline(timeline, outcome.result)
+        say(f"wrote {timeline}")
+    if outcome.problems:
+        console.print(f"[bold red]error:[/] the measured timeline fails the checker ({len(outcome.problems)} "
+                      f"problem(s)); state kept in {outcome.state_dir}", highlight=False)
+        for p in outcome.problems[:20]:
+            say(f"  {p}")
+        raise typer.Exit(1)
+    say("timeline: legal (planner.checker.check_timeline)")
+
+
 def _fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -509,10 +602,17 @@ def executor(
     token: Optional[str] = _TOKEN_OPT,
     max_idle: Optional[float] = typer.Option(None, min=0.0, help="Exit after this many seconds without a plan "
                                              "update."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="Latent checkpoints on the host: each step's latents are "
+                                                  "written here before the step is reported, and a requeued request "
+                                                  "resumes from them (share it between executors)."),
 ) -> None:
-    """Run torch workers that execute the service's plans and report measured step times."""
+    """Run torch workers that execute the service's plans and report measured step times.
+
+    Exits 3 when the service declared this executor lost and 4 when a worker rank died (its work is
+    requeued either way), so a supervisor can start it again."""
     try:
-        from ditplan.executor.service import ExecutorLost, run_executor
+        from ditplan.executor.launch import RankDied
+        from ditplan.executor.service import ExecutorLost, RanksFailed, run_executor
     except ImportError as exc:
         raise fail(f"the executor needs the 'executor' extra (torch, yunchang, diffusers): {exc}") from None
     ckpts = {}
@@ -523,10 +623,19 @@ def executor(
         ckpts[fam] = path
     try:
         n = run_executor(server, devices, executor_id=executor_id, first_gpu=first_gpu, downscale=downscale,
-                         checkpoints=ckpts, token=token, max_idle_s=max_idle)
+                         checkpoints=ckpts, token=token, max_idle_s=max_idle,
+                         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
     except ExecutorLost as exc:  # exit non-zero, so a supervisor restarts it
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(3) from None
+    except RankDied as exc:
+        console.print(f"[bold red]error:[/] executor {executor_id}: {exc}; the other ranks were stopped and the "
+                      "service requeues this executor's work", highlight=False)
+        raise typer.Exit(4) from None
+    except RanksFailed as exc:
+        print(exc.detail, file=sys.stderr)
+        console.print(f"[bold red]error:[/] executor {executor_id}: {exc}", highlight=False)
+        raise typer.Exit(2) from None
     console.print(f"executor {executor_id}: {n} assignment(s) run", highlight=False)
 
 

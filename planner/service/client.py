@@ -10,6 +10,7 @@ Every call has a deadline (``timeout``, seconds). Server refusals raise
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -20,7 +21,8 @@ from ditplan.planner.service.admission import RequestSpec
 from ditplan.planner.service.auth import bearer
 from ditplan.planner.service.gen import planner_pb2 as pb
 from ditplan.planner.service.gen import planner_pb2_grpc as pb_grpc
-from ditplan.planner.service.messages import PlanDelta, RequestView, ServerInfoView, StepReport, SubmitOutcome
+from ditplan.planner.service.messages import (PlanDelta, RequestView, ServerInfoView, StepReport, SubmitOutcome,
+                                              TimelineView)
 from ditplan.planner.service.stateless import PlanIn, PlanOut
 from ditplan.planner.traces import TraceRecord
 
@@ -107,6 +109,21 @@ class PlannerClient:
 
     def info(self) -> ServerInfoView:
         return convert.info_from_pb(self._call(self.stub.GetServerInfo, pb.GetServerInfoRequest()))
+
+    def timeline(self, start: int = 0, page_size: int = 0) -> TimelineView:
+        """One page of the measured timeline, from segment index ``start``."""
+        return convert.timeline_from_pb(self._call(self.stub.GetTimeline,
+                                                   pb.GetTimelineRequest(start=start, page_size=page_size)))
+
+    def timeline_all(self) -> TimelineView:
+        """Every kept segment (all pages), with the counters of the last page."""
+        segments: list = []
+        view = self.timeline(0)
+        while True:
+            segments.extend(view.segments)
+            if view.next >= view.total or not view.segments:
+                return replace(view, segments=tuple(segments))
+            view = self.timeline(view.next)
 
     def health(self, service: str = "") -> str:
         """The health service's status name for ``service`` ("" = the server)."""

@@ -12,8 +12,10 @@ from ditplan.planner.request import Stage
 from ditplan.planner.service.admission import RequestSpec
 from ditplan.planner.service.errors import InvalidArgument
 from ditplan.planner.service.gen import planner_pb2 as pb
+from ditplan.planner.execution import Segment
 from ditplan.planner.service.messages import (AssignmentMsg, ExecutorView, LoadMsg, MigrationMsg, PauseMsg, PlanDelta,
-                                      RequestData, RequestView, ServerInfoView, StepReport, SubmitOutcome)
+                                      RequestData, RequestView, ServerInfoView, StepReport, SubmitOutcome,
+                                      TimelineView)
 from ditplan.planner.service.stateless import PlanIn, PlanOut, ProgressIn
 
 STAGE_TO_PB = {Stage.ENCODE: pb.STAGE_ENCODE, Stage.DIFFUSE: pb.STAGE_DIFFUSE, Stage.DECODE: pb.STAGE_DECODE}
@@ -120,6 +122,22 @@ def estimate_to_pb(e: StepEstimate) -> pb.StepEstimate:
 def estimate_from_pb(m: pb.StepEstimate) -> StepEstimate:
     return StepEstimate(StepKey(m.model, Shape(m.height, m.width, m.frames), m.sp, m.batch), m.seconds,
                         m.prior_seconds, m.factor, m.reports, m.in_use)
+
+
+# --- measured timeline ----------------------------------------------------
+def timeline_to_pb(t: TimelineView) -> pb.TimelineReply:
+    return pb.TimelineReply(
+        segments=[pb.TimelineSegment(request_ids=list(g.request_ids), stage=STAGE_TO_PB[g.stage], gpus=list(g.gpus),
+                                     steps=g.steps, start=g.start, end=g.end) for g in t.segments],
+        next=t.next, total=t.total, dropped=t.dropped, plans=t.plans, fallbacks=t.fallbacks,
+        solver_ms=_pct(t.solver_ms), server_time=t.server_time)
+
+
+def timeline_from_pb(m: pb.TimelineReply) -> TimelineView:
+    ms = {k: getattr(m.solver_ms, k) if m.solver_ms.HasField(k) else None for k in ("p50", "p99", "max")}
+    return TimelineView(tuple(Segment(tuple(g.request_ids), PB_TO_STAGE[g.stage], tuple(g.gpus), g.steps, g.start, g.end)
+                              for g in m.segments), m.next, m.total, m.dropped, m.plans, m.fallbacks, ms,
+                        m.server_time)
 
 
 # --- executors ------------------------------------------------------------

@@ -86,8 +86,9 @@ from ditplan.planner.service.eta import Estimator
 from ditplan.planner.service.fleet import TOL, Fleet
 from ditplan.planner.service.journal import Journal, JournalError, Recovered, request_row
 from ditplan.planner.service.messages import (STATES, ExecutorView, PlanDelta, RequestView, ServerInfoView,
-                                              StepReport, SubmitOutcome)
+                                              StepReport, SubmitOutcome, TimelineView)
 from ditplan.planner.service.planning import PlannerProcess, plan_checked
+from ditplan.planner.service.recorder import SegmentRecorder
 from ditplan.planner.service.sessions import ExecutorSession
 from ditplan.planner.service.stats import Stats
 from ditplan.planner.state import PlannerState
@@ -97,6 +98,8 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 10_000
 MAX_PAGE = 10_000
 DEFAULT_PAGE = 1_000
+MAX_TIMELINE_PAGE = 100_000
+DEFAULT_TIMELINE_PAGE = 10_000
 JOURNAL_TIMEOUT_S = 30.0
 
 
@@ -159,6 +162,7 @@ class PlannerCore:
         self._book = RequestBook()
         self._fleet = Fleet(self.cluster, initial_placement(config))
         self._eta = Estimator(self.cluster, self.cost)
+        self._recorder = SegmentRecorder()  # the measured timeline (GetTimeline)
         self._models_seen: set[str] = set()  # without a placement: the models on every GPU
         self._cv = threading.Condition(threading.Lock())
         self._epoch = recovered.generation << 32
@@ -452,6 +456,18 @@ class PlannerCore:
                                   placement.names() if placement is not None else (), self.stats.weight_loads,
                                   tuple(self._refiner.estimates()) if self._refiner is not None else ())
 
+    def timeline(self, start: int = 0, page_size: int = 0) -> TimelineView:
+        """A page of the measured timeline (``recorder.py``): segments from index ``start`` on."""
+        if page_size < 0 or page_size > MAX_TIMELINE_PAGE:
+            raise InvalidArgument(f"field 'page_size' = {page_size} must be 0..{MAX_TIMELINE_PAGE}")
+        if start < 0:
+            raise InvalidArgument(f"field 'start' = {start} must be >= 0")
+        with self._cv:
+            rec = self._recorder
+            segments, nxt = rec.page(start, page_size or DEFAULT_TIMELINE_PAGE)
+            return TimelineView(tuple(segments), nxt, rec.total, rec.dropped, self.stats.plans, self.stats.fallbacks,
+                                rec.solver_percentiles(), self.clock.now())
+
     def slo_attainment(self) -> float | None:
         """Met / decided so far: done requests, and live ones already past their deadline (certain misses)."""
         with self._cv:
@@ -531,6 +547,7 @@ class PlannerCore:
         lost = set(sess.gpus)
         requeued = 0
         for f in self._fleet.detach(sess):
+            self._recorder.flight_ended(f, now, done=False)
             for t in self._unwind(f, now):
                 st = t.status
                 st.steps_done, st.encoded = t.reported_steps, t.reported_encoded
@@ -675,6 +692,7 @@ class PlannerCore:
     def _end_flight(self, flight: Flight, now: float):
         """Under the lock: the assignment ended at ``now`` (simulator ``end_segment`` semantics)."""
         a = flight.assignment
+        self._recorder.flight_ended(flight, now)
         members = self._unwind(flight, now)
         if a.stage is Stage.DIFFUSE and flight.reported_steps < a.steps:
             for t in members:  # stopped early: only reported steps count
@@ -794,6 +812,7 @@ class PlannerCore:
         self.stats.plans += 1
         self.stats.fallbacks += int(plan.fallback)
         self.stats.observe_solver(solver_ms)
+        self._recorder.solved(solver_ms)
         for rid, reason in plan.rejections:
             self._reject(rid, reason)
         just = [t for t in snap.just_paused if t.outcome is None]

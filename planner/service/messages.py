@@ -163,3 +163,17 @@ class ServerInfoView:
     placement: tuple[tuple[str, ...], ...] = ()  # per GPU, "model/component"; (): live models replicated
     weight_loads: int = 0
     step_estimates: tuple[StepEstimate, ...] = ()  # refined step times, per key reported (models/refine.py)
+
+
+@dataclass(frozen=True)
+class TimelineView:
+    """A page of the measured timeline (``GetTimeline``), with the planner's counters."""
+
+    segments: tuple  # planner.execution.Segment, service clock
+    next: int  # index after the last segment returned (== total at the end)
+    total: int  # segments recorded since the service started
+    dropped: int  # the oldest ones no longer kept
+    plans: int
+    fallbacks: int
+    solver_ms: dict  # p50, p99, max (None without a plan)
+    server_time: float

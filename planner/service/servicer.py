@@ -78,6 +78,10 @@ class PlannerServicer(pb_grpc.PlannerServicer):
     def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.ServerInfo:
         return convert.info_to_pb(self.core.info())
 
+    @unary
+    def GetTimeline(self, request: pb.GetTimelineRequest, context) -> pb.TimelineReply:
+        return convert.timeline_to_pb(self.core.timeline(request.start, request.page_size))
+
     # --- executors ----------------------------------------------------------
     def StreamPlans(self, request: pb.StreamPlansRequest, context):
         try:

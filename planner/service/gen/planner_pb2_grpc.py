@@ -81,6 +81,11 @@ class PlannerStub:
                 request_serializer=ditplan_dot_v1_dot_planner__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=ditplan_dot_v1_dot_planner__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.GetTimeline = channel.unary_unary(
+                '/ditplan.v1.Planner/GetTimeline',
+                request_serializer=ditplan_dot_v1_dot_planner__pb2.GetTimelineRequest.SerializeToString,
+                response_deserializer=ditplan_dot_v1_dot_planner__pb2.TimelineReply.FromString,
+                _registered_method=True)
 
 
 class PlannerServicer:
@@ -149,6 +154,15 @@ class PlannerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTimeline(self, request, context):
+        """The work executors really ran, as the service recorded it (a flight from
+        its dispatch to the report that ended it), paged; `ditplan run` writes its
+        timeline from it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlannerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +210,11 @@ def add_PlannerServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=ditplan_dot_v1_dot_planner__pb2.GetServerInfoRequest.FromString,
                     response_serializer=ditplan_dot_v1_dot_planner__pb2.ServerInfo.SerializeToString,
+            ),
+            'GetTimeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTimeline,
+                    request_deserializer=ditplan_dot_v1_dot_planner__pb2.GetTimelineRequest.FromString,
+                    response_serializer=ditplan_dot_v1_dot_planner__pb2.TimelineReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +462,33 @@ class Planner:
             '/ditplan.v1.Planner/GetServerInfo',
             ditplan_dot_v1_dot_planner__pb2.GetServerInfoRequest.SerializeToString,
             ditplan_dot_v1_dot_planner__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTimeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ditplan.v1.Planner/GetTimeline',
+            ditplan_dot_v1_dot_planner__pb2.GetTimelineRequest.SerializeToString,
+            ditplan_dot_v1_dot_planner__pb2.TimelineReply.FromString,
             options,
             channel_credentials,
             insecure,
