@@ -2,69 +2,82 @@
 
 Every rank of the world sees every command (``Worker.handle``); ranks outside a command's group skip it
 at once, so commands for disjoint groups do not wait on each other's collectives. Request state lives on
-the ranks of the request's current group, replicated on each of them: the latent, its conditioning and
-the scheduler (the model's own FlowMatchEulerDiscreteScheduler, positioned at the next step).
+the ranks of the request's current group, replicated on each of them: the prompt embeddings (``cond``),
+the latent and the scheduler (the checkpoint's own, positioned at the next step).
 
-Commands (plain dicts, picklable, so a controller can broadcast them):
+A request goes encode -> diffuse (any number of runs, pauses, migrations) -> decode, each stage on the ranks
+the plan gives it (docs/architecture.md, hand-offs between stages):
 
-* ``create``: ``spec`` (a ``LatentSpec``) and ``ranks``: materialise the request on that group.
-* ``run``: ``rids`` (one, or a batch of same-shape requests on the same group), ``steps``:
-  run that many denoising steps; the group's lead records measured step times.
-* ``pause``: ``rid``: nothing to do on the device (a run stops at a step boundary by construction); the
-  latent stays where it is and the request is marked paused. ``resume`` marks it runnable again.
-* ``migrate``: ``rid``, ``ranks``: move the state to another aligned block (any degree). The old group's
-  lead sends latent, conditioning and step index point-to-point to every new member that lacks them
-  (gather is implicit: the state is replicated in the old group); old members outside the new group drop it.
-* ``release``: ``rid``: drop the state.
-* ``load``: ``rank``, ``model``, ``component``, ``family``: on that rank only, make the weights resident. The
-  backbone of a family the worker can build (``build``) is really constructed there (tiny seeded, or a
-  checkpoint), moved to the device and given SP hooks; other components (text encoders, VAE: the encode and
-  decode stages are stand-ins) and families without a torch model are recorded as resident, nothing more.
-* ``unload``: ``rank``, ``model``, ``component``: on that rank only, drop the module (``gc.collect()``, and
-  ``torch.cuda.empty_cache()`` on CUDA) and report whether it is really gone (a weak reference).
+* ``encode``: ``specs`` (``LatentSpec``s of one model), ``model``, ``rank``: that rank runs the model's text
+  encoders (``text`` component) on each request's prompt; the embeddings stay there, the request's group is
+  ``(rank,)``. Its measured seconds go to ``on_stage``.
+* ``run``: ``rids`` (one, or a batch of same-shape requests on the same group), ``steps``: run that many
+  denoising steps on the group (``backbone``); the first run draws the seeded initial latent on every rank of
+  the group (the pipeline's ``prepare_latents``). The group's lead records measured step times.
+* ``migrate``: ``rid``, ``ranks``: move the state to another aligned block (any degree). The old group's lead
+  sends a header (step, scheduler, tensor shapes) and the tensors point-to-point to every new member that
+  lacks them (gather is implicit: the state is replicated in the old group); old members outside the new
+  group drop it. This is how embeddings reach a diffuse block without the encode GPU and how a latent reaches
+  a decode GPU outside its last diffuse block.
+* ``decode``: ``rids``, ``rank``: on that rank (the request's group must be ``(rank,)``: migrate first) the
+  VAE (``vae``) turns each latent into pixels, written as PNG under ``out_dir``; the state is dropped on every
+  rank. Its measured seconds go to ``on_stage``.
+* ``pause`` / ``resume``: ``rid``: nothing moves; ``setstep``: ``rid``, ``step``: position the scheduler;
+  ``release``: ``rid``: drop the state; ``fetch``: ``rid``: latent, embeddings and step on the group's lead.
+* ``load``: ``rank``, ``model``, ``component``, ``family``: on that rank only, build the component (tiny
+  seeded, or a local checkpoint: ``ModelSource``) and move it to the device; backbones get SP hooks.
+  ``unload``: drop it (``gc.collect()``, ``torch.cuda.empty_cache()`` on CUDA) and report whether it is
+  really gone (a weak reference).
 
-Modules are keyed by the catalog model (``create`` may name it with ``model``; else the request's family,
-as callers that build ``Worker(rank, world, {family: model})`` do). A run needs the module on every rank of
-its group: once any ``load``/``unload`` has been seen (every rank sees every command, so all ranks agree)
-a missing one is an error (``MissingWeights``, raised on every rank of the group, so no collective waits);
-before that (legacy: every model everywhere) it is built on first use with ``build``.
+Modules are keyed by (catalog model, component); ``encode`` names the model (else the request's family is
+the key, as callers that hold modules by family do). A stage needs its component on every rank that runs it:
+once any ``load``/``unload`` has been seen (every rank sees every command, so all ranks agree) a missing one
+is an error (``MissingWeights``, raised on every rank of the group, so no collective waits); before that
+(no placement: every model everywhere) it is built on first use.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ditplan.executor.parallel import BlockGroups, SPContext, enable_sequence_parallel
-from ditplan.models.torch import LatentSpec, make_request_tensors, make_scheduler, predict, set_timesteps, tiny_transformer
+from ditplan.executor.outputs import write_frames
+from ditplan.executor.parallel import BlockGroups, SPContext
+from ditplan.executor.sequence_parallel import SP_FAMILIES, enable_sequence_parallel
+from ditplan.models.torch import LatentSpec, ModelSource, family, set_timesteps, to_frames
 
 
 @dataclass
 class ResidentRequest:
-    """A request resident on its ranks: latent, conditioning and scheduler, kept across pauses."""
+    """A request resident on its ranks: embeddings, then latent and scheduler, kept across pauses."""
 
     spec: LatentSpec
     ranks: tuple[int, ...]
-    latent: torch.Tensor
-    cond: dict[str, torch.Tensor]
-    scheduler: object
+    cond: dict[str, torch.Tensor]  # the encode stage's output, batch dim 1
+    latent: torch.Tensor | None = None  # drawn at the first diffuse step
+    scheduler: object | None = None
     step: int = 0  # steps done
     paused: bool = False
     step_times: list[float] = field(default_factory=list)
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.latent] + [self.cond[k] for k in sorted(self.cond)]
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"cond/{k}": v for k, v in sorted(self.cond.items())}
+        if self.latent is not None:
+            out["latent"] = self.latent
+        return out
 
 
 class MissingWeights(RuntimeError):
-    """A run on a rank that does not hold the module its request needs (with a placement)."""
+    """A stage on a rank that does not hold the module it needs (with a placement)."""
 
 
-SP_FAMILIES = ("flux", "sd3")
+COMPONENTS = ("backbone", "text", "vae")
 
 
 def module_size(model) -> tuple[int, int]:
@@ -75,30 +88,29 @@ def module_size(model) -> tuple[int, int]:
 
 
 class Worker:
-    def __init__(self, rank: int, world: int, models: dict[str, object] | None = None, device: str | None = None,
-                 build=None, config=None) -> None:
-        """``models``: modules held from the start, keyed by model (or family); ``build(model, family)``: a new
-        module for that model's backbone (None: the family has none); ``config(family)``: its config without
-        building it (what ``create`` needs on a rank that does not hold the backbone)."""
+    def __init__(self, rank: int, world: int, source: ModelSource | None = None, device: str | None = None,
+                 out_dir: str | Path | None = None, modules: dict[tuple[str, str], object] | None = None) -> None:
+        """``source`` builds modules on load (or first use); ``modules``: held from the start, keyed by
+        (model or family, component); ``out_dir``: where decode writes PNGs (None: nowhere)."""
         self.rank, self.world = rank, world
         # NCCL (CUDA) needs device tensors; gloo (CPU) host ones
         self.device = torch.device(device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
                                               else "cpu"))
         self.groups = BlockGroups(rank, world)
         self.ctx = SPContext(self.groups)
-        self.build, self.config = build, config
-        self.models: dict[str, object] = {}  # key (catalog model, or family) -> module on this rank
-        self.families: dict[str, str] = {}  # key -> family
-        self.resident: set[tuple[str, str]] = set()  # (model, component) loaded on this rank
+        self.source = source or ModelSource()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.modules: dict[tuple[str, str], object] = {}  # (catalog model or family, component) -> module
         self.placed = False  # a load or unload was seen: modules come only from loads
-        for key, model in (models or {}).items():
-            self._hold(key, key, model)
+        for (key, comp), module in (modules or {}).items():
+            self._hold(key, comp, key, module)
         self.on_weight = None  # on_weight(cmd, op, info): called on the acting rank after load/unload/lazy build
         self.model_of: dict[str, str] = {}  # request -> module key
         self.specs: dict[str, LatentSpec] = {}  # every request, on every rank
         self.where: dict[str, tuple[int, ...]] = {}  # its current group, on every rank
         self.states: dict[str, ResidentRequest] = {}  # only on the ranks of its group
         self.on_step = None  # on_step(cmd, index, steps, seconds): called on the lead after each step
+        self.on_stage = None  # on_stage(cmd, seconds): called on the rank that ran an encode or decode
         self.should_stop = None  # should_stop(cmd, index) on the lead: stop this run at a step boundary
         self.stopped = False  # the last run stopped early
 
@@ -107,40 +119,37 @@ class Worker:
         return getattr(self, "_" + cmd["op"])(cmd)
 
     # --- weights ----------------------------------------------------------------------------------
-    def _hold(self, key: str, family: str, model) -> None:
-        model = model.to(self.device)
-        if family in SP_FAMILIES:
-            enable_sequence_parallel(model, family, self.ctx)
-        self.models[key], self.families[key] = model, family
+    def _hold(self, key: str, comp: str, family_name: str, module) -> None:
+        module = module.to(self.device)
+        if comp == "backbone" and family_name in SP_FAMILIES:
+            enable_sequence_parallel(module, family_name, self.ctx)
+        self.modules[key, comp] = module
 
     def held(self) -> dict[str, int]:
-        """What this rank holds: module key -> parameters."""
-        return {k: module_size(m)[0] for k, m in sorted(self.models.items())}
+        """What this rank holds: ``model/component`` -> parameters."""
+        return {f"{k}/{c}": module_size(m)[0] for (k, c), m in sorted(self.modules.items())}
 
-    def _built(self, key: str, family: str) -> dict:
+    def _built(self, key: str, family_name: str, comp: str) -> dict:
         t0 = time.perf_counter()
-        model = self.build(key, family) if self.build is not None else None
-        if model is None:
-            return {"module": False, "params": 0, "bytes": 0, "seconds": 0.0}
-        self._hold(key, family, model)
+        self._hold(key, comp, family_name, self.source.build(family_name, comp))
+        self._sync()
+        params, nbytes = module_size(self.modules[key, comp])
+        return {"module": True, "params": params, "bytes": nbytes, "seconds": time.perf_counter() - t0}
+
+    def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        params, nbytes = module_size(self.models[key])
-        return {"module": True, "params": params, "bytes": nbytes, "seconds": time.perf_counter() - t0}
 
     def _load(self, cmd):
         self.placed = True
         if self.rank != cmd["rank"]:
             return None
         key, comp = cmd["model"], cmd["component"]
-        if comp == "backbone" and key in self.models:  # already built here: nothing to do
-            params, nbytes = module_size(self.models[key])
+        if (key, comp) in self.modules:  # already built here: nothing to do
+            params, nbytes = module_size(self.modules[key, comp])
             info = {"module": True, "params": params, "bytes": nbytes, "seconds": 0.0}
-        elif comp == "backbone":
-            info = self._built(key, cmd["family"])
-        else:  # text encoders and VAE have no module yet (encode/decode are stand-ins): resident in name only
-            info = {"module": False, "params": 0, "bytes": 0, "seconds": 0.0}
-        self.resident.add((key, comp))
+        else:
+            info = self._built(key, cmd["family"], comp)
         info.update(name=f"{key}/{comp}", held=self.held())
         if self.on_weight is not None:
             self.on_weight(cmd, "load", info)
@@ -151,15 +160,12 @@ class Worker:
         if self.rank != cmd["rank"]:
             return None
         key, comp = cmd["model"], cmd["component"]
-        self.resident.discard((key, comp))
-        model = self.models.pop(key, None) if comp == "backbone" else None
-        if model is not None:
-            self.families.pop(key, None)
-        info = {"name": f"{key}/{comp}", "module": model is not None, "params": 0, "bytes": 0, "gone": True}
-        if model is not None:
-            info["params"], info["bytes"] = module_size(model)
-            ref = weakref.ref(model)
-            del model
+        module = self.modules.pop((key, comp), None)
+        info = {"name": f"{key}/{comp}", "module": module is not None, "params": 0, "bytes": 0, "gone": True}
+        if module is not None:
+            info["params"], info["bytes"] = module_size(module)
+            ref = weakref.ref(module)
+            del module
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -169,51 +175,53 @@ class Worker:
             self.on_weight(cmd, "unload", info)
         return info
 
-    def _module(self, cmd, rid: str, ranks):
-        """The module run ``cmd`` needs, on every rank of its group (built lazily without a placement)."""
-        key = self.model_of.get(rid, self.specs[rid].family)
-        if key not in self.models and not self.placed and self.build is not None:
-            info = self._built(key, self.specs[rid].family)
-            if info["module"] and self.on_weight is not None:
-                self.on_weight(cmd, "build", dict(info, model=key, held=self.held()))
-        have = key in self.models
+    def _module(self, cmd, rid: str, ranks, comp: str):
+        """The ``comp`` module that ``rid``'s stage needs, on every rank of ``ranks`` (built lazily without a
+        placement)."""
+        key, fam = self.model_of.get(rid, self.specs[rid].family), self.specs[rid].family
+        if (key, comp) not in self.modules and not self.placed:
+            info = self._built(key, fam, comp)
+            if self.on_weight is not None:
+                self.on_weight(cmd, "build", dict(info, name=f"{key}/{comp}", model=key, held=self.held()))
+        have = (key, comp) in self.modules
         if self.placed and len(ranks) > 1:  # agree, so that no rank waits in a collective for a failed one
             flag = torch.tensor([int(have)], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.groups.group(ranks))
             if not bool(flag.item()):
-                raise MissingWeights(f"rank {self.rank}: {key} backbone is not resident on every rank of {ranks}"
+                raise MissingWeights(f"rank {self.rank}: {key}/{comp} is not resident on every rank of {ranks}"
                                      + ("" if have else " (not here)"))
         if not have:
-            raise MissingWeights(f"rank {self.rank}: {key} backbone is not resident here"
+            raise MissingWeights(f"rank {self.rank}: {key}/{comp} is not resident here"
                                  + (" (placement: load it first)" if self.placed else ""))
-        return self.models[key]
+        return self.modules[key, comp]
 
-    def _family_config(self, spec: LatentSpec, rid: str):
-        key = self.model_of.get(rid, spec.family)
-        if key in self.models:
-            return self.models[key]
-        for k, m in self.models.items():
-            if self.families.get(k) == spec.family:
-                return m
-        if self.config is not None:
-            return _Configured(self.config(spec.family))
-        raise KeyError(f"rank {self.rank}: no {spec.family} model or config for {rid}")
+    # --- stages -----------------------------------------------------------------------------------
+    def _encode(self, cmd):
+        rank, specs = cmd["rank"], list(cmd["specs"])
+        for spec in specs:
+            self.specs[spec.rid], self.where[spec.rid] = spec, (rank,)
+            self.model_of[spec.rid] = cmd.get("model") or spec.family
+        if self.rank != rank:
+            return None
+        texts = [self._module(cmd, spec.rid, (rank,), "text") for spec in specs]  # a lazy build is not encode time
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for spec, text in zip(specs, texts):
+                cond = family(spec.family).encode(text, spec, self.source.vae_scale(spec.family))
+                self.states[spec.rid] = ResidentRequest(spec, (rank,), {k: v.contiguous() for k, v in cond.items()})
+        self._sync()
+        seconds = time.perf_counter() - t0
+        if self.on_stage is not None:
+            self.on_stage(cmd, seconds)
+        return seconds
 
-    # --- requests ----------------------------------------------------------------------------------
-    def _create(self, cmd):
-        spec, ranks = cmd["spec"], tuple(cmd["ranks"])
-        self.specs[spec.rid], self.where[spec.rid] = spec, ranks
-        self.model_of[spec.rid] = cmd.get("model") or spec.family
-        if self.rank in ranks:
-            self.states[spec.rid] = self._materialise(spec, ranks)
-
-    def _materialise(self, spec: LatentSpec, ranks) -> ResidentRequest:
-        # drawn on the CPU: same on every device kind; needs only the family's config
-        t = make_request_tensors(self._family_config(spec, spec.rid), spec)
-        sched = make_scheduler(spec.family)
-        set_timesteps(sched, spec)
-        cond = {k: v.to(self.device) for k, v in t.cond.items()}
-        return ResidentRequest(spec, tuple(ranks), t.latent.to(self.device), cond, sched)
+    def _prepare(self, st: ResidentRequest, model) -> None:
+        """The initial latent (seeded: the same on every rank) and the positioned scheduler."""
+        spec = st.spec
+        st.scheduler = self.source.scheduler(spec.family)
+        set_timesteps(st.scheduler, spec, begin=st.step)
+        noise = family(spec.family).noise(model.config, spec, torch.Generator().manual_seed(spec.seed))
+        st.latent = (noise * getattr(st.scheduler, "init_noise_sigma", 1.0)).to(self.device, model.dtype)
 
     def _run(self, cmd):
         rids = list(cmd["rids"])
@@ -227,12 +235,17 @@ class Worker:
         if any((s.spec.family, s.spec.height, s.spec.width, s.spec.frames) !=
                (spec.family, spec.height, spec.width, spec.frames) or s.step != states[0].step for s in states):
             raise ValueError(f"batch {rids} mixes shapes or step positions")
+        fam = family(spec.family)
+        if len(ranks) > 1 and not fam.sequence_parallel:
+            raise ValueError(f"{spec.family} has no sequence parallelism: {rids} cannot run on {len(ranks)} ranks")
         steps = min(cmd["steps"], spec.steps - states[0].step)
-        model = self._module(cmd, rids[0], ranks)
+        model = self._module(cmd, rids[0], ranks, "backbone")
+        for s in states:
+            if s.latent is None:
+                self._prepare(s, model)
+            s.paused = False
         self.ctx.use(ranks)
         times = []
-        for s in states:
-            s.paused = False
         with torch.no_grad():
             self.stopped = False
             for k in range(steps):
@@ -240,13 +253,14 @@ class Worker:
                     self.stopped = True
                     break
                 t0 = time.perf_counter()
-                latent = torch.cat([s.latent for s in states])
-                cond = {k: torch.cat([s.cond[k] for s in states]) for k in states[0].cond}
                 t = states[0].scheduler.timesteps[states[0].step]
-                pred = predict(model, spec, latent, cond, t)
+                x = torch.cat([_model_input(s.scheduler, s.latent, t) for s in states])
+                cond = {k: torch.cat([s.cond[k] for s in states]) for k in states[0].cond}
+                pred = fam.predict(model, spec, x, cond, t)
                 for i, s in enumerate(states):
                     s.latent = s.scheduler.step(pred[i:i + 1], t, s.latent).prev_sample
                     s.step += 1
+                self._sync()
                 times.append(time.perf_counter() - t0)
                 if self.on_step is not None and self.rank == ranks[0]:
                     self.on_step(cmd, len(times) - 1, steps, times[-1])
@@ -264,6 +278,45 @@ class Worker:
             dist.broadcast(flag, src=ranks[0], group=self.ctx.pg)
             stop = bool(flag.item())
         return stop
+
+    def _decode(self, cmd):
+        rank, rids = cmd["rank"], list(cmd["rids"])
+        if any(self.where[r] != (rank,) for r in rids):
+            raise ValueError(f"decode of {rids} on rank {rank}: their latents are on "
+                             f"{[self.where[r] for r in rids]} (migrate them to ({rank},) first)")
+        out = None
+        if self.rank == rank:
+            for rid in rids:
+                st = self.states[rid]
+                if st.latent is None or st.step < st.spec.steps:
+                    raise ValueError(f"decode of {rid} after {st.step} of its {st.spec.steps} steps")
+            vaes = [self._module(cmd, rid, (rank,), "vae") for rid in rids]  # a lazy build is not decode time
+            t0 = time.perf_counter()
+            pixels, files = {}, {}
+            with torch.no_grad():
+                for rid, vae in zip(rids, vaes):
+                    st = self.states[rid]
+                    pixels[rid] = family(st.spec.family).decode(vae, st.latent, st.spec).float().cpu()
+            self._sync()
+            seconds = time.perf_counter() - t0
+            for rid, px in pixels.items():  # the disk write is not part of the stage
+                if self.out_dir is not None:
+                    files[rid] = [str(p) for p in write_frames(self.out_dir, rid, to_frames(px))]
+            if self.on_stage is not None:
+                self.on_stage(cmd, seconds)
+            out = {"seconds": seconds, "pixels": pixels, "files": files}
+        for rid in rids:
+            self._release({"rid": rid})
+        return out
+
+    # --- requests ----------------------------------------------------------------------------------
+    def _setstep(self, cmd):
+        """Position the request at ``step`` (the service's count), if it is not there already."""
+        st = self.states.get(cmd["rid"])
+        if st is not None and st.step != cmd["step"]:
+            st.step = cmd["step"]
+            if st.scheduler is not None:
+                set_timesteps(st.scheduler, st.spec, begin=st.step)
 
     def _pause(self, cmd):
         if cmd["rid"] in self.states:
@@ -285,44 +338,67 @@ class Worker:
         src = old[0]
         receivers = [r for r in new if r not in old]
         if self.rank == src:
-            st = self.states[rid]
+            st = self.states.get(rid)
+            header = None  # no state to send (its encode failed): every receiver fails too, none waits
+            if st is not None:
+                tensors = st.tensors()
+                sched, moved = _scheduler_to(st.scheduler, torch.device("cpu"))
+                header = {"step": st.step, "scheduler": sched, "moved": moved,
+                          "tensors": [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]}
             for r in receivers:
-                dist.send(torch.tensor([st.step], dtype=torch.int64, device=self.device), r)
-                for x in st.tensors():
+                dist.send_object_list([header], dst=r)
+                for x in tensors.values() if st is not None else ():
                     dist.send(x.contiguous(), r)
+            if st is None:
+                raise KeyError(f"rank {self.rank}: migrate of {rid}, which has no state here")
         elif self.rank in receivers:
-            spec = self.specs[rid]
-            st = self._materialise(spec, new)  # right shapes and a fresh scheduler
-            step = torch.zeros(1, dtype=torch.int64, device=self.device)
-            dist.recv(step, src)
-            bufs = st.tensors()
-            for x in bufs:
+            box = [None]
+            dist.recv_object_list(box, src=src)
+            header = box[0]
+            if header is None:
+                raise KeyError(f"rank {self.rank}: migrate of {rid}: rank {src} has no state to send")
+            bufs = {k: torch.empty(shape, dtype=dtype, device=self.device) for k, shape, dtype in header["tensors"]}
+            for x in bufs.values():
                 dist.recv(x, src)
-            st.latent = bufs[0]
-            st.step = int(step)
-            set_timesteps(st.scheduler, spec, begin=st.step)
-            st.paused = True
-            self.states[rid] = st
+            sched, _ = _scheduler_to(header["scheduler"], self.device, only=header["moved"])
+            self.states[rid] = ResidentRequest(
+                self.specs[rid], new, {k.split("/", 1)[1]: v for k, v in bufs.items() if k.startswith("cond/")},
+                latent=bufs.get("latent"), scheduler=sched, step=header["step"], paused=True)
         if self.rank in old and self.rank not in new:
             self.states.pop(rid, None)
         elif rid in self.states:
             self.states[rid].ranks = new
 
     def _fetch(self, cmd):
-        """The request's latent and step (on its group's lead; None elsewhere)."""
+        """The request's latent, embeddings and step (on its group's lead; None elsewhere)."""
         rid = cmd["rid"]
         if self.rank == self.where[rid][0]:
             st = self.states[rid]
-            return {"latent": st.latent.detach().cpu().clone(), "step": st.step}
+            return {"latent": None if st.latent is None else st.latent.detach().cpu().clone(), "step": st.step,
+                    "cond": {k: v.detach().cpu().clone() for k, v in st.cond.items()}}
         return None
 
 
-class _Configured:
-    """Stands in for a module where only its ``config`` is read (``make_request_tensors``)."""
+def _model_input(scheduler, latent: torch.Tensor, t) -> torch.Tensor:
+    """The scheduler's input scaling where it has one (EulerDiscrete divides by sqrt(sigma^2 + 1))."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return latent if scale is None else scale(latent, t)
 
-    def __init__(self, config) -> None:
-        self.config = config
 
-
-def tiny_models(families=("flux", "sd3"), num_attention_heads: int = 4) -> dict[str, object]:
-    return {f: tiny_transformer(f, num_attention_heads=num_attention_heads) for f in families}
+def _scheduler_to(scheduler, device: torch.device, only=None) -> tuple[object, list[str]]:
+    """A copy of ``scheduler`` whose tensors (e.g. UniPC's solver history) elsewhere than ``device`` are moved
+    there (``only``: just these attributes), and the names moved: what a migration ships and restores."""
+    if scheduler is None:
+        return None, []
+    out, moved = copy.copy(scheduler), []
+    for k, v in vars(scheduler).items():
+        if only is not None and k not in only:
+            continue
+        if isinstance(v, torch.Tensor) and v.device != device:
+            setattr(out, k, v.to(device))
+        elif isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) and x.device != device for x in v):
+            setattr(out, k, type(v)(x.to(device) if isinstance(x, torch.Tensor) else x for x in v))
+        else:
+            continue
+        moved.append(k)
+    return out, moved

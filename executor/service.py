@@ -8,12 +8,16 @@ subsequence of one global order). The lead of a group puts each step's measured 
 a controller thread turns them into ``ReportProgress`` calls (one per step, ``done`` on the last).
 Ranks map to the executor's GPUs in order (``--first-gpu`` offsets them).
 
-What runs: tiny seeded models of the request's family (``flux``/``sd3``; SP as planned), unless
-``--checkpoint FAMILY=PATH`` names a local diffusers checkpoint. Latent sizes are the request's pixel
-size divided by ``--downscale`` (default 64 with tiny models, so CPU steps stay short). Encode and decode
-assignments are stand-ins: encode materialises the request (seeded noise and conditioning) on the
-assignment's group, decode drops it; both report done at once. Families without a torch model (sdxl,
-video) sleep their predicted step time, reported as measured, and are logged as such.
+What runs: every family of the catalog, with its real diffusers classes (``models/torch``): tiny seeded
+modules (SP as planned), unless ``--checkpoint FAMILY=PATH`` names a local diffusers checkpoint. Latent sizes
+are the request's pixel size divided by ``--downscale`` (default 64 with tiny models, so CPU steps stay
+short), rounded up to multiples of 8. Each stage is real work on the GPU the plan gives it: encode runs the
+text encoders on the assignment's first GPU (the embeddings stay there), diffuse first moves the request to
+its block (the embeddings, or the latent, go point-to-point from the old group's lead), decode moves the
+latent to its GPU when it is elsewhere and runs the VAE there; ``--out-dir`` receives each decoded image as
+``<request id>.png`` (a video as ``<request id>/frame_0000.png``, ...). Encode and decode report their
+measured seconds (``StepReport.stage_seconds``), diffuse one report per step. The executor refuses to start
+when the service's deployment (or, without one, the catalog) holds a model whose family it cannot run.
 
 A run stops at its next step boundary when its request is released (cancelled, requeued) or a report
 for it is refused: the controller marks it in a shared stop table, the group's lead reads the mark before
@@ -21,14 +25,13 @@ each step and broadcasts the decision to its group, and the assignment ends with
 
 Placement (a service started with ``--models``): the first plan update after connecting carries
 ``initial`` loads (the weights the deployment holds per GPU); later ones carry unloads, then loads, for the
-GPU's rank only. A load of a torch family's backbone really builds the module on that rank (tiny seeded, or
-``--checkpoint``), with SP hooks; text encoders, VAEs and families without a torch model are recorded as
-resident only (no module, no sleep: there is nothing to move). Initial loads run before the first
+GPU's rank only. A load really builds the component on that rank (tiny seeded, or ``--checkpoint``): the
+backbone (with SP hooks), the text encoders or the VAE. Initial loads run before the first
 assignment and are not reported; any other is reported (``StepReport.loaded``) once its rank has built it.
 An unload drops the module and collects it. Every load/unload is logged with the parameters it built or
 freed and what the rank holds (``weights: GPU ...`` lines). With a placement, a stage whose component is
 not resident on its GPUs is an error: logged, and the assignment ends early (done, 0 steps). Without one
-(no load ever received) every model is available everywhere: a backbone is built on first use.
+(no load ever received) every model is available everywhere: a component is built on first use.
 
 Faults: a worker rank that dies (``kill -9``, a crash) stops the world (``launch.RankDied``) and the
 executor leaves, which closes its plan stream: the service marks its GPUs lost and requeues their work from
@@ -40,61 +43,64 @@ from the checkpoint at exactly that step; without one it goes on from fresh nois
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import queue
 import threading
 import time
 import zlib
-from pathlib import Path
-from types import SimpleNamespace
-
-import torch
 
 from ditplan.executor.checkpoints import CheckpointStore, CheckpointWriter
 from ditplan.executor.runtime import Worker
-from ditplan.models.torch import LatentSpec, load_transformer, set_timesteps, tiny_config, tiny_transformer
+from ditplan.models.torch import FAMILIES, LatentSpec, ModelSource
 
 log = logging.getLogger("ditplan.executor")
-TORCH_FAMILIES = ("flux", "sd3")
 
 
 def _heads(world: int) -> int:
     return max(4, min(8, world))  # enough heads for every SP degree up to ``world``
 
 
-def model_builder(checkpoints: dict[str, str], world: int = 4):
-    """``build(model, family)``: that model's transformer (the family's checkpoint where given, else tiny
-    seeded); None for families without a torch model here."""
-    def build(model: str, family: str):
-        if family not in TORCH_FAMILIES:
-            return None
-        if family in checkpoints:
-            return load_transformer(family, checkpoints[family], dtype=torch.float32)
-        return tiny_transformer(family, num_attention_heads=_heads(world))
-    return build
+def model_source(checkpoints: dict[str, str], world: int = 4) -> ModelSource:
+    """Tiny seeded modules with heads for every SP degree up to ``world``; a family's checkpoint where given."""
+    return ModelSource(dict(checkpoints), heads=_heads(world))
 
 
-def model_config(checkpoints: dict[str, str], world: int = 4):
-    """``config(family)``: the transformer's config without building it (tiny, or the checkpoint's JSON)."""
-    def config(family: str):
-        if family in checkpoints:
-            root = Path(checkpoints[family])
-            path = root / "transformer" / "config.json"
-            return SimpleNamespace(**json.loads((path if path.is_file() else root / "config.json").read_text()))
-        return SimpleNamespace(**tiny_config(family, _heads(world)))
-    return config
+class UnsupportedModel(ValueError):
+    """A model the executor was asked to serve whose family it has no torch implementation of."""
+
+
+def check_runnable(models, families=FAMILIES) -> None:
+    """Refuse, naming each, models whose family is not among ``families`` (the ones this executor runs)."""
+    from ditplan.models.catalog import get_model
+    bad = sorted({(m, get_model(m).family) for m in models if get_model(m).family not in families})
+    if bad:
+        raise UnsupportedModel("the torch executor cannot run " + ", ".join(f"{m} (family {f!r})" for m, f in bad)
+                               + f"; it runs the families {', '.join(families)}")
+
+
+def served_models(info) -> list[str]:
+    """The models a service serves: its deployment's (``ServerInfo.placement``), else every catalog model."""
+    from ditplan.models.catalog import CATALOG
+    placed = {w.split("/", 1)[0] for gpu in info.placement for w in gpu}
+    return sorted(placed or CATALOG)
+
+
+def latent_side(pixels: int, downscale: int) -> int:
+    """``pixels / downscale`` rounded up to a multiple of 8: the 2x2-patch token grid then divides by 16, so
+    every SP degree up to 8 splits the image tokens evenly."""
+    return -(-max(1, pixels // downscale) // 8) * 8
 
 
 STOP_SLOTS = 256  # shared stop table: slot cid % STOP_SLOTS holds cid + 1 when run cid must stop
 
 
 def worker_main(rank: int, world: int, commands, results, checkpoints: dict[str, str], stops=None,
-                checkpoint_dir: str | None = None) -> int:
+                checkpoint_dir: str | None = None, out_dir: str | None = None) -> int:
     """One device: execute commands from this rank's queue until ``stop``; returns commands executed.
-    ``checkpoint_dir``: where the lead of a run writes each step's latents before reporting the step."""
-    worker = Worker(rank, world, build=model_builder(checkpoints, world), config=model_config(checkpoints, world))
+    ``checkpoint_dir``: where the lead of a run writes each step's latents before reporting the step;
+    ``out_dir``: where decoded images go."""
+    worker = Worker(rank, world, model_source(checkpoints, world), out_dir=out_dir)
     writer = CheckpointWriter(CheckpointStore(checkpoint_dir), results.put) if checkpoint_dir else None
     put = writer.put if writer is not None else (lambda item, latents=(): results.put(item))
 
@@ -102,10 +108,11 @@ def worker_main(rank: int, world: int, commands, results, checkpoints: dict[str,
         put(("step", cmd["id"], i, n, seconds), step_latents(worker, cmd["rids"]) if writer is not None else ())
 
     worker.on_step = on_step
+    worker.on_stage = lambda cmd, s: put(("stage", cmd["id"], s))
     worker.on_weight = lambda cmd, op, info: put(("weight", cmd["id"], rank, op, info))
     if stops is not None:
         worker.should_stop = lambda cmd, k: stops[cmd["id"] % STOP_SLOTS] == cmd["id"] + 1
-    warm_up()
+    warm_up(worker)
     results.put(("ready", rank))
     done = 0
     parent = os.getppid()
@@ -121,12 +128,7 @@ def worker_main(rank: int, world: int, commands, results, checkpoints: dict[str,
                 writer.close()
             return done
         try:
-            if cmd["op"] == "setstep":
-                st = worker.states.get(cmd["rid"])
-                if st is not None and st.step != cmd["step"]:
-                    st.step = cmd["step"]
-                    set_timesteps(st.scheduler, st.spec, begin=st.step)
-            elif cmd["op"] == "restore":
+            if cmd["op"] == "restore":
                 restore_latent(worker, cmd)
             else:
                 times = worker.handle(cmd)
@@ -139,16 +141,16 @@ def worker_main(rank: int, world: int, commands, results, checkpoints: dict[str,
         done += 1
 
 
-def warm_up() -> None:
-    """Before a rank says ready: build each family's tiny model once, which imports the model library
-    (about 3 s of a CPU core), so the first request the rank runs is not charged for it (a backbone then
-    builds in milliseconds)."""
-    for family in TORCH_FAMILIES:
-        tiny_transformer(family)
+def warm_up(worker: Worker) -> None:
+    """Before a rank says ready: build one tiny backbone, which imports the model libraries (seconds of a
+    CPU core), so the first request the rank runs is not charged for it (a module then builds in
+    milliseconds). Only with tiny models: a checkpoint is loaded when its placement says so."""
+    if not worker.source.checkpoints:
+        worker.source.build("flux", "backbone")
 
 
-def step_latents(worker: Worker, rids) -> list[tuple[str, int, torch.Tensor]]:
-    """On a run's lead, after a step: each request's steps done and a copy of its latent (the next step
+def step_latents(worker: Worker, rids) -> list[tuple]:
+    """On a run's lead, after a step: each request's (id, steps done, a copy of its latent) (the next step
     replaces it), for the checkpoint writer."""
     return [(rid, worker.states[rid].step, worker.states[rid].latent.detach().clone()) for rid in rids]
 
@@ -163,8 +165,7 @@ def restore_latent(worker: Worker, cmd: dict) -> None:
         raise ValueError(f"checkpoint {cmd['path']}: latent {tuple(latent.shape)} does not match "
                          f"{cmd['rid']!r}'s {tuple(st.latent.shape)} (another --downscale?)")
     st.latent = latent.to(device=st.latent.device, dtype=st.latent.dtype)
-    st.step = cmd["step"]
-    set_timesteps(st.scheduler, st.spec, begin=st.step)
+    worker.handle({"op": "setstep", "rid": cmd["rid"], "step": cmd["step"]})
 
 
 class Controller:
@@ -210,23 +211,70 @@ class Controller:
     def ranks(self, gpus) -> tuple[int, ...]:
         return tuple(g - self.first_gpu for g in gpus)
 
-    def spec(self, rid: str) -> LatentSpec | None:
+    def spec(self, rid: str) -> LatentSpec:
         from ditplan.models.catalog import get_model
         data = self.link.requests[rid]
         family = get_model(data.model).family
-        if family not in TORCH_FAMILIES:
-            return None
-        # multiples of 4: h*w divides by 16, so every SP degree up to 8 splits the image tokens evenly
-        h, w = (-(-max(1, data.height // self.downscale) // 4) * 4, -(-max(1, data.width // self.downscale) // 4) * 4)
+        if family not in FAMILIES:  # refused at start (check_runnable); never faked
+            raise UnsupportedModel(f"{rid}: the torch executor cannot run {data.model} (family {family!r})")
+        h, w = latent_side(data.height, self.downscale), latent_side(data.width, self.downscale)
         return LatentSpec(rid, family, h, w, data.steps, seed=zlib.crc32(rid.encode()), frames=data.frames)
 
-    def ensure(self, rid: str, ranks: tuple[int, ...], start_step: int) -> bool:
-        """The request's state on ``ranks`` at ``start_step``; False if it has no torch model."""
-        spec = self.spec(rid)
-        if spec is None:
+    # --- stages ---------------------------------------------------------------------------------
+    def _stage_cmd(self, epoch: int, ids: tuple[str, ...], stage, cmd: dict) -> None:
+        """Send an encode or decode command whose rank answers with its measured seconds."""
+        cid = next(self._ids)
+        self.runs[cid] = (epoch, ids, stage)  # before the workers can answer
+        self.running[cid] = ids
+        self.send(cmd, cid)
+
+    def encode(self, epoch: int, ids: tuple[str, ...], rank: int, model: str) -> None:
+        """Encode ``ids`` on ``rank``: their embeddings stay there until a diffuse block takes them."""
+        from ditplan.planner.request import Stage
+        for rid in ids:  # encoded again (re-planned): the old state goes first
+            if self.where.pop(rid, None) is not None:
+                self.send({"op": "release", "rid": rid})
+        self._stage_cmd(epoch, ids, Stage.ENCODE,
+                        {"op": "encode", "specs": [self.spec(rid) for rid in ids], "model": model, "rank": rank})
+        for rid in ids:
+            self.where[rid] = (rank,)
+
+    def decode(self, epoch: int, ids: tuple[str, ...], rank: int) -> bool:
+        """Decode ``ids`` on ``rank``, each latent moved there first if it is elsewhere; False (nothing sent)
+        if a latent is not on this executor."""
+        from ditplan.planner.request import Stage
+        if lost := [rid for rid in ids if rid not in self.where]:
+            why = f"{ids}: decode of {lost}, whose latents this executor does not hold; ending the assignment early"
+            log.error("%s", why)
+            self.errors.append(why)
             return False
+        for rid in ids:
+            if self.where[rid] != (rank,):
+                self.send({"op": "migrate", "rid": rid, "ranks": (rank,)})
+        self._stage_cmd(epoch, ids, Stage.DECODE, {"op": "decode", "rids": list(ids), "rank": rank})
+        for rid in ids:
+            del self.where[rid]  # the workers drop the state once decoded
+        return True
+
+    def ensure(self, rid: str, ranks: tuple[int, ...], start_step: int) -> bool:
+        """The request's state on ``ranks`` at ``start_step`` (its embeddings or latent moved there); a request
+        this executor never encoded (requeued from elsewhere) is encoded first where its text encoders are.
+        False (nothing sent) if no GPU of this executor holds them."""
+        from ditplan.planner.request import Stage
         if rid not in self.where:
-            self.send({"op": "create", "spec": spec, "ranks": ranks, "model": self.link.requests[rid].model})
+            model = self.link.requests[rid].model
+            rank = next((r for r in (ranks[0], *range(self.world))
+                         if not self.missing(model, Stage.ENCODE, (r + self.first_gpu,))), None)
+            if rank is None:
+                why = f"{rid}: no embeddings here and no GPU of this executor holds {model}/text"
+                log.error("%s; ending the assignment early", why)
+                self.errors.append(why)
+                return False
+            self.send({"op": "encode", "specs": [self.spec(rid)], "model": model, "rank": rank})
+            self.where[rid] = (rank,)
+            if self.where[rid] != ranks:
+                self.send({"op": "migrate", "rid": rid, "ranks": ranks})
+                self.where[rid] = ranks
             if start_step > 0:
                 self.resume(rid, start_step)
         elif self.where[rid] != ranks:
@@ -257,8 +305,8 @@ class Controller:
             log.log(level, "%s refused: %s", what, exc.details)
             return False
 
-    def _report(self, *args) -> bool:
-        return self._send(f"report for {args[1]}", *args)
+    def _report(self, *args, **kw) -> bool:
+        return self._send(f"report for {args[1]}", *args, **kw)
 
     def _report_loaded(self, epoch: int, weight) -> bool:
         return self._send(f"loaded report for {weight.model}/{weight.component} on GPU {weight.gpu}", epoch,
@@ -298,7 +346,7 @@ class Controller:
     def _on_weight(self, cid: int, rank: int, op: str, info: dict) -> None:
         gpu = rank + self.first_gpu
         self.held[gpu] = dict(info["held"])
-        name = info.get("name") or f"{info['model']}/backbone"
+        name = info["name"]
         if op == "build":
             note = "built on first use: no placement"
         elif op == "unload":
@@ -315,7 +363,7 @@ class Controller:
                  "yes" if info["module"] else "no", info["params"], info["bytes"],
                  f" gone={'yes' if info['gone'] else 'no'}" if "gone" in info else
                  f" seconds={info.get('seconds', 0.0):.3f}", note,
-                 ",".join(f"{k}/backbone={v}" for k, v in info["held"].items()) or "no-module",
+                 ",".join(f"{k}={v}" for k, v in info["held"].items()) or "no-module",
                  sum(info["held"].values()))
 
     def stop_run(self, cid: int) -> None:
@@ -336,6 +384,11 @@ class Controller:
                     self.running.pop(cid, None)
                 if not self._report(epoch, ids, stage, 1, (seconds,), i == n - 1) and i < n - 1:
                     self.stop_run(cid)  # the service no longer wants this work
+            elif kind == "stage":  # an encode or decode ended: one report with its measured seconds
+                cid, seconds = rest
+                epoch, ids, stage = self.runs[cid]
+                self.running.pop(cid, None)
+                self._report(epoch, ids, stage, 0, (), True, stage_seconds=seconds)
             elif kind == "weight":
                 self._on_weight(*rest)
             elif kind == "nothing" or (kind == "error" and rest[0] in self.running):
@@ -355,13 +408,6 @@ class Controller:
                     self._report_load_failed(epoch, w)
             elif kind == "error":
                 self.errors.append(str(rest))
-
-    def _sleep_steps(self, epoch, ids, stage, steps: int, step_s: float) -> None:
-        def go():
-            for i in range(steps):
-                time.sleep(step_s)
-                self._report(epoch, ids, stage, 1, (step_s,), i == steps - 1)
-        threading.Thread(target=go, daemon=True).start()
 
     def handle(self, delta) -> None:
         from ditplan.models.catalog import STAGE_COMPONENT
@@ -398,17 +444,14 @@ class Controller:
                 log.error("%s", why)
                 self.errors.append(why)
                 self._report(epoch, ids, a.stage, 0, (), True)
-            elif a.stage is Stage.ENCODE:
-                for rid in ids:
-                    self.ensure(rid, ranks, 0)
-                self._report(epoch, ids, a.stage, 0, (), True)
+            elif a.stage is Stage.ENCODE:  # one GPU runs it: the block's first
+                self.encode(epoch, ids, ranks[0], model)
             elif a.stage is Stage.DECODE:
-                for rid in ids:
-                    if self.where.pop(rid, None) is not None:
-                        self.send({"op": "release", "rid": rid})
-                    if self.store is not None:
-                        self.store.drop(rid)
-                self._report(epoch, ids, a.stage, 0, (), True)
+                if self.store is not None:
+                    for rid in ids:
+                        self.store.drop(rid)  # its last checkpoint is not needed once decode is under way
+                if not self.decode(epoch, ids, ranks[0]):
+                    self._report(epoch, ids, a.stage, 0, (), True)
             elif a.steps > 0:
                 if all([self.ensure(rid, ranks, a.start_step) for rid in ids]):
                     cid = next(self._ids)
@@ -416,8 +459,7 @@ class Controller:
                     self.running[cid] = ids
                     self.send({"op": "run", "rids": list(ids), "steps": a.steps}, cid)
                 else:
-                    log.info("%s: no torch model for this family; sleeping the predicted step time", ids)
-                    self._sleep_steps(epoch, ids, a.stage, a.steps, a.predicted_step_s)
+                    self._report(epoch, ids, a.stage, 0, (), True)
 
     def close(self) -> None:
         for q in self.commands:
@@ -428,7 +470,7 @@ class Controller:
         for gpu in sorted(set(self.resident) | set(self.held)):
             log.info("weights at exit: GPU %d resident %s; modules %s", gpu,
                      ",".join(f"{m}/{c}" for m, c in sorted(self.resident.get(gpu, ()))) or "-",
-                     ",".join(f"{k}/backbone={v}" for k, v in self.held.get(gpu, {}).items()) or "-")
+                     ",".join(f"{k}={v}" for k, v in self.held.get(gpu, {}).items()) or "-")
 
 
 class ExecutorLost(RuntimeError):
@@ -446,12 +488,14 @@ class RanksFailed(RuntimeError):
 
 def run_executor(server: str, devices: int, executor_id: str = "executor0", first_gpu: int = 0,
                  downscale: int = 64, checkpoints: dict[str, str] | None = None, token: str | None = None,
-                 heartbeat_s: float = 1.0, max_idle_s: float | None = None, checkpoint_dir: str | None = None) -> int:
-    """Serve plans with ``devices`` workers until the plan stream ends (or ``max_idle_s`` without updates).
+                 heartbeat_s: float = 1.0, max_idle_s: float | None = None, checkpoint_dir: str | None = None,
+                 out_dir: str | None = None) -> int:
+    """Serve plans with ``devices`` workers until the plan stream ends (or ``max_idle_s`` without updates);
+    ``UnsupportedModel`` before any worker starts if the service serves a model this executor cannot run.
 
-    ``checkpoint_dir``: latent checkpoints (``checkpoints.py``). A worker rank that dies raises
-    ``RankDied`` once the other ranks are stopped; leaving closes the plan stream, so the service requeues
-    this executor's work at once."""
+    ``checkpoint_dir``: latent checkpoints (``checkpoints.py``); ``out_dir``: decoded images. A worker rank
+    that dies raises ``RankDied`` once the other ranks are stopped; leaving closes the plan stream, so the
+    service requeues this executor's work at once."""
     import torch.multiprocessing as mp
 
     from ditplan.executor.launch import RankDied, spawn_world
@@ -459,6 +503,16 @@ def run_executor(server: str, devices: int, executor_id: str = "executor0", firs
     from ditplan.planner.service.executor_link import ExecutorLink
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        model_source(checkpoints or {}, devices)
+    except ValueError as exc:  # a --checkpoint family it cannot run
+        raise UnsupportedModel(f"--checkpoint: {exc}") from None
+    client = PlannerClient(server, token=token, timeout=30)
+    try:
+        check_runnable(served_models(client.info()))
+    except BaseException:
+        client.close()
+        raise
     mpctx = mp.get_context("spawn")
     commands = [mpctx.Queue() for _ in range(devices)]
     results = mpctx.Queue()
@@ -468,6 +522,7 @@ def run_executor(server: str, devices: int, executor_id: str = "executor0", firs
     def world():
         try:
             spawn_world(_worker_entry, devices, commands, results, dict(checkpoints or {}), stops, checkpoint_dir,
+                        out_dir,
                         timeout=float("inf"))
         except BaseException as exc:  # noqa: BLE001 - surfaced by the controller
             failure.append(exc)
@@ -475,7 +530,6 @@ def run_executor(server: str, devices: int, executor_id: str = "executor0", firs
 
     runner = threading.Thread(target=world, name="executor-world", daemon=True)
     runner.start()
-    client = PlannerClient(server, token=token, timeout=30)
     link = None
     lost = None
     try:
@@ -525,5 +579,5 @@ def run_executor(server: str, devices: int, executor_id: str = "executor0", firs
         client.close()
 
 
-def _worker_entry(rank, world, commands, results, checkpoints, stops, checkpoint_dir):
-    return worker_main(rank, world, commands[rank], results, checkpoints, stops, checkpoint_dir)
+def _worker_entry(rank, world, commands, results, checkpoints, stops, checkpoint_dir, out_dir):
+    return worker_main(rank, world, commands[rank], results, checkpoints, stops, checkpoint_dir, out_dir)

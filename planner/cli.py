@@ -218,6 +218,8 @@ def run_cmd(
     downscale: int = typer.Option(64, min=1, help="Latent side = pixels / this (the executor's --downscale)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the what-if JSON of the run (docs/architecture.md)."),
     timeline: Optional[Path] = typer.Option(None, help="Write the measured timeline JSONL."),
+    out_dir: Optional[Path] = typer.Option(None, help="Write each decoded image here as <request id>.png (a video "
+                                           "as <request id>/frame_NNNN.png)."),
     state_dir: Optional[Path] = typer.Option(None, help="A fresh directory for the journal, logs and latent "
                                              "checkpoints (default: a temporary one, removed after success)."),
     heartbeat_timeout: float = typer.Option(10.0, min=0.1, help="The service declares a silent executor lost after this, s."),
@@ -240,7 +242,7 @@ def run_cmd(
     cfg = RunConfig(trace=trace, ranks=executors, ranks_per_executor=ranks_per_executor, cluster=cluster,
                     policy=policy, speed=speed, slo_scale=slo_scale, model_scale=model_scale, downscale=downscale,
                     state_dir=state_dir, heartbeat_timeout_s=heartbeat_timeout, max_restarts=max_restarts,
-                    timeout_s=timeout, checkpoints=checkpoints)
+                    timeout_s=timeout, checkpoints=checkpoints, out_dir=out_dir)
     try:
         resolve(cfg)
     except (InputError, UnknownModelError, KeyError, ValueError) as exc:
@@ -597,8 +599,10 @@ def executor(
     first_gpu: int = typer.Option(0, min=0, help="Global index of this executor's first GPU."),
     downscale: int = typer.Option(64, min=1, help="Latent side = pixels / this (8 = real VAE; 64 keeps tiny CPU "
                                   "models fast)."),
-    checkpoint: list[str] = typer.Option([], help="FAMILY=PATH: a local diffusers checkpoint (flux, sd3); "
-                                         "default: tiny seeded models."),
+    checkpoint: list[str] = typer.Option([], help="FAMILY=PATH: a local diffusers checkpoint (flux, sd3, sdxl, "
+                                         "cogvideox, hunyuanvideo, wan); default: tiny seeded models."),
+    out_dir: Optional[Path] = typer.Option(None, help="Write each decoded image here as <request id>.png (a "
+                                           "video as <request id>/frame_0000.png, ...)."),
     token: Optional[str] = _TOKEN_OPT,
     max_idle: Optional[float] = typer.Option(None, min=0.0, help="Exit after this many seconds without a plan "
                                              "update."),
@@ -612,7 +616,7 @@ def executor(
     requeued either way), so a supervisor can start it again."""
     try:
         from ditplan.executor.launch import RankDied
-        from ditplan.executor.service import ExecutorLost, RanksFailed, run_executor
+        from ditplan.executor.service import ExecutorLost, RanksFailed, UnsupportedModel, run_executor
     except ImportError as exc:
         raise fail(f"the executor needs the 'executor' extra (torch, yunchang, diffusers): {exc}") from None
     ckpts = {}
@@ -624,7 +628,10 @@ def executor(
     try:
         n = run_executor(server, devices, executor_id=executor_id, first_gpu=first_gpu, downscale=downscale,
                          checkpoints=ckpts, token=token, max_idle_s=max_idle,
-                         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
+                         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                         out_dir=str(out_dir) if out_dir is not None else None)
+    except UnsupportedModel as exc:
+        raise fail(str(exc)) from None
     except ExecutorLost as exc:  # exit non-zero, so a supervisor restarts it
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(3) from None

@@ -78,6 +78,7 @@ class RunConfig:
     start_timeout_s: float = 180.0
     timeout_s: float = 600.0  # after the last submit, for every request to end
     checkpoints: bool = True
+    out_dir: Path | None = None  # decoded images (the executors' --out-dir)
 
     @property
     def per_executor(self) -> int:
@@ -247,6 +248,8 @@ class Deployment:
                 "--first-gpu", str(i * cfg.per_executor), "--executor-id", name, "--downscale", str(cfg.downscale)]
         if cfg.checkpoints:
             args += ["--checkpoint-dir", str(self.checkpoint_dir)]
+        if cfg.out_dir is not None:
+            args += ["--out-dir", str(cfg.out_dir)]
         self.executors[name] = Child(name, args, self.state_dir / f"{name}.log")
 
     def _connected(self) -> set[str]:

@@ -1,9 +1,11 @@
 """Closed loop: a real ``ditplan serve`` (no --simulate) on loopback drives ``ditplan executor`` (2 gloo ranks).
 
-The executor runs tiny seeded FLUX/SD3 models at the planned SP degree and reports measured step times;
-every request must finish with all its steps reported and a measured step time. ``fcfs-sp2`` forces
-SP degree 2, so the closed loop also runs Ulysses attention across the two ranks. With ``--models`` the
-service places weights per GPU and the executor really builds and frees the modules it is told to.
+The executor runs tiny seeded models of every request's family (text encoders, backbone, VAE) at the planned
+SP degree and reports measured step and stage times; every request must finish with all its steps reported
+and a measured step time. ``fcfs-sp2`` forces SP degree 2, so the closed loop also runs Ulysses attention
+across the two ranks. A CogVideoX request runs for real and its frames land in ``--out-dir``. With
+``--models`` the service places weights per GPU and the executor really builds and frees the modules it is
+told to.
 """
 from __future__ import annotations
 
@@ -84,11 +86,32 @@ def test_serve_drives_torch_executor(tmp_path, policy, sp):
                 assert v.sp == sp and len(v.gpus) == sp
     assert out["returncode"] == 0, out["out"]
     assert "assignment(s) run" in out["out"]
-    # no --models: no loads, each backbone built on first use on the ranks that run it
+    # no --models: no loads, each component built on first use on the ranks that run it
     events = weight_events(out["out"])
     assert events and {e["op"] for e in events} == {"build"}, events
-    assert {e["name"] for e in events} == {"flux-dev/backbone", "sd3-medium/backbone"}
+    assert {e["name"] for e in events} == {f"{m}/{c}" for m in ("flux-dev", "sd3-medium")
+                                           for c in ("text", "backbone", "vae")}
     assert all(e["module"] and e["params"] > 0 for e in events)
+
+
+def test_serve_runs_a_video_model_for_real_and_writes_its_frames(tmp_path):
+    """CogVideoX through the closed loop: encode, diffuse and decode run their real modules (no sleep), report
+    measured times, and the decoded frames are PNGs in --out-dir."""
+    frames_dir = tmp_path / "out"
+    with closed_loop(tmp_path, "2xH100", "fcfs-sp2", "--devices", "2", "--max-idle", "20", "--out-dir",
+                     str(frames_dir)) as (c, executor, deadline, out):
+        run_to_done(c, executor, deadline, RequestSpec("v1", "cogvideox-5b", 512, 512, 9, 3, deadline_in_s=300.0))
+        v = c.get("v1")
+        assert v.steps_done == 3 and v.measured_step_s is not None and v.sp == 2
+        assert v.measured_encode_s is not None and v.measured_encode_s > 0
+        assert v.measured_decode_s is not None and v.measured_decode_s > 0
+    assert out["returncode"] == 0, out["out"]
+    assert "sleeping" not in out["out"]
+    from PIL import Image
+    pngs = sorted((frames_dir / "v1").glob("frame_*.png"))
+    assert [p.name for p in pngs] == [f"frame_{i:04d}.png" for i in range(9)]  # 4 x (3 latent - 1) + 1 frames
+    # 512 px / --downscale 64 = 8 latent rows, x 4 (the tiny video VAE's factor)
+    assert Image.open(pngs[0]).size == (32, 32)
 
 
 def test_cancel_stops_a_running_assignment_at_a_step_boundary(tmp_path):
@@ -165,14 +188,13 @@ def test_placement_loads_builds_and_frees_torch_modules(tmp_path):
     sd3 = by["load", "sd3-medium/backbone"]
     assert sd3["module"] and sd3["params"] > 0 and sd3["note"] == "reported loaded"
     assert f"sd3-medium/backbone={sd3['params']}" in sd3["held"]
-    for name in ("sd3-medium/text", "sd3-medium/vae", "cogvideox-5b/backbone"):  # no torch module: recorded
-        assert not by["load", name]["module"] and by["load", name]["note"] == "reported loaded"
+    for name in ("sd3-medium/text", "sd3-medium/vae", "cogvideox-5b/backbone"):  # real modules too
+        assert by["load", name]["module"] and by["load", name]["note"] == "reported loaded"
     assert {e["name"] for e in events if e["op"] == "unload"} == evicted
     for name in evicted:
         e = by["unload", name]
-        if name.endswith("/backbone") and not name.startswith("cogvideox"):
-            assert e["module"] and e["params"] > 0 and e["gone"] == "yes", e  # dropped and collected
-            assert name not in e["held"]
+        assert e["module"] and e["params"] > 0 and e["gone"] == "yes", e  # dropped and collected
+        assert name not in e["held"]
     modules = [e for e in events if e["module"] and e["op"] in ("load", "unload")]
     held = 0
     for e in modules:  # what the rank holds goes up with every built module and down with every freed one
@@ -186,15 +208,17 @@ def _placement_world(rank, world):
     """Two gloo ranks: a load builds on its rank only; a run on a block with a rank lacking the module fails
     on every rank of the block (no collective left waiting); an unload really frees the module."""
     from ditplan.executor.runtime import MissingWeights, Worker
-    from ditplan.executor.service import model_builder, model_config
+    from ditplan.executor.service import model_source
     from ditplan.models.torch import LatentSpec as Spec
 
-    w = Worker(rank, world, build=model_builder({}, world), config=model_config({}, world))
+    w = Worker(rank, world, model_source({}, world))
     load = {"op": "load", "model": "sd3-medium", "component": "backbone", "family": "sd3", "id": 0}
-    run = {"op": "run", "rids": ["r"], "steps": 1, "id": 2}
+    run = {"op": "run", "rids": ["r"], "steps": 1, "id": 3}
     out = {"load": w.handle(dict(load, rank=0)), "held": w.held()}
-    w.handle({"op": "create", "spec": Spec("r", "sd3", 8, 8, 2, seed=1), "ranks": (0, 1), "model": "sd3-medium",
-              "id": 1})  # rank 1 holds no sd3 module: the request's tensors come from the family's config
+    w.handle({"op": "load", "model": "sd3-medium", "component": "text", "family": "sd3", "rank": 1, "id": 1})
+    out["encode"] = w.handle({"op": "encode", "specs": [Spec("r", "sd3", 8, 8, 2, seed=1)], "model": "sd3-medium",
+                              "rank": 1, "id": 1})  # the text encoders are on rank 1 only
+    w.handle({"op": "migrate", "rid": "r", "ranks": (0, 1), "id": 2})  # rank 1 holds no sd3 backbone
     try:
         w.handle(run)
         out["run"] = "ran"
@@ -202,7 +226,7 @@ def _placement_world(rank, world):
         out["run"] = "missing"
     w.handle(dict(load, rank=1))
     out["times"] = w.handle(run)  # SP 2 over both ranks once both hold the module
-    out["unload"] = w.handle({"op": "unload", "rank": 0, "model": "sd3-medium", "component": "backbone", "id": 3})
+    out["unload"] = w.handle({"op": "unload", "rank": 0, "model": "sd3-medium", "component": "backbone", "id": 4})
     out["after"] = w.held()
     return out
 
@@ -211,11 +235,28 @@ def test_worker_loads_on_its_rank_fails_a_run_without_weights_and_frees_on_unloa
     from ditplan.executor.launch import spawn_world
     r0, r1 = spawn_world(_placement_world, 2, timeout=120)
     assert r0["load"]["module"] and r0["load"]["params"] > 0 and r1["load"] is None
-    assert r0["held"] == {"sd3-medium": r0["load"]["params"]} and r1["held"] == {}
+    assert r0["held"] == {"sd3-medium/backbone": r0["load"]["params"]} and r1["held"] == {}
+    assert r0["encode"] is None and r1["encode"] > 0  # measured seconds, on the rank that encoded
     assert r0["run"] == r1["run"] == "missing"
     assert len(r0["times"]) == len(r1["times"]) == 1
     assert r0["unload"]["gone"] and r0["unload"]["params"] == r0["load"]["params"] and r1["unload"] is None
-    assert r0["after"] == {} and r1["after"] == {"sd3-medium": r0["load"]["params"]}
+    text = r1["after"]["sd3-medium/text"]
+    assert r0["after"] == {} and r1["after"] == {"sd3-medium/backbone": r0["load"]["params"], "sd3-medium/text": text}
+
+
+def test_the_executor_refuses_a_model_whose_family_it_cannot_run():
+    from ditplan.executor.service import UnsupportedModel, check_runnable, served_models
+    from ditplan.models.catalog import CATALOG
+    check_runnable(CATALOG)  # every catalog family has a torch model
+    with pytest.raises(UnsupportedModel, match=r"cannot run cogvideox-5b \(family 'cogvideox'\), sdxl \(family "
+                                               r"'sdxl'\); it runs the families flux, sd3"):
+        check_runnable(["flux-dev", "sdxl", "cogvideox-5b"], families=("flux", "sd3"))
+
+    class Info:
+        placement = (("flux-dev/backbone", "flux-dev/text"), ("sdxl/vae",))
+    assert served_models(Info()) == ["flux-dev", "sdxl"]
+    Info.placement = ()
+    assert served_models(Info()) == sorted(CATALOG)
 
 
 class _Link:
@@ -252,8 +293,32 @@ def test_controller_ends_a_stage_whose_weights_are_not_resident():
             (rep,) = link.reports
             assert rep.request_ids == ("s1",) and rep.steps == 0 and rep.done and rep.plan_epoch == 7
             assert "not resident on GPU(s) [1]" in ctl.errors[0]
-        else:
-            assert sent == ["create", "setstep", "run"] and not link.reports and not ctl.errors
+        else:  # never encoded here: encoded on the block's GPU first
+            assert sent == ["encode", "setstep", "run"] and not link.reports and not ctl.errors
+
+
+def test_controller_moves_embeddings_to_the_diffuse_block_and_the_latent_to_the_decode_gpu():
+    """Encode on GPU 2, diffuse on GPUs 0-1, decode on GPU 3: the commands every rank sees, in order."""
+    import queue
+
+    from ditplan.executor.service import Controller
+
+    data = RequestData("v", "cogvideox-5b", 512, 512, 9, 4, 100.0, 0, False)
+    link, cmds = _Link(data), [queue.Queue() for _ in range(4)]
+    ctl = Controller(link, 4, 0, 64, cmds, queue.Queue())
+    for stage, gpus, steps in ((Stage.ENCODE, (2,), 0), (Stage.DIFFUSE, (0, 1), 4), (Stage.DECODE, (3,), 0)):
+        ctl.handle(PlanDelta(1, 0.0, requests=[data], assignments=[
+            AssignmentMsg(("v",), stage, gpus, steps, 0, 1.0, 0.25, 0.0, True)]))
+    sent = [cmds[0].get_nowait() for _ in range(cmds[0].qsize())]
+    assert [c["op"] for c in sent] == ["encode", "migrate", "setstep", "run", "migrate", "decode"]
+    encode, to_block, _, run, to_decoder, decode = sent
+    assert encode["rank"] == 2 and encode["model"] == "cogvideox-5b"
+    (spec,) = encode["specs"]
+    assert (spec.family, spec.height, spec.width, spec.frames, spec.steps) == ("cogvideox", 8, 8, 9, 4)
+    assert to_block["ranks"] == (0, 1) and run["rids"] == ["v"] and run["steps"] == 4
+    assert to_decoder["ranks"] == (3,) and decode["rids"] == ["v"] and decode["rank"] == 3
+    assert ctl.runs[encode["id"]][2] is Stage.ENCODE and ctl.runs[decode["id"]][2] is Stage.DECODE
+    assert "v" not in ctl.where and not link.reports  # reports come from the ranks' answers
 
 
 def _alive(pid: int) -> bool:

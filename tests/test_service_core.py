@@ -13,7 +13,7 @@ from ditplan.planner.request import Stage
 from ditplan.planner.service.admission import RequestSpec
 from ditplan.planner.service.clock import ManualClock
 from ditplan.planner.service.core import CoreConfig, PlannerCore
-from ditplan.planner.service.errors import FailedPrecondition
+from ditplan.planner.service.errors import FailedPrecondition, InvalidArgument
 from ditplan.planner.service.journal import Journal
 from ditplan.planner.service.messages import PlanDelta, StepReport
 
@@ -120,6 +120,33 @@ def test_a_report_of_a_stale_epoch_is_refused_and_changes_nothing(make_core):
     with pytest.raises(FailedPrecondition, match="stale plan epoch"):
         core.report(StepReport("ex", epoch - 1, ("a",), Stage.ENCODE, done=True, session_secret=sess.secret))
     assert not core.get("a").encoded
+
+
+def test_encode_and_decode_reports_carry_their_measured_seconds(make_core):
+    core = make_core()
+    sess = core.connect_executor("ex", range(8), heartbeats=False)
+    core.submit([flux("a")])
+    seen = []
+    for _ in range(5):
+        core.plan_once()
+        for epoch, a in assignments(sess):
+            seen.append(a.stage)
+            core.clock.advance(a.predicted_s)
+            rep = dict(executor_id="ex", plan_epoch=epoch, request_ids=a.request_ids, stage=a.stage, done=True,
+                       session_secret=sess.secret)
+            if a.stage is Stage.DIFFUSE:
+                with pytest.raises(InvalidArgument, match="field 'stage_seconds' = 0.5 on a diffuse report"):
+                    core.report(StepReport(**rep, steps=a.steps, stage_seconds=0.5))
+                core.report(StepReport(**rep, steps=a.steps), wait=True)
+            else:
+                with pytest.raises(InvalidArgument, match="field 'stage_seconds' = nan: must be finite"):
+                    core.report(StepReport(**rep, stage_seconds=float("nan")))
+                core.report(StepReport(**rep, stage_seconds=0.25 if a.stage is Stage.ENCODE else 0.75), wait=True)
+        if core.get("a").state == "done":
+            break
+    view = core.get("a")
+    assert seen == [Stage.ENCODE, Stage.DIFFUSE, Stage.DECODE] and view.state == "done"
+    assert (view.measured_encode_s, view.measured_decode_s) == (0.25, 0.75)
 
 
 def test_the_plan_window_shows_started_work_and_the_earliest_queued_deadlines(make_core):

@@ -11,12 +11,12 @@ Not thread-safe: the core calls it under its lock.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 from ditplan.planner.execution import Segment
 from ditplan.planner.plan import Assignment
-from ditplan.planner.request import Request, RequestStatus
+from ditplan.planner.request import Request, RequestStatus, Stage
 from ditplan.planner.service.errors import NotFound, shown
 
 
@@ -47,6 +47,7 @@ class Tracked:
     snap: RequestStatus | None = None  # the policy's copy of ``status``; None once ``status`` changes
     step_s_sum: float = 0.0
     step_s_n: int = 0
+    stage_s: dict[Stage, float] = field(default_factory=dict)  # reported encode / decode seconds
 
     @property
     def id(self) -> str:

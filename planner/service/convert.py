@@ -76,6 +76,10 @@ def view_to_pb(v: RequestView) -> pb.RequestInfo:
         m.measured_step_s = v.measured_step_s
     if v.reason:
         m.reason = v.reason
+    if v.measured_encode_s is not None:
+        m.measured_encode_s = v.measured_encode_s
+    if v.measured_decode_s is not None:
+        m.measured_decode_s = v.measured_decode_s
     return m
 
 
@@ -88,7 +92,9 @@ def view_from_pb(m: pb.RequestInfo) -> RequestView:
         finish=m.finish if m.HasField("finish") else None, sp=m.sp, gpus=tuple(m.gpus),
         preemptions=m.preemptions, sp_changes=m.sp_changes, migrations=m.migrations,
         measured_step_s=m.measured_step_s if m.HasField("measured_step_s") else None, plan_epoch=m.plan_epoch,
-        reason=m.reason or None)
+        reason=m.reason or None,
+        measured_encode_s=m.measured_encode_s if m.HasField("measured_encode_s") else None,
+        measured_decode_s=m.measured_decode_s if m.HasField("measured_decode_s") else None)
 
 
 def info_to_pb(i: ServerInfoView) -> pb.ServerInfo:
@@ -190,7 +196,7 @@ def report_from_pb(m: pb.StepReport) -> StepReport:
                       stage=PB_TO_STAGE.get(m.stage), steps=m.steps, step_seconds=tuple(m.step_seconds),
                       done=m.done, loaded=tuple(weight_from_pb(w) for w in m.loaded),
                       load_failed=tuple(weight_from_pb(w) for w in m.load_failed),
-                      session_secret=m.session_secret)
+                      session_secret=m.session_secret, stage_seconds=m.stage_seconds)
 
 
 def report_to_pb(r: StepReport) -> pb.StepReport:
@@ -199,7 +205,7 @@ def report_to_pb(r: StepReport) -> pb.StepReport:
                          step_seconds=list(r.step_seconds), done=r.done,
                          loaded=[weight_to_pb(w) for w in r.loaded],
                          load_failed=[weight_to_pb(w) for w in r.load_failed],
-                         session_secret=r.session_secret)
+                         session_secret=r.session_secret, stage_seconds=r.stage_seconds)
 
 
 # --- plans and what-if ----------------------------------------------------

@@ -496,7 +496,8 @@ class PlannerCore:
             sp=st.sp, gpus=tuple(gpus), preemptions=st.preemptions, sp_changes=st.sp_changes,
             migrations=st.migrations, measured_step_s=(t.step_s_sum / t.step_s_n) if t.step_s_n else None,
             plan_epoch=t.flight.epoch if t.flight is not None else 0,
-            reason=st.rejected if t.outcome == "rejected" else None)
+            reason=st.rejected if t.outcome == "rejected" else None,
+            measured_encode_s=t.stage_s.get(Stage.ENCODE), measured_decode_s=t.stage_s.get(Stage.DECODE))
 
     def _predict(self, t: Tracked, now: float) -> float | None:
         return self._eta.predict(t, now, self._book.backlog_gpu_s, self._fleet.owned())
@@ -619,6 +620,8 @@ class PlannerCore:
             if rep.step_seconds:
                 t.step_s_sum += sum(rep.step_seconds)
                 t.step_s_n += len(rep.step_seconds)
+            if rep.stage_seconds:
+                t.stage_s[a.stage] = t.stage_s.get(a.stage, 0.0) + rep.stage_seconds
             if t.outcome is not None:
                 continue
             changed = rep.steps > 0 or (a.stage is Stage.ENCODE and rep.done and not t.reported_encoded)
@@ -676,6 +679,11 @@ class PlannerCore:
         for x in rep.step_seconds:
             if not (math.isfinite(x) and x >= 0):
                 raise InvalidArgument(f"field 'step_seconds' has {x!r}: must be finite and >= 0")
+        if rep.stage_seconds and a.stage is Stage.DIFFUSE:
+            raise InvalidArgument(f"field 'stage_seconds' = {rep.stage_seconds!r} on a diffuse report: diffuse "
+                                  "steps report 'step_seconds'")
+        if not (math.isfinite(rep.stage_seconds) and rep.stage_seconds >= 0):
+            raise InvalidArgument(f"field 'stage_seconds' = {rep.stage_seconds!r}: must be finite and >= 0")
         return flight
 
     def _apply_loaded(self, sess: ExecutorSession, loaded: Sequence[WeightLoad],

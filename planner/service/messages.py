@@ -35,6 +35,8 @@ class RequestView(RequestFields):
     measured_step_s: float | None = None
     plan_epoch: int = 0
     reason: str | None = None  # why it was rejected
+    measured_encode_s: float | None = None  # reported seconds of its encode stage
+    measured_decode_s: float | None = None
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -137,6 +139,7 @@ class StepReport:
     loaded: tuple[WeightLoad, ...] = ()
     load_failed: tuple[WeightLoad, ...] = ()
     session_secret: str = ""
+    stage_seconds: float = 0.0  # measured seconds of an encode or decode assignment (its done report)
 
 
 @dataclass(frozen=True)
