@@ -172,23 +172,17 @@ def handovers(path: Path, cost: CostModel, trace: dict[str, dict]) -> list[float
 
 # --- 3. executor-level costs (two gloo ranks, the executor's Worker) -----------------------------------
 
-def latent_side(pixels: int, downscale: int) -> int:
-    """As the executor maps a request (executor/service.py ``Controller.spec``): a multiple of 4."""
-    return -(-max(1, pixels // downscale) // 4) * 4
-
-
 def executor_costs(rank: int, world: int, cases: list[tuple[str, int]], downscale: int, steps: int, repeats: int):
     """On rank 0: per case, median seconds of a step, a continued 1-step run, a resumed one, migrations, and a
     step with its latent checkpointed."""
     import torch.distributed as dist
 
     from ditplan.executor.checkpoints import CheckpointStore
-    from ditplan.executor.runtime import Worker, tiny_models
-    from ditplan.executor.service import step_latents
+    from ditplan.executor.runtime import Worker
+    from ditplan.executor.service import latent_side, model_source, step_latents
     from ditplan.models.torch import LatentSpec
 
-    family = {"flux-dev": "flux", "sd3-medium": "sd3"}
-    w = Worker(rank, world, tiny_models(("flux", "sd3"), num_attention_heads=4))
+    w = Worker(rank, world, model_source({}, world))
     store = CheckpointStore(tempfile.mkdtemp(prefix="ditplan-ckpt-bench-"))
     out = {}
     n = 0
@@ -207,8 +201,8 @@ def executor_costs(rank: int, world: int, cases: list[tuple[str, int]], downscal
             a, b = f"a{n}", f"b{n}"
             n += 1
             for rid, seed in ((a, 1), (b, 2)):
-                w.handle({"op": "create", "spec": LatentSpec(rid, family[model], side, side, 4 * steps, seed=seed),
-                          "ranks": (0,)})
+                spec = LatentSpec(rid, get_model(model).family, side, side, 4 * steps, seed=seed)
+                w.handle({"op": "encode", "specs": [spec], "model": model, "rank": 0})
             times = w.handle({"op": "run", "rids": [a], "steps": steps}) or []
             cont = timed({"op": "run", "rids": [a], "steps": 1})
             w.handle({"op": "pause", "rid": a})

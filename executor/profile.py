@@ -2,22 +2,21 @@
 
 One world of ``devices`` ranks (``spawn_world``: gloo on CPU, NCCL on CUDA; one thread per CPU rank,
 as ``ditplan executor`` runs them), each a ``Worker`` holding the model's backbone built as the
-executor builds it (``executor/service.py`` ``model_builder``: tiny seeded, or a local checkpoint).
+executor builds it (``executor/service.py`` ``model_source``: tiny seeded, or a local checkpoint).
 For every (degree k, shape, batch), the first aligned block of k ranks runs a batch of requests one
 step at a time: each step is timed on the block's lead from a barrier to a device sync (the span the
 executor reports: the model call and the scheduler step), the first ``warmup`` are dropped and the
 median of the next ``repeats`` is the point, with their interquartile range. Blocks are measured
 one after another, so no two share the CPU.
 
-Encode and decode are timed on rank 0 per (shape, batch), the same way, by what the executor runs
-for those stages. Until they are real stages (text encoders, VAE) that is a stand-in (encode: the
-request's seeded latent and conditioning, materialised; decode: its state dropped), and every stage
-row says so in ``stage_impl``, so a profile measured before the stages are real is never mistaken
-for one measured after.
+Encode and decode are timed on rank 0 per (shape, batch) by what the executor runs for those
+stages: the pipeline's own text encoders, and its VAE on a latent one step in (each op times itself,
+without a module's first build, as the executor's reports do). Every stage row records what ran in
+``stage_impl``.
 
 Latent sizes follow the executor's rule (``latent_side``): pixels / ``downscale`` (64 for tiny
 models, as ``ditplan executor`` defaults; 8, the real VAE factor, for checkpoints), rounded up to a
-multiple of 4. The profile is filed under a GPU kind (``gpu``), the cost model's key: the one given
+multiple of 8. The profile is filed under a GPU kind (``gpu``), the cost model's key: the one given
 (``ditplan profile --gpu``), else the CUDA device's kind when recognised, else the default cluster's;
 its provenance records the device it really ran on (docs/architecture.md, "Profiles and cost
 refinement").
@@ -42,8 +41,8 @@ from ditplan.models.profiles import Profile, ProfilePoint, StagePoint
 
 SCALES = ("tiny", "full")
 DOWNSCALE = {"tiny": 64, "full": 8}
-ENCODE_IMPL = "stand-in: seeded latent and conditioning materialised (no text encoder yet)"
-DECODE_IMPL = "stand-in: request state dropped (no VAE decoder yet)"
+ENCODE_IMPL = "the pipeline's text encoders (models/torch/encoders.py)"
+DECODE_IMPL = "the pipeline's VAE decoder (models/torch/vae.py)"
 
 
 class ProfileInputError(ValueError):
@@ -132,8 +131,8 @@ def make_job(model: str, scale: str, shapes: str, degrees: str, batches: str, de
              checkpoint: str | None = None, warmup: int = 3, repeats: int = 10, downscale: int | None = None,
              gpu: str | None = None, fallback_gpu: str = "H100", command: str = "") -> ProfileJob:
     """Validate the options of ``ditplan profile``; :class:`ProfileInputError` names the bad one."""
-    from ditplan.executor.runtime import SP_FAMILIES
-    from ditplan.executor.service import TORCH_FAMILIES
+    from ditplan.executor.sequence_parallel import SP_FAMILIES
+    from ditplan.models.torch import FAMILIES as TORCH_FAMILIES
 
     if model not in CATALOG:
         raise ProfileInputError(f"--model {model!r} is unknown; known: {', '.join(sorted(CATALOG))}")
@@ -180,12 +179,6 @@ def make_job(model: str, scale: str, shapes: str, degrees: str, batches: str, de
                       gpu.upper() if gpu else None, fallback_gpu.upper(), command)
 
 
-def latent_side(pixels: int, downscale: int) -> int:
-    """The executor's latent side for a pixel side: ``pixels // downscale``, at least 1, rounded up to a
-    multiple of 4 (so h*w divides by 16 and every SP degree up to 8 splits the image tokens evenly)."""
-    return -(-max(1, pixels // downscale) // 4) * 4
-
-
 # --- measurement (in every rank) ------------------------------------------------------------------------
 class _Clock:
     """Times a span on the ranks of a block: from a barrier to a device sync."""
@@ -213,6 +206,7 @@ class _Clock:
 
 
 def _specs(job: ProfileJob, tag: str, shape: Shape, batch: int, steps: int):
+    from ditplan.executor.service import latent_side
     from ditplan.models.torch import LatentSpec
 
     h, w = latent_side(shape.height, job.downscale), latent_side(shape.width, job.downscale)
@@ -223,8 +217,7 @@ def _specs(job: ProfileJob, tag: str, shape: Shape, batch: int, steps: int):
 def _steps(worker, clock: _Clock, job: ProfileJob, k: int, shape: Shape, batch: int) -> Measured:
     ranks = tuple(range(k))
     specs = _specs(job, f"k{k}", shape, batch, job.warmup + job.repeats)
-    for s in specs:
-        worker.handle({"op": "create", "spec": s, "ranks": ranks})
+    _encoded(worker, job, specs, ranks)
     run = {"op": "run", "rids": [s.rid for s in specs], "steps": 1}
     times = [clock.time(ranks, lambda: worker.handle(run)) for _ in range(job.warmup + job.repeats)]
     for s in specs:
@@ -232,15 +225,28 @@ def _steps(worker, clock: _Clock, job: ProfileJob, k: int, shape: Shape, batch: 
     return Measured("step", shape, k, batch, tuple(times[job.warmup:]))
 
 
+def _encoded(worker, job: ProfileJob, specs, ranks: tuple[int, ...]) -> float:
+    """Encode ``specs`` on the block's first rank (the real text encoders) and move them onto ``ranks``, as
+    the executor does for a diffuse block; the encode's own seconds on that rank (0.0 elsewhere)."""
+    seconds = worker.handle({"op": "encode", "specs": specs, "model": job.model, "rank": ranks[0]})
+    if len(ranks) > 1:
+        for s in specs:
+            worker.handle({"op": "migrate", "rid": s.rid, "ranks": ranks})
+    return seconds or 0.0
+
+
 def _stages(worker, clock: _Clock, job: ProfileJob, shape: Shape, batch: int) -> tuple[Measured, Measured]:
-    """Encode and decode as the executor runs them for an assignment on one GPU (rank 0)."""
+    """Encode and decode as the executor runs them for an assignment on one GPU (rank 0): the pipeline's
+    text encoders, and its VAE on a latent one step in. Each op times itself (a module's first build is not
+    counted, as in the executor's reports)."""
     ranks = (0,)
     enc, dec = [], []
     for rep in range(job.warmup + job.repeats):
         specs = _specs(job, f"stage{rep}", shape, batch, 1)
-        enc.append(clock.time(ranks, lambda: [worker.handle({"op": "create", "spec": s, "ranks": ranks})
-                                              for s in specs]))
-        dec.append(clock.time(ranks, lambda: [worker.handle({"op": "release", "rid": s.rid}) for s in specs]))
+        enc.append(_encoded(worker, job, specs, ranks))
+        worker.handle({"op": "run", "rids": [s.rid for s in specs], "steps": 1})
+        out = worker.handle({"op": "decode", "rids": [s.rid for s in specs], "rank": 0})
+        dec.append(out["seconds"] if out else 0.0)
     return (Measured("encode", shape, 1, batch, tuple(enc[job.warmup:])),
             Measured("decode", shape, 1, batch, tuple(dec[job.warmup:])))
 
@@ -260,11 +266,10 @@ def _device(worker) -> dict:
 
 def _rank_main(rank: int, world: int, job: ProfileJob, events) -> dict | None:
     from ditplan.executor.runtime import Worker
-    from ditplan.executor.service import model_builder, model_config
+    from ditplan.executor.service import model_source
 
     ckpts = {job.family: job.checkpoint} if job.checkpoint else {}
-    module = model_builder(ckpts, world)(job.model, job.family)
-    worker = Worker(rank, world, {job.family: module}, config=model_config(ckpts, world))
+    worker = Worker(rank, world, model_source(ckpts, world))
     clock = _Clock(worker)
     out = []
     for k in job.degrees:
@@ -353,7 +358,7 @@ def to_profile(job: ProfileJob, result: dict) -> Profile:
         "latent_downscale": job.downscale,
         "method": (f"per (shape, SP degree, batch): {job.warmup} warm-up steps dropped, then the median of "
                    f"{job.repeats} steps, each timed on the block's lead from a barrier to a device sync; "
-                   "iqr_s is their interquartile range. Encode and decode on one device, the same way."),
+                   "iqr_s is their interquartile range. Encode and decode on one device, timed by the ops themselves."),
         "stage_impl": {"encode": ENCODE_IMPL, "decode": DECODE_IMPL},
     }
     points, stages = [], []

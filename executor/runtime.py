@@ -318,6 +318,23 @@ class Worker:
             if st.scheduler is not None:
                 set_timesteps(st.scheduler, st.spec, begin=st.step)
 
+    def _restore(self, cmd):
+        """Put a checkpointed latent (``cmd["latent"]``, ``cmd["step"]`` steps in) in place of the request's
+        own on the ranks of its group, which all take this command: it goes on from exactly there."""
+        rid = cmd["rid"]
+        st = self.states.get(rid)
+        if st is None:
+            return None
+        if st.latent is None:  # encoded only: the scheduler and a latent of the right shape first
+            self._prepare(st, self._module(cmd, rid, self.where[rid], "backbone"))
+        latent = cmd["latent"]
+        if latent.shape != st.latent.shape:
+            raise ValueError(f"checkpoint of {rid!r}: latent {tuple(latent.shape)} does not match its "
+                             f"{tuple(st.latent.shape)} (another --downscale?)")
+        st.latent = latent.to(device=st.latent.device, dtype=st.latent.dtype)
+        self._setstep({"rid": rid, "step": cmd["step"]})
+        return None
+
     def _pause(self, cmd):
         if cmd["rid"] in self.states:
             self.states[cmd["rid"]].paused = True

@@ -156,16 +156,12 @@ def step_latents(worker: Worker, rids) -> list[tuple]:
 
 
 def restore_latent(worker: Worker, cmd: dict) -> None:
-    """On the ranks of the request's group: its latent from checkpoint ``cmd["path"]``, at ``cmd["step"]``."""
-    st = worker.states.get(cmd["rid"])
-    if st is None:
+    """On every rank: the request's latent from checkpoint ``cmd["path"]`` at ``cmd["step"]``, restored by the
+    ranks of its group (``Worker`` op ``restore``)."""
+    if cmd["rid"] not in worker.states:
         return
     latent = CheckpointStore.load(cmd["path"], cmd["rid"], cmd["step"])
-    if latent.shape != st.latent.shape:
-        raise ValueError(f"checkpoint {cmd['path']}: latent {tuple(latent.shape)} does not match "
-                         f"{cmd['rid']!r}'s {tuple(st.latent.shape)} (another --downscale?)")
-    st.latent = latent.to(device=st.latent.device, dtype=st.latent.dtype)
-    worker.handle({"op": "setstep", "rid": cmd["rid"], "step": cmd["step"]})
+    worker.handle({"op": "restore", "id": cmd["id"], "rid": cmd["rid"], "step": cmd["step"], "latent": latent})
 
 
 class Controller:
@@ -386,6 +382,8 @@ class Controller:
                     self.stop_run(cid)  # the service no longer wants this work
             elif kind == "stage":  # an encode or decode ended: one report with its measured seconds
                 cid, seconds = rest
+                if cid not in self.runs:  # an encode of a requeued request, part of its diffuse assignment
+                    continue
                 epoch, ids, stage = self.runs[cid]
                 self.running.pop(cid, None)
                 self._report(epoch, ids, stage, 0, (), True, stage_seconds=seconds)

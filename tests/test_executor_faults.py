@@ -105,26 +105,26 @@ def test_a_request_restored_from_a_checkpoint_continues_exactly(tmp_path):
     """2 steps, checkpoint, a fresh rank restores it and runs the rest: the same latent as 4 steps in one go."""
     import torch.distributed as dist
 
-    from ditplan.executor.runtime import Worker, tiny_models
-    from ditplan.executor.service import restore_latent, step_latents
+    from ditplan.executor.runtime import Worker
+    from ditplan.executor.service import model_source, restore_latent, step_latents
     from ditplan.models.torch import LatentSpec
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
-        models = tiny_models(("flux",))
         spec = LatentSpec("r", "flux", 8, 8, 4, seed=3)
-        whole = Worker(0, 1, models)
-        whole.handle({"op": "create", "spec": spec, "ranks": (0,)})
+        encode = {"op": "encode", "specs": [spec], "model": "flux-dev", "rank": 0}
+        whole = Worker(0, 1, model_source({}, 1))
+        whole.handle(encode)
         whole.handle({"op": "run", "rids": ["r"], "steps": 4})
         store = CheckpointStore(tmp_path / "ckpt")
-        first = Worker(0, 1, models)
-        first.handle({"op": "create", "spec": spec, "ranks": (0,)})
+        first = Worker(0, 1, model_source({}, 1))
+        first.handle(encode)
         first.handle({"op": "run", "rids": ["r"], "steps": 2})
         for rid, step, latent in step_latents(first, ["r"]):
             store.save(rid, step, latent)
-        second = Worker(0, 1, models)  # a restarted rank: fresh noise, then the checkpoint
-        second.handle({"op": "create", "spec": spec, "ranks": (0,)})
-        restore_latent(second, {"rid": "r", "step": 2, "path": str(store.find("r", 2))})
+        second = Worker(0, 1, model_source({}, 1))  # a restarted rank: encoded again, then the checkpoint
+        second.handle(encode)
+        restore_latent(second, {"id": 7, "rid": "r", "step": 2, "path": str(store.find("r", 2))})
         second.handle({"op": "run", "rids": ["r"], "steps": 2})
         assert second.states["r"].step == 4
         assert torch.equal(second.states["r"].latent, whole.states["r"].latent)

@@ -32,12 +32,15 @@ def test_profile_writes_a_profile_with_its_provenance_that_whatif_and_serve_plan
     assert prov["model_scale"] == "tiny" and prov["device_type"] == "cpu" and prov["devices"] == 2
     assert prov["command"].startswith("ditplan profile --model flux-dev --model-scale tiny --shapes 256")
     import torch
+
+    from ditplan.executor.profile import DECODE_IMPL, ENCODE_IMPL
     assert prov["torch"] == torch.__version__
     assert prof.gpu == "H100" and "filed under H100" in prov["gpu_filed_as"]  # CPU: the default cluster's kind
     assert sorted((p.shape, p.sp, p.batch) for p in prof.points) == [(Shape(256, 256), 1, 1), (Shape(256, 256), 2, 1)]
     assert all(p.step_s > 0 and p.iqr_s is not None for p in prof.points)
     assert sorted(s.stage for s in prof.stages) == ["decode", "encode"]
-    assert all(s.stage_impl.startswith("stand-in") for s in prof.stages)  # no real text encoder / VAE yet
+    assert {s.stage: s.stage_impl for s in prof.stages} == {"encode": ENCODE_IMPL, "decode": DECODE_IMPL}
+    assert all(s.seconds > 0 for s in prof.stages)  # real text encoders and VAE ran
     assert json.loads(measured.read_text()) == prof.to_doc()  # written and read back alike
 
     step = {p.sp: p.step_s for p in prof.points}
@@ -67,7 +70,7 @@ def test_profile_writes_a_profile_with_its_provenance_that_whatif_and_serve_plan
     (["--degrees", "3"], "--degrees: 3 is not an SP degree of flux-dev"),
     (["--degrees", "4", "--devices", "2"], "--degrees: 4 needs 4 devices; --devices is 2"),
     (["--batches", "0"], "--batches: '0' is not a positive integer"),
-    (["--model", "sdxl"], "--model 'sdxl': its family 'sdxl' has no torch model in the executor"),
+    (["--model", "sdxl", "--degrees", "1,2"], "--degrees: 2 is not an SP degree of sdxl"),
     (["--model", "nope"], "--model 'nope' is unknown"),
     (["--model-scale", "full"], "--model-scale full needs --checkpoint PATH"),
     (["--model-scale", "huge"], "--model-scale 'huge' must be one of tiny, full"),
