@@ -53,6 +53,7 @@ TERMINAL = ("done", "cancelled", "rejected", "failed")
 SUBMIT_CHUNK = 1000
 TICK_S = 0.05  # replay and supervision step
 POLL_S = 0.25  # service status poll
+EXIT_WAIT_S = 15.0  # at the end: how long an executor the service let go may take to exit, before it is reported
 RESUME_LOG = "resumed.jsonl"  # written by the executors' checkpoint store (executor/checkpoints.py)
 BOOT = "from ditplan.planner.run import child_main; child_main()"
 
@@ -208,6 +209,7 @@ class Deployment:
         self.serve: Child | None = None
         self.executors: dict[str, Child] = {}
         self.restarts: dict[str, int] = {}
+        self.exits: dict[str, int] = {}  # executors that exited as the run ended (not restarted), with the status
         self.address = ""
         self.client = None
         self.checkpoint_dir = state_dir / "checkpoints"
@@ -276,13 +278,23 @@ class Deployment:
         (self.state_dir / "run.json").write_text(json.dumps(doc, indent=1) + "\n")
 
     # -- supervise ------------------------------------------------------------------------------
-    def supervise(self, say: Callable[[str], None]) -> None:
-        """Restart an executor that exited (up to ``max_restarts`` each); RunError if the service died."""
+    def supervise(self, say: Callable[[str], None], restart: bool = True) -> None:
+        """Restart an executor that exited (up to ``max_restarts`` each); RunError if the service died.
+        ``restart=False`` (the run is over): only say which exited, so none goes unreported."""
         if (code := self.serve.exited()) is not None:
             raise RunError(f"the planning service exited with status {code}:\n{self.serve.tail()}")
+        if not restart:  # an executor the service no longer has is on its way out: let it finish exiting
+            gone = set(self.executors) - self._connected()
+            deadline = time.monotonic() + EXIT_WAIT_S
+            while any(self.executors[n].exited() is None for n in gone) and time.monotonic() < deadline:
+                time.sleep(0.1)
         for name, child in list(self.executors.items()):
             code = child.exited()
             if code is None:
+                continue
+            if not restart:
+                say(f"{name} exited with status {code} ({_why(code)}) before the run ended; its work was requeued")
+                self.exits[name] = code
                 continue
             n = self.restarts.get(name, 0)
             if n >= self.cfg.max_restarts:
@@ -396,6 +408,7 @@ def _replay(cfg: RunConfig, dep: Deployment, records: Sequence[TraceRecord], say
                 on_time = sum(1 for v in client.list(states=["done"]) if v.finish <= v.deadline + 1e-6)
                 progress(Progress(submitted, len(records), ended, on_time, sum(dep.restarts.values())))
             if not groups and idle:
+                dep.supervise(say, restart=False)
                 return clock
             if not groups and time.monotonic() - last_submit > cfg.timeout_s:
                 left = [f"{v.id} ({v.state}, {v.steps_done}/{v.steps} steps)" for v in client.list()

@@ -65,7 +65,7 @@ def test_a_worker_rank_killed_mid_step_loses_nothing_and_its_request_resumes_fro
         with PlannerClient(info["address"], timeout=10) as c:
             while True:  # a request mid-run on GPU 0, some steps reported
                 victim = next((v for v in c.list() if v.state == "running" and v.gpus == (0,)
-                               and 2 <= v.steps_done <= v.steps - 4), None)
+                               and 2 <= v.steps_done <= v.steps // 2), None)
                 if victim is not None:
                     break
                 assert run.poll() is None, run.communicate()
@@ -77,7 +77,8 @@ def test_a_worker_rank_killed_mid_step_loses_nothing_and_its_request_resumes_fro
         if run.poll() is None:
             run.kill()
     assert run.returncode == 0, out + err
-    assert "executor0 exited with status 4 (a worker rank died)" in err and "executor0 x1" in err
+    # restarted, or (when the other executor finished the rest first) reported as the run ended
+    assert "executor0 exited with status 4 (a worker rank died)" in err, err
     [m] = json.loads((tmp_path / "m.json").read_text()).values()
     assert (m["requests"], m["finished"]) == (4, 4)  # nothing accepted is lost
     resumed = [json.loads(x) for x in (state / "checkpoints" / RESUME_LOG).read_text().splitlines()]
