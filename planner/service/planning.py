@@ -136,12 +136,13 @@ class PlannerProcess:
         new = None if corrections is self._sent else dict(corrections)
         # Only the statuses that changed since the last plan travel: the core hands the policy the same
         # copy of a request until it changes (core ``Tracked.snap``), so identity tells.
-        sent = self._sent_status
-        changed = [st for st in state.requests if sent.get(st.id) is not st]
-        self._conn.send((state.now, [st.id for st in state.requests], changed, list(state.gpu_free_at),
-                         state.placement, state.round_s, state.just_paused, new))
+        sent, statuses = self._sent_status, state.requests
+        ids = [st.request.id for st in statuses]
+        changed = [st for rid, st in zip(ids, statuses) if sent.get(rid) is not st]
+        self._conn.send((state.now, ids, changed, list(state.gpu_free_at), state.placement, state.round_s,
+                         state.just_paused, new))
         self._sent = corrections
-        self._sent_status = {st.id: st for st in state.requests}
+        self._sent_status = dict(zip(ids, statuses))
         return self._conn.recv()
 
     def close(self) -> None:
