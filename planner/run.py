@@ -44,7 +44,7 @@ from ditplan.planner.cluster import Cluster, parse_cluster
 from ditplan.planner.errors import InputError
 from ditplan.planner.execution import Segment
 from ditplan.planner.metrics import summarize, timeline_records
-from ditplan.planner.request import Request, RequestState, RequestStatus
+from ditplan.planner.request import Request, RequestState, RequestStatus, meets
 from ditplan.planner.sim_result import SimResult
 from ditplan.planner.traces import TraceRecord
 
@@ -405,7 +405,7 @@ def _replay(cfg: RunConfig, dep: Deployment, records: Sequence[TraceRecord], say
             ended = sum(counts.get(s, 0) for s in TERMINAL)
             idle = ended == submitted
             if progress is not None:
-                on_time = sum(1 for v in client.list(states=["done"]) if v.finish <= v.deadline + 1e-6)
+                on_time = sum(1 for v in client.list(states=["done"]) if meets(v.finish, v.deadline))
                 progress(Progress(submitted, len(records), ended, on_time, sum(dep.restarts.values())))
             if not groups and idle:
                 dep.supervise(say, restart=False)

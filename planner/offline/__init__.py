@@ -30,7 +30,7 @@ from ditplan.planner.metrics import summarize
 from ditplan.planner.offline.bound import upper_bound_count
 from ditplan.planner.offline.replay import to_sim_result
 from ditplan.planner.offline.search import MIN_DET_S, MIN_WALL_S, best_schedule
-from ditplan.planner.request import Request, RequestState, RequestStatus
+from ditplan.planner.request import Request
 from ditplan.planner.runners import PolicyRun, RunOptions, register_runner
 from ditplan.planner.sim_result import SimResult
 
@@ -53,10 +53,6 @@ class OfflineResult:
     schedule_status: str = ""
     bound_status: str = ""
     stats: dict = field(default_factory=dict)
-
-
-def _on_time(st: RequestStatus) -> bool:
-    return st.state is RequestState.DONE and st.finish <= st.request.deadline + 1e-9
 
 
 def solve_offline(requests: Sequence[Request], cluster: Cluster, cost: CostModel,
@@ -106,7 +102,7 @@ def solve_offline(requests: Sequence[Request], cluster: Cluster, cost: CostModel
                                            pieces=pieces, window=window, max_on_time=bound)
     stats = {"bound": bstats, "schedule": sstats}
     result = to_sim_result(requests, cluster, cost, plans, POLICY_NAME, solver_ms=(time.perf_counter() - t0) * 1e3)
-    met = sum(_on_time(st) for st in result.requests)
+    met = sum(st.met for st in result.requests)
     if met > bound:  # impossible while the relaxation is valid; never report a bound below a schedule
         stats["bound_below_schedule"] = (bound, met)
         bound = met
