@@ -74,6 +74,10 @@ def test_halo_is_the_zero_padded_image():
     windows = torch.cat([F.pad(x, (1, 1, 1, 1)).unfold(2, 6, 4).unfold(3, 6, 4).permute(0, 2, 3, 1, 4, 5)
                          .reshape(-1, 3, 6, 6) for x in images])
     assert torch.equal(halo, windows)
+    assert layout.grids == ((3, 2), (1, 1), (2, 4)) and layout.offsets == (0, 6, 7, 15)
+    assert layout.patch_request.tolist() == [0] * 6 + [1] + [2] * 8
+    assert layout.patch_row[7:].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert layout.patch_col[7:].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
     assert all(torch.equal(a, b) for a, b in zip(layout.unpatchify(layout.patchify(images)), images))
 
 
