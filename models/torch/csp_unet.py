@@ -123,7 +123,7 @@ class PatchLayout:
 
     def unpatchify(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Patches ``(N, C, q, q)`` (any level's patch size q) -> per-request ``(1, C, rows q, cols q)``."""
-        n, c, q, _ = x.shape
+        _, c, q, _ = x.shape
         out = []
         for r, (rows, cols) in enumerate(self.grids):
             part = x[self.offsets[r]:self.offsets[r + 1]]
@@ -134,7 +134,6 @@ class PatchLayout:
 def stitch_halo(x: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
     """``(N, C, q, q)`` -> ``(N, C, q + 2, q + 2)``: each patch framed by its neighbours' adjoining rows,
     columns and corner pixels as they are now (zeros beyond the image's border)."""
-    n, c, q, _ = x.shape
     nb = layout.neighbours
 
     def edge(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # src (N, C, ...): row N is the zero edge
@@ -197,8 +196,12 @@ class PatchedUNet:
         conditioning row per request."""
         unet, r = self.unet, layout.requests
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1)
-        for name, value in (("timesteps", timesteps), ("encoder_hidden_states", encoder_hidden_states),
-                            *((f"added_cond_kwargs[{k!r}]", added_cond_kwargs[k]) for k in ("text_embeds", "time_ids"))):
+        missing = {"text_embeds", "time_ids"} - set(added_cond_kwargs)
+        if missing:
+            raise ValueError(f"added_cond_kwargs: missing {sorted(missing)} (the text_time embedding needs both)")
+        rows = {"timesteps": timesteps, "encoder_hidden_states": encoder_hidden_states,
+                **{f"added_cond_kwargs[{k!r}]": v for k, v in added_cond_kwargs.items()}}
+        for name, value in rows.items():
             if value.shape[0] != r:
                 raise ValueError(f"{name}: {value.shape[0]} rows for {r} requests")
         if x.shape[0] != layout.patches or x.shape[-1] != layout.patch:
