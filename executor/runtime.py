@@ -11,9 +11,14 @@ the plan gives it (docs/architecture.md, hand-offs between stages):
 * ``encode``: ``specs`` (``LatentSpec``s of one model), ``model``, ``rank``: that rank runs the model's text
   encoders (``text`` component) on each request's prompt; the embeddings stay there, the request's group is
   ``(rank,)``. Its measured seconds go to ``on_stage``.
-* ``run``: ``rids`` (one, or a batch of same-shape requests on the same group), ``steps``: run that many
+* ``run``: ``rids`` (one, or a batch of requests of one family on the same group), ``steps``: run that many
   denoising steps on the group (``backbone``); the first run draws the seeded initial latent on every rank of
-  the group (the pipeline's ``prepare_latents``). The group's lead records measured step times.
+  the group (the pipeline's ``prepare_latents``). The group's lead records measured step times. A batch whose
+  members differ in shape or step position runs as one CSP batch (``models/torch/csp.py``: tokens packed,
+  attention per image, each member its own timestep and scheduler step) when its family has a CSP forward
+  (``CSP_FAMILIES``), for as many steps as its member with the fewest left has; otherwise it is refused.
+  ``cache`` (optional): request -> a class name in the Worker's ``cache_policies``, whose ``CachePolicy``
+  turns on the patch cache for that request (CSP forward, degree 1); absent or ``"off"``: no cache.
 * ``migrate``: ``rid``, ``ranks``: move the state to another aligned block (any degree). The old group's lead
   sends a header (step, scheduler, tensor shapes) and the tensors point-to-point to every new member that
   lacks them (gather is implicit: the state is replicated in the old group); old members outside the new
@@ -51,6 +56,8 @@ from ditplan.executor.outputs import write_frames
 from ditplan.executor.parallel import BlockGroups, SPContext
 from ditplan.executor.sequence_parallel import SP_FAMILIES, enable_sequence_parallel
 from ditplan.models.torch import LatentSpec, ModelSource, family, set_timesteps, to_frames
+from ditplan.models.torch.csp import CSP_FAMILIES, SeqShard, csp_predict
+from ditplan.models.torch.patch_cache import CachePolicy, PatchCache, RequestCache
 
 
 @dataclass
@@ -65,6 +72,7 @@ class ResidentRequest:
     step: int = 0  # steps done
     paused: bool = False
     step_times: list[float] = field(default_factory=list)
+    cache: RequestCache | None = None  # its patch cache (CSP runs with a cache policy); not migrated
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"cond/{k}": v for k, v in sorted(self.cond.items())}
@@ -89,9 +97,12 @@ def module_size(model) -> tuple[int, int]:
 
 class Worker:
     def __init__(self, rank: int, world: int, source: ModelSource | None = None, device: str | None = None,
-                 out_dir: str | Path | None = None, modules: dict[tuple[str, str], object] | None = None) -> None:
+                 out_dir: str | Path | None = None, modules: dict[tuple[str, str], object] | None = None,
+                 cache_policies: dict[str, CachePolicy] | None = None, csp_attention: str = "loop") -> None:
         """``source`` builds modules on load (or first use); ``modules``: held from the start, keyed by
-        (model or family, component); ``out_dir``: where decode writes PNGs (None: nowhere)."""
+        (model or family, component); ``out_dir``: where decode writes PNGs (None: nowhere);
+        ``cache_policies``: request class -> patch-cache policy (a run's ``cache`` names them); ``csp_attention``:
+        the CSP forward's per-image attention (``models/torch/csp.py``, ``ATTENTION``)."""
         self.rank, self.world = rank, world
         # NCCL (CUDA) needs device tensors; gloo (CPU) host ones
         self.device = torch.device(device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
@@ -100,6 +111,8 @@ class Worker:
         self.ctx = SPContext(self.groups)
         self.source = source or ModelSource()
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.cache_policies = dict(cache_policies or {})
+        self.csp_attention = csp_attention
         self.modules: dict[tuple[str, str], object] = {}  # (catalog model or family, component) -> module
         self.placed = False  # a load or unload was seen: modules come only from loads
         for (key, comp), module in (modules or {}).items():
@@ -232,19 +245,31 @@ class Worker:
             return None
         states = [self.states[r] for r in rids]
         spec = states[0].spec
-        if any((s.spec.family, s.spec.height, s.spec.width, s.spec.frames) !=
-               (spec.family, spec.height, spec.width, spec.frames) or s.step != states[0].step for s in states):
-            raise ValueError(f"batch {rids} mixes shapes or step positions")
+        if any(s.spec.family != spec.family for s in states):
+            raise ValueError(f"batch {rids} mixes families {sorted({s.spec.family for s in states})}")
+        policies = self._cache_policies(cmd, rids)
+        uniform = all((s.spec.height, s.spec.width, s.spec.frames, s.step) ==
+                      (spec.height, spec.width, spec.frames, states[0].step) for s in states)
+        packed = not uniform or any(p is not None for p in policies)
+        if packed and spec.family not in CSP_FAMILIES:
+            raise ValueError(f"batch {rids} mixes shapes or step positions or asks for a patch cache, and "
+                             f"{spec.family} has no CSP forward (CSP families: {', '.join(sorted(CSP_FAMILIES))})")
         fam = family(spec.family)
         if len(ranks) > 1 and not fam.sequence_parallel:
             raise ValueError(f"{spec.family} has no sequence parallelism: {rids} cannot run on {len(ranks)} ranks")
-        steps = min(cmd["steps"], spec.steps - states[0].step)
+        steps = min(cmd["steps"], min(s.spec.steps - s.step for s in states))
         model = self._module(cmd, rids[0], ranks, "backbone")
-        for s in states:
+        for s, policy in zip(states, policies):
             if s.latent is None:
                 self._prepare(s, model)
             s.paused = False
+            if policy is None:
+                s.cache = None
+            elif s.cache is None or s.cache.policy != policy:
+                s.cache = RequestCache(policy)
         self.ctx.use(ranks)
+        shard = SeqShard(self.ctx.pg, self.ctx.index, self.ctx.size) if len(ranks) > 1 else SeqShard()
+        cache = PatchCache([s.cache for s in states]) if any(s.cache is not None for s in states) else None
         times = []
         with torch.no_grad():
             self.stopped = False
@@ -253,12 +278,20 @@ class Worker:
                     self.stopped = True
                     break
                 t0 = time.perf_counter()
-                t = states[0].scheduler.timesteps[states[0].step]
-                x = torch.cat([_model_input(s.scheduler, s.latent, t) for s in states])
-                cond = {k: torch.cat([s.cond[k] for s in states]) for k in states[0].cond}
-                pred = fam.predict(model, spec, x, cond, t)
-                for i, s in enumerate(states):
-                    s.latent = s.scheduler.step(pred[i:i + 1], t, s.latent).prev_sample
+                if packed:
+                    ts = [s.scheduler.timesteps[s.step] for s in states]
+                    preds = csp_predict(spec.family, model, [_model_input(s.scheduler, s.latent, t)
+                                                             for s, t in zip(states, ts)],
+                                        [s.cond for s in states], torch.stack(ts), shard, self.csp_attention, cache)
+                else:
+                    t = states[0].scheduler.timesteps[states[0].step]
+                    ts = [t] * len(states)
+                    x = torch.cat([_model_input(s.scheduler, s.latent, t) for s in states])
+                    cond = {k: torch.cat([s.cond[k] for s in states]) for k in states[0].cond}
+                    pred = fam.predict(model, spec, x, cond, t)
+                    preds = [pred[i:i + 1] for i in range(len(states))]
+                for s, t, p in zip(states, ts, preds):
+                    s.latent = s.scheduler.step(p, t, s.latent).prev_sample
                     s.step += 1
                 self._sync()
                 times.append(time.perf_counter() - t0)
@@ -267,6 +300,18 @@ class Worker:
         for s in states:
             s.step_times.extend(times)
         return times
+
+    def _cache_policies(self, cmd, rids) -> list[CachePolicy | None]:
+        """Each request's patch-cache policy from the run's ``cache`` (request -> class name; default off)."""
+        names = cmd.get("cache") or {}
+        out = []
+        for rid in rids:
+            name = names.get(rid, "off")
+            if name != "off" and name not in self.cache_policies:
+                raise ValueError(f"run {rids}: cache class {name!r} of {rid!r} is not one of the worker's "
+                                 f"cache_policies ({', '.join(sorted(self.cache_policies)) or 'none'}) or 'off'")
+            out.append(None if name == "off" else self.cache_policies[name])
+        return out
 
     def _stop_here(self, cmd, k: int, ranks) -> bool:
         """Stop before step ``k``? The lead decides (``should_stop``) and its group follows (one broadcast)."""

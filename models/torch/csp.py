@@ -215,8 +215,7 @@ def _all_to_all(x: torch.Tensor, shard: SeqShard, scatter: int, gather: int) -> 
 
 
 def _heads(proj, x, heads: int, norm=None) -> torch.Tensor:
-    y = proj(x)
-    y = y.view(y.shape[0], y.shape[1], heads, -1)
+    y = proj(x).unflatten(-1, (heads, -1))  # unflatten, not view: no token may be computed (the patch cache)
     return y if norm is None else norm(y)  # diffusers' q/k norms act on the last dim
 
 
