@@ -220,6 +220,57 @@ def test_cache_forces_a_recompute_after_max_skips(world):
     assert all(torch.equal(g, r) for g, r in zip(got, ref)) and caches[0].skipped == 0
 
 
+def test_a_cached_request_carries_its_cache_into_its_next_run_and_another_batch(world):
+    """6 steps in one run, against 3 + 3 in two runs (bit for bit: the cache's state lives with the request, not
+    the run), and against 3 steps batched with another request and 3 alone (the packed linear layers round
+    differently: TOL), with the same counts of patch-blocks skipped."""
+    policy = {"c": CachePolicy(0.1, 2, patch=2)}
+    specs = specs_for((8, 12), steps=6)
+    runs = {"one": [(["r8"], 6)], "two": [(["r8"], 3), (["r8"], 3)], "batched": [(["r8", "r12"], 3), (["r8"], 3)]}
+    got = {}
+    for name, commands in runs.items():
+        w = worker(cache_policies=policy)
+        encoded(w, specs)
+        for rids, steps in commands:
+            w.handle({"op": "run", "rids": rids, "steps": steps, "cache": {"r8": "c"}})
+        got[name] = w.states["r8"]
+    one = got["one"]
+    assert one.cache.skipped > 0 and torch.equal(got["two"].latent, one.latent)
+    torch.testing.assert_close(got["batched"].latent, one.latent, **TOL)
+    for name in ("two", "batched"):
+        assert (got[name].cache.computed, got[name].cache.skipped) == (one.cache.computed, one.cache.skipped)
+
+
+def test_skipped_patches_whose_input_did_not_change_give_the_uncached_output():
+    """The same inputs three times: at calls 2 and 3 every patch is skipped (cached outputs, keys and values,
+    only text tokens computed), which must reproduce the uncached forward; then one patch changes."""
+    model = tiny_sd3()
+    specs, conds, latents = batch()
+    ts = torch.tensor(TIMESTEPS)
+    caches = [RequestCache(CachePolicy(1e-6, 5, patch=2)) for _ in specs]
+    with torch.no_grad():
+        ref = sd3_forward(model, latents, conds, ts)
+        for call in range(3):
+            got = sd3_forward(model, latents, conds, ts, cache=PatchCache(caches))
+            for g, r in zip(got, ref):
+                torch.testing.assert_close(g, r, atol=1e-6, rtol=0)
+        assert [c.skipped for c in caches] == [2 * 2 * 4, 2 * 2 * 9, 2 * 2 * 16]
+        moved = [x.clone() for x in latents]
+        moved[2][..., :4, :4] += 1.0  # the first 2x2-token patch of the 16x16 latent
+        got = sd3_forward(model, moved, conds, ts, cache=PatchCache(caches))
+        fresh = sd3_forward(model, moved, conds, ts)
+    # each block recomputes only the moved patch: the skipped ones keep their outputs (they do not see the
+    # change, the approximation the cache makes), the moved one attends over their cached keys and values
+    assert caches[2].computed == 2 * 16 + 2 and (caches[0].computed, caches[0].skipped) == (2 * 4, 3 * 2 * 4)
+    for i in (0, 1):
+        torch.testing.assert_close(got[i], fresh[i], atol=1e-6, rtol=0)
+    rest = torch.ones_like(got[2], dtype=torch.bool)
+    rest[..., :4, :4] = False
+    torch.testing.assert_close(got[2][rest], ref[2][rest], atol=1e-6, rtol=0)
+    assert not torch.allclose(got[2][~rest], ref[2][~rest], atol=1e-2)
+    assert not torch.allclose(got[2][rest], fresh[2][rest], atol=1e-5)
+
+
 def test_a_large_threshold_skips_patches_and_changes_the_result_a_little(world):
     ref, _ = cached_run(CachePolicy(0.0, 3, patch=2))
     got, caches = cached_run(CachePolicy(0.5, 3, patch=2))

@@ -29,7 +29,7 @@ exact, but compiles again for every new layout, ~30 s each on this CPU).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
 import torch.distributed as dist
@@ -219,11 +219,11 @@ def _heads(proj, x, heads: int, norm=None) -> torch.Tensor:
     return y if norm is None else norm(y)  # diffusers' q/k norms act on the last dim
 
 
-def joint_attention(attn, img, txt, layout: CspLayout, shard: SeqShard, mode: str, kv_cache=None):
+def joint_attention(attn, img, txt, layout: CspLayout, shard: SeqShard, mode: str, keep=None, merge_kv=None):
     """An SD3 ``Attention`` (JointAttnProcessor2_0's math) on this rank's packed image and text tokens, each
-    image attending only to its own tokens. ``kv_cache`` (degree 1): ``(keep, k_img, v_img)``: ``img`` holds only
-    the kept image tokens (``keep``: their packed positions); the other image tokens' keys and values come from
-    ``k_img``/``v_img``, updated in place with the fresh ones. Returns (image output, text output)."""
+    image attending only to its own tokens. With a patch cache (degree 1): ``img`` holds only the image tokens at
+    packed positions ``keep`` (None: all of them), and ``merge_kv(k, v)`` gives the keys and values of every
+    image token (the cached ones where not computed). Returns (image output, text output)."""
     h = attn.heads
     q = _heads(attn.to_q, img, h, attn.norm_q)
     k = _heads(attn.to_k, img, h, attn.norm_k)
@@ -231,12 +231,9 @@ def joint_attention(attn, img, txt, layout: CspLayout, shard: SeqShard, mode: st
     eq = _heads(attn.add_q_proj, txt, h, attn.norm_added_q)
     ek = _heads(attn.add_k_proj, txt, h, attn.norm_added_k)
     ev = _heads(attn.add_v_proj, txt, h)
-    q_slots = None
-    if kv_cache is not None:
-        keep, k_img, v_img = kv_cache
-        k_img[:, keep], v_img[:, keep] = k, v
-        k, v = k_img, v_img
-        q_slots = torch.cat([keep, layout.n_img + torch.arange(txt.shape[1])])
+    if merge_kv is not None:
+        k, v = merge_kv(k, v)
+    q_slots = None if keep is None else torch.cat([keep, layout.n_img + torch.arange(txt.shape[1])])
     q, k, v = torch.cat([q, eq], 1), torch.cat([k, ek], 1), torch.cat([v, ev], 1)
     if shard.size > 1:
         q, k, v = (_all_to_all(x, shard, 2, 1) for x in (q, k, v))
@@ -252,11 +249,13 @@ def joint_attention(attn, img, txt, layout: CspLayout, shard: SeqShard, mode: st
 
 
 # --- SD3 -----------------------------------------------------------------------------------------------------
-def _modulation(norm, temb: torch.Tensor, owner: torch.Tensor, chunks: int) -> list[torch.Tensor]:
+def _modulation(norm, temb: torch.Tensor, owner: torch.Tensor, chunks: int, scales=()) -> list[torch.Tensor]:
     """An adaLN's modulation vectors, computed per request (its ``linear`` on one row each) and expanded to
-    every token (``owner``: request of each token; padding takes request 0's: its outputs are dropped)."""
-    emb = norm.linear(norm.silu(temb))
-    return [c[owner.clamp(min=0)].unsqueeze(0) for c in emb.chunk(chunks, dim=1)]
+    every token (``owner``: request of each token; padding takes request 0's: its outputs are dropped); the
+    chunks numbered in ``scales`` come as ``1 + scale``, added before the expansion."""
+    emb = norm.linear(norm.silu(temb)).chunk(chunks, dim=1)
+    owner = owner.clamp(min=0)
+    return [((1 + c) if i in scales else c)[owner].unsqueeze(0) for i, c in enumerate(emb)]
 
 
 def _sd3_block(block, img, txt, temb, layout: CspLayout, shard: SeqShard, mode: str, cache: PatchCache | None,
@@ -266,34 +265,32 @@ def _sd3_block(block, img, txt, temb, layout: CspLayout, shard: SeqShard, mode: 
     if block.use_dual_attention:
         raise NotImplementedError("CSP for SD3 blocks with dual attention (SD3.5) is not implemented")
     owner = layout.local_img_owner(shard.index)
-    full = img
-    keep = None
+    full, keep, merge_kv = img, None, None
     if cache is not None:
         keep = cache.keep(index, img)
-        img, owner = img[:, keep], owner[keep]
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(block.norm1, temb, owner, 6)
-    x = block.norm1.norm(img) * (1 + scale_msa) + shift_msa
+        merge_kv = partial(cache.kv, index, keep)
+        if keep is not None:
+            img, owner = img[:, keep], owner[keep]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(block.norm1, temb, owner, 6, (1, 4))
+    x = torch.addcmul(shift_msa, block.norm1.norm(img), scale_msa)
     t_owner = layout.local_txt_owner(shard.index)
     if block.context_pre_only:  # AdaLayerNormContinuous: scale first
-        c_scale, c_shift = _modulation(block.norm1_context, temb, t_owner, 2)
-        c = block.norm1_context.norm(txt) * (1 + c_scale) + c_shift
+        c_scale, c_shift = _modulation(block.norm1_context, temb, t_owner, 2, (0,))
+        c = torch.addcmul(c_shift, block.norm1_context.norm(txt), c_scale)
     else:
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _modulation(
-            block.norm1_context, temb, t_owner, 6)
-        c = block.norm1_context.norm(txt) * (1 + c_scale_msa) + c_shift_msa
-    kv = None
-    if cache is not None:
-        heads = block.attn.heads
-        kv = (keep, *cache.kv(index, heads, block.attn.to_k.out_features // heads, x))
-    attn_img, attn_txt = joint_attention(block.attn, x, c, layout, shard, mode, kv)
-    img = img + gate_msa * attn_img
-    img = img + gate_mlp * block.ff(block.norm2(img) * (1 + scale_mlp) + shift_mlp)
+            block.norm1_context, temb, t_owner, 6, (1, 4))
+        c = torch.addcmul(c_shift_msa, block.norm1_context.norm(txt), c_scale_msa)
+    attn_img, attn_txt = joint_attention(block.attn, x, c, layout, shard, mode, keep, merge_kv)
+    img = torch.addcmul(img, gate_msa, attn_img)
+    img = torch.addcmul(img, gate_mlp, block.ff(torch.addcmul(shift_mlp, block.norm2(img), scale_mlp)))
     if cache is not None:
         img = cache.store(index, full, keep, img)
     if block.context_pre_only:
         return img, None
-    txt = txt + c_gate_msa * attn_txt
-    txt = txt + c_gate_mlp * block.ff_context(block.norm2_context(txt) * (1 + c_scale_mlp) + c_shift_mlp)
+    txt = torch.addcmul(txt, c_gate_msa, attn_txt)
+    txt = torch.addcmul(txt, c_gate_mlp, block.ff_context(torch.addcmul(c_shift_mlp, block.norm2_context(txt),
+                                                                        c_scale_mlp)))
     return img, txt
 
 
@@ -322,8 +319,8 @@ def sd3_forward(model, latents: list[torch.Tensor], conds: list[dict[str, torch.
         cache.begin(layout)
     for index, block in enumerate(model.transformer_blocks):
         img, txt = _sd3_block(block, img, txt, temb, layout, shard, attention, cache, index)
-    scale, shift = _modulation(model.norm_out, temb, layout.local_img_owner(shard.index), 2)
-    out = model.proj_out(model.norm_out.norm(img) * (1 + scale) + shift)
+    scale, shift = _modulation(model.norm_out, temb, layout.local_img_owner(shard.index), 2, (0,))
+    out = model.proj_out(torch.addcmul(shift, model.norm_out.norm(img), scale))
     if shard.size > 1:
         parts = [torch.empty_like(out) for _ in range(shard.size)]
         dist.all_gather(parts, out.contiguous(), group=shard.group)
