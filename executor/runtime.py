@@ -280,8 +280,8 @@ class Worker:
                 t0 = time.perf_counter()
                 if packed:
                     ts = [s.scheduler.timesteps[s.step] for s in states]
-                    preds = csp_predict(spec.family, model, [_model_input(s.scheduler, s.latent, t)
-                                                             for s, t in zip(states, ts)],
+                    preds = csp_predict(spec.family, model, [s.spec for s in states],
+                                        [_model_input(s.scheduler, s.latent, t) for s, t in zip(states, ts)],
                                         [s.cond for s in states], torch.stack(ts), shard, self.csp_attention, cache)
                 else:
                     t = states[0].scheduler.timesteps[states[0].step]

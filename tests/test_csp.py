@@ -1,6 +1,7 @@
-"""CSP batches (models/torch/csp.py) and the patch cache (models/torch/patch_cache.py) on a tiny seeded SD3.
+"""CSP batches (models/torch/csp.py) and the patch cache (models/torch/patch_cache.py) on tiny seeded SD3 and
+FLUX backbones.
 
-Tolerances (float32): a CSP batch against each request alone, atol = rtol = 1e-5 (measured: at most 3e-7, the
+Tolerances (float32): a CSP batch against each request alone, atol = rtol = 1e-5 (measured: at most 5e-7, the
 packed linear layers sum in another order); the patch cache at threshold 0 against no cache: bitwise.
 """
 from __future__ import annotations
@@ -18,29 +19,32 @@ from ditplan.models.torch.patch_cache import CachePolicy, PatchCache, RequestCac
 TOL = dict(atol=1e-5, rtol=1e-5)
 SIDES = (8, 12, 16)  # latent sides: 16, 36 and 64 image tokens
 TIMESTEPS = (1000.0, 750.0, 500.0)
+CSP = ("sd3", "flux")
 
 
-def tiny_sd3(layers: int = 2):
-    """Two blocks: a full joint block and the last, ``context_pre_only`` one (the one-block tiny has only that)."""
+def tiny(fam: str = "sd3"):
+    """SD3 with two blocks: a full joint block and the last, ``context_pre_only`` one (the executor's one-block tiny
+    has only that); FLUX with two double- and two single-stream blocks."""
     import diffusers
-    cfg = dict(family("sd3").tiny_config(4), num_layers=layers)
+    cfg = family(fam).tiny_config(4)
+    cfg.update(num_layers=2) if fam == "sd3" else cfg.update(num_layers=2, num_single_layers=2)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return diffusers.SD3Transformer2DModel(**cfg).eval().requires_grad_(False)
+        return getattr(diffusers, family(fam).backbone)(**cfg).eval().requires_grad_(False)
 
 
-def batch(sides=SIDES):
-    fam, text = family("sd3"), ModelSource().build("sd3", "text")
-    specs = [LatentSpec(f"r{s}", "sd3", s, s, 4, seed=i) for i, s in enumerate(sides)]
-    conds = [fam.encode(text, s, 2) for s in specs]
-    latents = [fam.noise(tiny_sd3().config, s, torch.Generator().manual_seed(s.seed)) for s in specs]
+def batch(fam: str = "sd3", sides=SIDES):
+    f, text = family(fam), ModelSource().build(fam, "text")
+    specs = [LatentSpec(f"r{s}", fam, s, s, 4, seed=i) for i, s in enumerate(sides)]
+    conds = [f.encode(text, s, 2) for s in specs]
+    latents = [f.noise(tiny(fam).config, s, torch.Generator().manual_seed(s.seed)) for s in specs]
     return specs, conds, latents
 
 
 def alone(model, specs, conds, latents, timesteps):
-    fam = family("sd3")
+    f = family(specs[0].family)
     with torch.no_grad():
-        return [fam.predict(model, s, x, c, torch.tensor(t)) for s, c, x, t in zip(specs, conds, latents, timesteps)]
+        return [f.predict(model, s, x, c, torch.tensor(t)) for s, c, x, t in zip(specs, conds, latents, timesteps)]
 
 
 def test_layout_offsets_owners_and_slots_with_padding():
@@ -51,60 +55,67 @@ def test_layout_offsets_owners_and_slots_with_padding():
     # after the all-to-all: rank 0's 4 image + 2 text tokens, then rank 1's
     assert lay.segments[0].tolist() == [0, 1, 2, 3, 4, 5] and lay.segments[1].tolist() == [6, 7, 8, 10]
     assert lay.slot_segment.tolist()[:11] == [0, 0, 0, 0, 0, 0, 1, 1, 1, -10, 1]
+    flux = CspLayout(((2, 2), (1, 3)), (2, 1), degree=2, text_first=True)
+    assert flux.segments[0].tolist() == [4, 5, 0, 1, 2, 3] and flux.segments[1].tolist() == [10, 6, 7, 8]
     with pytest.raises(ValueError, match="same length"):
         CspLayout(((2, 2),), (1, 2))
 
 
 @pytest.mark.parametrize("attention", ["loop", "mask"])
-def test_csp_batch_of_three_resolutions_and_timesteps_equals_each_request_alone(attention):
-    model = tiny_sd3()
-    specs, conds, latents = batch()
+@pytest.mark.parametrize("fam", CSP)
+def test_csp_batch_of_three_resolutions_and_timesteps_equals_each_request_alone(fam, attention):
+    model = tiny(fam)
+    specs, conds, latents = batch(fam)
     ref = alone(model, specs, conds, latents, TIMESTEPS)
     with torch.no_grad():
-        got = sd3_forward(model, latents, conds, torch.tensor(TIMESTEPS), attention=attention)
+        got = csp_predict(fam, model, specs, latents, conds, torch.tensor(TIMESTEPS), attention=attention)
     for g, r in zip(got, ref):
         assert g.shape == r.shape
         torch.testing.assert_close(g, r, **TOL)
     # each image attends only to itself: the batch with another third image gives the same first two
     with torch.no_grad():
-        other = sd3_forward(model, latents[:2] + [torch.randn_like(latents[2])], conds, torch.tensor(TIMESTEPS),
-                            attention=attention)
+        other = csp_predict(fam, model, specs, latents[:2] + [torch.randn_like(latents[2])], conds,
+                            torch.tensor(TIMESTEPS), attention=attention)
     torch.testing.assert_close(other[0], got[0], **TOL)
     assert not torch.allclose(other[2], got[2], atol=1e-3)
 
 
 def test_csp_refuses_a_family_without_a_packed_forward_and_a_bad_attention():
-    with pytest.raises(ValueError, match="'flux' has no CSP forward"):
-        csp_predict("flux", None, [], [], torch.zeros(0))
+    with pytest.raises(ValueError, match="'wan' has no CSP forward"):
+        csp_predict("wan", None, [], [], [], torch.zeros(0))
     with pytest.raises(ValueError, match="attention must be one of loop, mask, flex, not 'dense'"):
-        sd3_forward(tiny_sd3(), [], [], torch.zeros(0), attention="dense")
+        sd3_forward(tiny(), [], [], torch.zeros(0), attention="dense")
+    specs, conds, latents = batch("flux", (8,))
+    with pytest.raises(NotImplementedError, match="patch cache for FLUX"):
+        csp_predict("flux", tiny("flux"), specs, latents, conds, torch.tensor([1.0]),
+                    cache=PatchCache([RequestCache(CachePolicy(0.1, 1))]))
 
 
 def _sp_world(rank, world, cases):
-    model = tiny_sd3()
     shard = SeqShard(dist.group.WORLD, rank, world)
     out = []
     with torch.no_grad():
-        for sides, timesteps in cases:
-            specs, conds, latents = batch(sides)
-            out.append(sd3_forward(model, latents, conds, torch.tensor(timesteps), shard))
+        for fam, sides, timesteps in cases:
+            specs, conds, latents = batch(fam, sides)
+            out.append(csp_predict(fam, tiny(fam), specs, latents, conds, torch.tensor(timesteps), shard))
     return out
 
 
 def test_csp_batch_at_sp_degree_2_over_gloo_equals_each_request_alone():
-    cases = [(SIDES, TIMESTEPS), ((6, 8, 16), (900.0, 100.0, 400.0))]  # the second: 89 image tokens, one pad
+    # the odd sizes: 89 SD3 image tokens (6x6 latent = 9 tokens), 9 + 16 + 4 = 29 FLUX ones: one pad each
+    cases = [(fam, sides, ts) for fam in CSP for sides, ts in [(SIDES, TIMESTEPS), ((6, 8, 16), (900.0, 100.0, 400.0))]]
+    cases[-1] = ("flux", (6, 8, 4), (900.0, 100.0, 400.0))
     ranks = spawn_world(_sp_world, 2, cases, timeout=120)
-    model = tiny_sd3()
-    for (sides, timesteps), got0, got1 in zip(cases, *ranks):
-        specs, conds, latents = batch(sides)
-        for g0, g1, r in zip(got0, got1, alone(model, specs, conds, latents, timesteps)):
+    for (fam, sides, timesteps), got0, got1 in zip(cases, *ranks):
+        specs, conds, latents = batch(fam, sides)
+        for g0, g1, r in zip(got0, got1, alone(tiny(fam), specs, conds, latents, timesteps)):
             torch.testing.assert_close(g0, r, **TOL)
             assert torch.equal(g0, g1)  # every rank returns the whole prediction
 
 
 # --- the Worker -----------------------------------------------------------------------------------------------
-def worker(**kw) -> Worker:
-    return Worker(0, 1, modules={("sd3", "backbone"): tiny_sd3()}, **kw)
+def worker(fam: str = "sd3", **kw) -> Worker:
+    return Worker(0, 1, modules={(fam, "backbone"): tiny(fam)}, **kw)
 
 
 def encoded(w: Worker, specs) -> None:
@@ -124,19 +135,20 @@ def world(tmp_path_factory):
     dist.destroy_process_group()
 
 
-def specs_for(sides=SIDES, steps=4, prefix="r"):
-    return [LatentSpec(f"{prefix}{s}", "sd3", s, s, steps, seed=i) for i, s in enumerate(sides)]
+def specs_for(sides=SIDES, steps=4, fam="sd3"):
+    return [LatentSpec(f"r{s}", fam, s, s, steps, seed=i) for i, s in enumerate(sides)]
 
 
-def test_worker_runs_a_mixed_batch_at_different_steps_as_each_request_alone(world):
-    specs = specs_for()
-    solo = worker()
+@pytest.mark.parametrize("fam", CSP)
+def test_worker_runs_a_mixed_batch_at_different_steps_as_each_request_alone(world, fam):
+    specs = specs_for(fam=fam)
+    solo = worker(fam)
     encoded(solo, specs)
     for s in specs:
         solo.handle({"op": "run", "rids": [s.rid], "steps": 4})
     ref = latents_of(solo, [s.rid for s in specs])
 
-    w = worker()
+    w = worker(fam)
     encoded(w, specs)
     rids = [s.rid for s in specs]
     w.handle({"op": "run", "rids": rids[:1], "steps": 2})  # r8 is two steps ahead, r12 one
@@ -147,12 +159,12 @@ def test_worker_runs_a_mixed_batch_at_different_steps_as_each_request_alone(worl
     w.handle({"op": "run", "rids": rids[2:], "steps": 4})
     for g, r in zip(latents_of(w, rids), ref):
         torch.testing.assert_close(g, r, **TOL)
-    assert not torch.allclose(ref[0], latents_of(worker_noise(specs[:1]), rids[:1])[0], atol=1e-2)
+    assert not torch.allclose(ref[0], latents_of(worker_noise(fam, specs[:1]), rids[:1])[0], atol=1e-2)
 
 
-def worker_noise(specs) -> Worker:
+def worker_noise(fam, specs) -> Worker:
     """A Worker holding the requests' initial latents (zero steps run)."""
-    w = worker()
+    w = worker(fam)
     encoded(w, specs)
     w.handle({"op": "run", "rids": [specs[0].rid], "steps": 0})
     return w
@@ -160,9 +172,9 @@ def worker_noise(specs) -> Worker:
 
 def test_worker_refuses_a_mixed_batch_of_a_family_without_csp_and_an_unknown_cache_class(world):
     w = Worker(0, 1, ModelSource())
-    specs = [LatentSpec("a", "flux", 8, 8, 2), LatentSpec("b", "flux", 12, 12, 2)]
+    specs = [LatentSpec("a", "wan", 8, 8, 2, frames=5), LatentSpec("b", "wan", 12, 12, 2, frames=5)]
     encoded(w, specs)
-    with pytest.raises(ValueError, match="flux has no CSP forward"):
+    with pytest.raises(ValueError, match="wan has no CSP forward"):
         w.handle({"op": "run", "rids": ["a", "b"], "steps": 1})
     w = worker(cache_policies={"fast": CachePolicy(0.1, 2)})
     encoded(w, specs_for((8,)))
@@ -244,7 +256,7 @@ def test_a_cached_request_carries_its_cache_into_its_next_run_and_another_batch(
 def test_skipped_patches_whose_input_did_not_change_give_the_uncached_output():
     """The same inputs three times: at calls 2 and 3 every patch is skipped (cached outputs, keys and values,
     only text tokens computed), which must reproduce the uncached forward; then one patch changes."""
-    model = tiny_sd3()
+    model = tiny()
     specs, conds, latents = batch()
     ts = torch.tensor(TIMESTEPS)
     caches = [RequestCache(CachePolicy(1e-6, 5, patch=2)) for _ in specs]
@@ -281,8 +293,8 @@ def test_a_large_threshold_skips_patches_and_changes_the_result_a_little(world):
 
 
 def test_patch_cache_refused_under_sequence_parallelism():
-    model = tiny_sd3()
-    specs, conds, latents = batch((8,))
+    model = tiny()
+    specs, conds, latents = batch("sd3", (8,))
     with pytest.raises(NotImplementedError, match="patch cache under sequence parallelism"):
         sd3_forward(model, latents, conds, torch.tensor([1.0]), SeqShard(None, 0, 2),
                     cache=PatchCache([RequestCache(CachePolicy(0.1, 1))]))

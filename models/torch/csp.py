@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ditplan.models.torch.patch_cache import PatchCache
 
-CSP_FAMILIES = frozenset({"sd3"})  # families with a packed forward here
+CSP_FAMILIES = frozenset({"sd3", "flux"})  # families with a packed forward here
 ATTENTION = ("loop", "mask", "flex")
 
 
@@ -62,6 +62,7 @@ class CspLayout:
     grids: tuple[tuple[int, int], ...]
     text_lens: tuple[int, ...]
     degree: int = 1
+    text_first: bool = False  # each image's own forward orders its joint sequence text, image (FLUX)
 
     def __post_init__(self) -> None:
         if not self.grids or len(self.grids) != len(self.text_lens):
@@ -128,13 +129,14 @@ class CspLayout:
 
     @cached_property
     def segments(self) -> tuple[torch.Tensor, ...]:
-        """Per request, the slots of its tokens in the order of its own forward: its image tokens, its text."""
+        """Per request, the slots of its tokens in the order of its own forward: its image tokens then its text
+        (SD3), or text then image (``text_first``: FLUX)."""
         n_img_pad = self.img_local * self.degree
         out = []
         for i in range(self.requests):
             img = torch.arange(self.img_offsets[i], self.img_offsets[i + 1])
             txt = n_img_pad + torch.arange(self.txt_offsets[i], self.txt_offsets[i + 1])
-            out.append(self.slots[torch.cat([img, txt])])
+            out.append(self.slots[torch.cat([txt, img] if self.text_first else [img, txt])])
         return tuple(out)
 
     @cached_property
@@ -219,6 +221,17 @@ def _heads(proj, x, heads: int, norm=None) -> torch.Tensor:
     return y if norm is None else norm(y)  # diffusers' q/k norms act on the last dim
 
 
+def packed_attention(q, k, v, layout: CspLayout, shard: SeqShard, mode: str, q_slots=None) -> torch.Tensor:
+    """Per-image attention over this rank's ``(1, L, H, D)`` q/k/v (its image run, then its text run): under SP
+    through the Ulysses all-to-all (heads scattered, the whole packed sequence gathered) and back."""
+    if shard.size > 1:
+        q, k, v = (_all_to_all(x, shard, 2, 1) for x in (q, k, v))
+    out = _attend(q, k, v, layout, mode, q_slots)
+    if shard.size > 1:
+        out = _all_to_all(out, shard, 1, 2)
+    return out.flatten(2, 3).to(q.dtype)
+
+
 def joint_attention(attn, img, txt, layout: CspLayout, shard: SeqShard, mode: str, keep=None, merge_kv=None):
     """An SD3 ``Attention`` (JointAttnProcessor2_0's math) on this rank's packed image and text tokens, each
     image attending only to its own tokens. With a patch cache (degree 1): ``img`` holds only the image tokens at
@@ -234,13 +247,8 @@ def joint_attention(attn, img, txt, layout: CspLayout, shard: SeqShard, mode: st
     if merge_kv is not None:
         k, v = merge_kv(k, v)
     q_slots = None if keep is None else torch.cat([keep, layout.n_img + torch.arange(txt.shape[1])])
-    q, k, v = torch.cat([q, eq], 1), torch.cat([k, ek], 1), torch.cat([v, ev], 1)
-    if shard.size > 1:
-        q, k, v = (_all_to_all(x, shard, 2, 1) for x in (q, k, v))
-    out = _attend(q, k, v, layout, mode, q_slots)
-    if shard.size > 1:
-        out = _all_to_all(out, shard, 1, 2)
-    out = out.flatten(2, 3).to(q.dtype)
+    out = packed_attention(torch.cat([q, eq], 1), torch.cat([k, ek], 1), torch.cat([v, ev], 1), layout, shard, mode,
+                           q_slots)
     n = img.shape[1]
     out_img, out_txt = out[:, :n], out[:, n:]
     if not attn.context_pre_only:
@@ -341,12 +349,120 @@ def _local(x: torch.Tensor, per_rank: int, shard: SeqShard) -> torch.Tensor:
     return x[:, shard.index * per_rank:(shard.index + 1) * per_rank]
 
 
-FORWARDS = {"sd3": sd3_forward}
+# --- FLUX ----------------------------------------------------------------------------------------------------
+def _flux_attention(attn, x, rope, layout: CspLayout, shard: SeqShard, mode: str, txt=None) -> torch.Tensor:
+    """A ``FluxAttention`` (FluxAttnProcessor's math, RoPE per token) on this rank's packed tokens: ``x`` the
+    image run and ``txt`` the text run (a double-stream block), or ``x`` both runs already (a single-stream
+    block, ``txt`` None); ``rope``: (cos, sin) of the same tokens. Returns the attention output of ``x``'s and
+    ``txt``'s tokens, concatenated, before any output projection."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    def qkv(proj_q, proj_k, proj_v, norm_q, norm_k, y):
+        return (norm_q(proj_q(y).unflatten(-1, (-1, attn.head_dim))),
+                norm_k(proj_k(y).unflatten(-1, (-1, attn.head_dim))), proj_v(y).unflatten(-1, (-1, attn.head_dim)))
+
+    q, k, v = qkv(attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k, x)
+    if txt is not None:
+        eq, ek, ev = qkv(attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q, attn.norm_added_k,
+                         txt)
+        q, k, v = torch.cat([q, eq], 1), torch.cat([k, ek], 1), torch.cat([v, ev], 1)
+    q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+    return packed_attention(q, k, v, layout, shard, mode)
 
 
-def csp_predict(family: str, model, latents, conds, timesteps, shard: SeqShard = SeqShard(), attention: str = "loop",
-                cache: PatchCache | None = None) -> list[torch.Tensor]:
-    """One backbone call for a CSP batch of ``family`` (see ``sd3_forward``)."""
+def _flux_block(block, img, txt, temb, rope, layout: CspLayout, shard: SeqShard, mode: str):
+    """One ``FluxTransformerBlock`` (double stream) on packed tokens."""
+    owner, t_owner = layout.local_img_owner(shard.index), layout.local_txt_owner(shard.index)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(block.norm1, temb, owner, 6, (1, 4))
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _modulation(
+        block.norm1_context, temb, t_owner, 6, (1, 4))
+    x = torch.addcmul(shift_msa, block.norm1.norm(img), scale_msa)
+    c = torch.addcmul(c_shift_msa, block.norm1_context.norm(txt), c_scale_msa)
+    out = _flux_attention(block.attn, x, rope, layout, shard, mode, txt=c)
+    n = img.shape[1]
+    attn_img = block.attn.to_out[1](block.attn.to_out[0](out[:, :n].contiguous()))
+    attn_txt = block.attn.to_add_out(out[:, n:].contiguous())
+    img = torch.addcmul(img, gate_msa, attn_img)
+    img = torch.addcmul(img, gate_mlp, block.ff(torch.addcmul(shift_mlp, block.norm2(img), scale_mlp)))
+    txt = torch.addcmul(txt, c_gate_msa, attn_txt)
+    txt = torch.addcmul(txt, c_gate_mlp, block.ff_context(torch.addcmul(c_shift_mlp, block.norm2_context(txt),
+                                                                        c_scale_mlp)))
+    return img, txt
+
+
+def _flux_single_block(block, x, owner, temb, rope, layout: CspLayout, shard: SeqShard, mode: str):
+    """One ``FluxSingleTransformerBlock`` on this rank's image run and text run together (``x``)."""
+    shift, scale, gate = _modulation(block.norm, temb, owner, 3, (1,))
+    h = torch.addcmul(shift, block.norm.norm(x), scale)
+    mlp = block.act_mlp(block.proj_mlp(h))
+    attn = _flux_attention(block.attn, h, rope, layout, shard, mode)
+    return torch.addcmul(x, gate, block.proj_out(torch.cat([attn, mlp], dim=2)))
+
+
+def flux_forward(model, latents: list[torch.Tensor], conds: list[dict[str, torch.Tensor]], timesteps: torch.Tensor,
+                 grids: list[tuple[int, int]], shard: SeqShard = SeqShard(), attention: str = "loop",
+                 guidance: float | None = None) -> list[torch.Tensor]:
+    """``FluxTransformer2DModel.forward`` for a CSP batch: ``latents[i]`` ``(1, n_i, C)`` (the pipeline's
+    2x2-packed latent of token grid ``grids[i]``), ``timesteps[i]`` its step (already divided by 1000, as the
+    pipeline passes it), ``guidance`` the embedded guidance (guidance-distilled checkpoints); returns each
+    request's prediction ``(1, n_i, C)`` on every rank of the shard's group. RoPE per image: text ids zero,
+    image ids its own (row, col) grid (``flux_img_ids``)."""
+    from ditplan.models.torch.families import flux_img_ids
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
+    layout = CspLayout(tuple(grids), tuple(c["encoder_hidden_states"].shape[1] for c in conds), shard.size,
+                       text_first=True)
+    # x_embedder.forward / pos_embed.forward: the Worker's SP hooks on those modules would shard one image
+    img = model.x_embedder.forward(torch.cat(latents, dim=1))
+    txt = model.context_embedder(torch.cat([c["encoder_hidden_states"] for c in conds], dim=1))
+    t = timesteps.to(img.dtype) * 1000
+    pooled = torch.cat([c["pooled_projections"] for c in conds])
+    if model.config.guidance_embeds:
+        temb = model.time_text_embed(t, torch.full_like(t, guidance * 1000), pooled)
+    else:
+        temb = model.time_text_embed(t, pooled)
+    img_rope = [model.pos_embed.forward(flux_img_ids(*g).to(img)) for g in layout.grids]
+    txt_rope = [model.pos_embed.forward(torch.zeros(n, 3).to(img)) for n in layout.text_lens]
+    img, txt = _local(img, layout.img_local, shard), _local(txt, layout.txt_local, shard)
+    rope = [torch.cat([_local(torch.cat([r[j] for r in img_rope])[None], layout.img_local, shard)[0],
+                       _local(torch.cat([r[j] for r in txt_rope])[None], layout.txt_local, shard)[0]])
+            for j in (0, 1)]  # this rank's (cos, sin): its image run, then its text run
+    for block in model.transformer_blocks:
+        img, txt = _flux_block(block, img, txt, temb, rope, layout, shard, attention)
+    x = torch.cat([img, txt], dim=1)
+    owner = torch.cat([layout.local_img_owner(shard.index), layout.local_txt_owner(shard.index)])
+    for block in model.single_transformer_blocks:
+        x = _flux_single_block(block, x, owner, temb, rope, layout, shard, attention)
+    img = x[:, :layout.img_local]
+    scale, shift = _modulation(model.norm_out, temb, layout.local_img_owner(shard.index), 2, (0,))
+    out = model.proj_out(torch.addcmul(shift, model.norm_out.norm(img), scale))
+    if shard.size > 1:
+        parts = [torch.empty_like(out) for _ in range(shard.size)]
+        dist.all_gather(parts, out.contiguous(), group=shard.group)
+        out = torch.cat(parts, dim=1)
+    return [out[:, layout.img_offsets[i]:layout.img_offsets[i + 1]] for i in range(layout.requests)]
+
+
+def _sd3(model, specs, latents, conds, timesteps, shard, attention, cache):
+    return sd3_forward(model, latents, conds, timesteps, shard, attention, cache)
+
+
+def _flux(model, specs, latents, conds, timesteps, shard, attention, cache):
+    from ditplan.models.torch.families import Flux
+    if cache is not None:
+        raise NotImplementedError("the patch cache for FLUX is not implemented (SD3 only)")
+    return flux_forward(model, latents, conds, timesteps / 1000, [(s.height // 2, s.width // 2) for s in specs],
+                        shard, attention, Flux.guidance)
+
+
+FORWARDS = {"sd3": _sd3, "flux": _flux}
+
+
+def csp_predict(family: str, model, specs, latents, conds, timesteps, shard: SeqShard = SeqShard(),
+                attention: str = "loop", cache: PatchCache | None = None) -> list[torch.Tensor]:
+    """One backbone call for a CSP batch of ``family``'s requests ``specs`` (``LatentSpec``), each with its latent
+    in the family's layout, its embeddings and its scheduler timestep: each request's prediction, as the family's
+    ``predict`` gives it alone (see ``sd3_forward``, ``flux_forward``)."""
     if family not in FORWARDS:
         raise ValueError(f"family {family!r} has no CSP forward (CSP families: {', '.join(sorted(CSP_FAMILIES))})")
-    return FORWARDS[family](model, latents, conds, timesteps, shard, attention, cache)
+    return FORWARDS[family](model, specs, latents, conds, timesteps, shard, attention, cache)
