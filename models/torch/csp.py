@@ -2,29 +2,33 @@
 
 PatchedServe (arXiv 2501.09253) packs the tokens of every image of a batch into one sequence: the linear
 layers and MLPs run once on the packed tensor ``(1, sum of tokens, D)``, attention stays inside each image.
-Here, for SD3 (``SD3Transformer2DModel``; FLUX is not done):
+Here for SD3 (``SD3Transformer2DModel``, ``sd3_forward``) and FLUX (``FluxTransformer2DModel``,
+``flux_forward``), calling the real modules' submodules with their weights:
 
 * ``CspLayout``: the packed order (image tokens of request 0, 1, ..., then their text tokens), cu_seqlens-style
   offsets, the request of every token, per-request token grid (h, w), and, under sequence parallelism, the
   padding to a multiple of the degree and where each token sits after the all-to-all.
-* per request: the patch embedding with its own cropped sin-cos position embedding (``pos_embed``), its own
-  timestep and pooled text (``time_text_embed`` on one row per request); adaLN modulations are computed once
-  per request (the norm's own ``linear``) and expanded to that request's tokens. The diffusers norms take one
-  embedding per batch row and a packed batch has one row for many requests, so the two lines of modulation
-  (``norm(x) * (1 + scale) + shift``) are written here; every weight is the module's.
+* per request: the patch embedding with its own position embedding (SD3: ``pos_embed``'s cropped sin-cos for
+  its size; FLUX: ``pos_embed``'s RoPE of its own (row, col) ids), its own timestep and pooled text
+  (``time_text_embed`` on one row per request); adaLN modulations are computed once per request (the norm's own
+  ``linear``) and expanded to that request's tokens. The diffusers norms take one embedding per batch row and
+  a packed batch has one row for many requests, so the line of modulation (``norm(x) * (1 + scale) + shift``)
+  is written here; every weight is the module's.
 * joint attention per image: each image's image and text tokens attend only to each other (``ATTENTION``).
 * sequence parallelism (``SeqShard``): the packed image tokens and the packed text tokens are each padded to a
   multiple of the degree P and split in P runs; each rank's q/k/v (its image run, then its text run) go through
   yunchang's Ulysses all-to-all (``SeqAllToAll4D``: heads scattered, sequence gathered), so every rank sees the
   whole packed sequence for H/P heads and applies the same per-image attention; padding attends only to itself.
-* the patch cache (``patch_cache.py``) at degree 1: a skipped patch reuses its cached block output.
+  The final projection's output is all-gathered, so every rank returns every prediction.
+* the patch cache (``patch_cache.py``), SD3 at degree 1: a skipped patch reuses its cached block output.
 
-Attention variants (``attention=``), float32 on this 2-core CPU, measured by ``bench/csp.py --attention``
-(the tiny SD3 of the bench, latents 16/24/32, 3 requests, one step; see executor/README.md for the figures):
-``loop`` (one SDPA per image over its own tokens: exact, no wasted work, the default), ``mask`` (one SDPA
-over the whole packed sequence with a boolean block-diagonal mask: exact, but pays for every cross-image pair)
-and ``flex`` (``flex_attention`` with a block mask from the same segment ids, compiled with ``torch.compile``:
-exact, but compiles again for every new layout, ~30 s each on this CPU).
+Attention variants (``attention=``), all exact against each image alone (max |diff| 7e-7, float32), timed by
+``python -m bench.csp --flex`` (the bench's tiny SD3, 4 blocks of width 64, latents 16/24/32, 2 of each, one
+step, 1 thread on this 2-core CPU): ``loop``, one SDPA per image over its own tokens, 17-24 ms, the default;
+``mask``, one SDPA over the whole packed sequence with a boolean block-diagonal mask, 42-58 ms (it pays for
+every cross-image pair); ``flex``, ``flex_attention`` compiled by ``torch.compile`` with a block mask from the
+same segment ids, 88 ms (the block mask is rebuilt each call, and it compiles again, ~30 s, for each new
+layout).
 """
 from __future__ import annotations
 
