@@ -174,8 +174,8 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
     sides = sorted({s.height for s in specs})
     print(f"tiny SD3 ({args.layers} blocks, width 64), {'/'.join(map(str, PIXELS))} px -> latents "
-          f"{'/'.join(map(str, sides))} (downscale {args.downscale}), {args.per_res} of each, {args.threads} thread(s), "
-          f"{args.repeats} repeats")
+          f"{'/'.join(map(str, sides))} (downscale {args.downscale}), {args.per_res} of each, "
+          f"{args.threads} thread(s), {args.repeats} repeats")
     diff = tp["max_abs_diff_vs_alone"]
     table("one step over the mix", ["batching", "median ms", "images/s", "vs alone", "max |diff| vs alone"],
           [[k, f"{tp['median_s'][k] * 1e3:.2f}", f"{tp['images_per_s'][k]:.1f}", f"{tp['speedup_vs_alone'][k]:.3f}",

@@ -181,7 +181,8 @@ def _attend(q, k, v, layout: CspLayout, mode: str, q_slots=None) -> torch.Tensor
             out[:, qs] = o.transpose(1, 2)
         return out
     seg = layout.slot_segment
-    q_seg = seg if q_slots is None else seg[q_slots]
+    q_seg = (seg if q_slots is None else seg[q_slots]).to(q.device)
+    seg = seg.to(q.device)
     if mode == "mask":
         mask = q_seg[:, None] == seg[None, :]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
@@ -260,7 +261,6 @@ def joint_attention(attn, img, txt, layout: CspLayout, shard: SeqShard, mode: st
     return attn.to_out[1](attn.to_out[0](out_img)), out_txt
 
 
-# --- SD3 -----------------------------------------------------------------------------------------------------
 def _modulation(norm, temb: torch.Tensor, owner: torch.Tensor, chunks: int, scales=()) -> list[torch.Tensor]:
     """An adaLN's modulation vectors, computed per request (its ``linear`` on one row each) and expanded to
     every token (``owner``: request of each token; padding takes request 0's: its outputs are dropped); the
@@ -270,6 +270,7 @@ def _modulation(norm, temb: torch.Tensor, owner: torch.Tensor, chunks: int, scal
     return [((1 + c) if i in scales else c)[owner].unsqueeze(0) for i, c in enumerate(emb)]
 
 
+# --- SD3 -----------------------------------------------------------------------------------------------------
 def _sd3_block(block, img, txt, temb, layout: CspLayout, shard: SeqShard, mode: str, cache: PatchCache | None,
                index: int):
     """One ``JointTransformerBlock`` (its forward's math) on packed tokens; image tokens a patch cache skips
@@ -311,8 +312,8 @@ def sd3_forward(model, latents: list[torch.Tensor], conds: list[dict[str, torch.
                 cache: PatchCache | None = None) -> list[torch.Tensor]:
     """``SD3Transformer2DModel.forward`` for a CSP batch: ``latents[i]`` ``(1, C, H_i, W_i)``, ``conds[i]`` its
     ``encoder_hidden_states`` / ``pooled_projections``, ``timesteps[i]`` its step; returns each request's
-    prediction ``(1, C, H_i, W_i)`` (on every rank of the shard's group). ``cache``: the batch's patch cache
-    (``PatchCache.for_batch``), degree 1 only."""
+    prediction ``(1, C, H_i, W_i)`` (on every rank of the shard's group). ``cache``: the ``PatchCache`` of the
+    batch's requests (degree 1 only)."""
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
     if not (len(latents) == len(conds) == timesteps.shape[0]):
@@ -414,6 +415,8 @@ def flux_forward(model, latents: list[torch.Tensor], conds: list[dict[str, torch
     from ditplan.models.torch.families import flux_img_ids
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
+    if model.config.guidance_embeds and guidance is None:
+        raise ValueError("flux_forward: this checkpoint embeds guidance (guidance_embeds), so guidance is needed")
     layout = CspLayout(tuple(grids), tuple(c["encoder_hidden_states"].shape[1] for c in conds), shard.size,
                        text_first=True)
     # x_embedder.forward / pos_embed.forward: the Worker's SP hooks on those modules would shard one image

@@ -135,7 +135,10 @@ class PatchCache:
         return packed
 
     def _norm2(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(self._thr.shape[0]).index_add_(0, self._pid, x.float().square().sum(-1))
+        """Per patch, the squared L2 norm of ``x`` (packed image tokens), on the host with the other per-patch
+        state (the tokens' positions index device tensors from there)."""
+        pid = self._pid.to(x.device)
+        return torch.zeros(self._thr.shape[0], device=x.device).index_add_(0, pid, x.float().square().sum(-1)).cpu()
 
     def keep(self, index: int, img: torch.Tensor) -> torch.Tensor | None:
         """Packed positions of the image tokens block ``index`` computes now (``img``: its full input); None when
