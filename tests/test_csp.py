@@ -162,6 +162,37 @@ def test_worker_runs_a_mixed_batch_at_different_steps_as_each_request_alone(worl
     assert not torch.allclose(ref[0], latents_of(worker_noise(fam, specs[:1]), rids[:1])[0], atol=1e-2)
 
 
+def _worker_sp_world(rank, world):
+    """On a block of 2 ranks: r8 one step ahead, then all three as one CSP batch, then r12 and r16 alone."""
+    out = {}
+    for fam in CSP:
+        w = Worker(rank, world, modules={(fam, "backbone"): tiny(fam)})
+        specs = specs_for(fam=fam)
+        rids = [s.rid for s in specs]
+        encoded(w, specs)
+        for rid in rids:
+            w.handle({"op": "migrate", "rid": rid, "ranks": (0, 1)})
+        w.handle({"op": "run", "rids": rids[:1], "steps": 1})
+        w.handle({"op": "run", "rids": rids, "steps": 4})  # r8 has the fewest left: 3
+        w.handle({"op": "run", "rids": rids[1:], "steps": 1})
+        out[fam] = [w.states[r].step for r in rids], latents_of(w, rids) if rank == 0 else None
+    return out
+
+
+def test_worker_runs_a_mixed_batch_at_sp_degree_2_as_each_request_alone_on_one_rank(world):
+    r0, r1 = spawn_world(_worker_sp_world, 2, timeout=120)
+    for fam in CSP:
+        solo = worker(fam)
+        specs = specs_for(fam=fam)
+        encoded(solo, specs)
+        for s in specs:
+            solo.handle({"op": "run", "rids": [s.rid], "steps": 4})
+        steps, got = r0[fam]
+        assert steps == r1[fam][0] == [4, 4, 4]
+        for g, r in zip(got, latents_of(solo, [s.rid for s in specs])):
+            torch.testing.assert_close(g, r, **TOL)
+
+
 def worker_noise(fam, specs) -> Worker:
     """A Worker holding the requests' initial latents (zero steps run)."""
     w = worker(fam)
