@@ -68,6 +68,9 @@ class ModelSpec:
     # Activation bytes per sequence token per GPU at peak (layer-by-layer
     # inference, no grads): hidden x bf16 x this factor.
     activation_factor: float = 24.0
+    # The executor runs mixed-resolution CSP patch batches of it (``models/csp.py``): images of
+    # different sizes, and at different steps, share one forward pass (PatchedServe).
+    csp: bool = False
     # --- input bounds (what a request may ask of this model) -------------
     # Largest output height and width in pixels, and pixels per frame: the
     # model's documented serving sizes (see each entry below). Sides must be
@@ -181,7 +184,7 @@ CATALOG: dict[str, ModelSpec] = {m.name: m for m in (
        text_encoder_params_b=5.57, vae_params_b=0.084, hidden=1536, layers=24,
        latent_channels=16, vae_spatial=8, vae_temporal=1, patch=2, patch_t=1,
        text_tokens=333, joint_text=True, max_sp=8, default_steps=28,
-       default_shape=Shape(1024, 1024), decode_flops_per_px=1.2e7,
+       default_shape=Shape(1024, 1024), decode_flops_per_px=1.2e7, csp=True,
        # SD3 Medium: trained at 1024^2; its positional embedding grid (192 patches = 3072 px)
        # is the hard limit, 2048x2048 (Hetu-DiT's largest request) the served one.
        max_height=2048, max_width=2048, max_pixels=2048 * 2048),

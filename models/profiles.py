@@ -6,7 +6,10 @@ model, ``validation`` is held out for the calibration benchmark),
 measurement: model, height, width, frames, sp, batch, step_s, optional iqr_s)
 and optional ``stages`` (model, height, width, frames, stage, batch, seconds,
 optional iqr_s and stage_impl: what ran, e.g. ``stand-in: ...`` where the
-executor has no real stage yet). Published tables ship in this folder;
+executor has no real stage yet) and optional ``csp`` (one row per measured
+mixed-resolution CSP batch step: model, ``shapes`` as [height, width, frames]
+triples, one per member, sp, step_s, optional iqr_s; ``models/csp.py`` fits
+its predictor to them). Published tables ship in this folder;
 ``ditplan profile`` measures one and writes the same format
 (``Profile.to_doc``), with the provenance fields ``MEASURED_PROVENANCE``.
 """
@@ -56,6 +59,24 @@ class StagePoint:
                     iqr_s=self.iqr_s, stage_impl=self.stage_impl or None)
 
 
+@dataclass(frozen=True)
+class CspPoint:
+    """One measured step of a CSP batch (``models/csp.py``): one shape per member."""
+
+    model: str
+    shapes: tuple[Shape, ...]
+    sp: int
+    step_s: float
+    iqr_s: float | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        row = {"model": self.model, "shapes": [[s.height, s.width, s.frames] for s in self.shapes],
+               "sp": self.sp, "step_s": self.step_s}
+        if self.iqr_s is not None:
+            row["iqr_s"] = self.iqr_s
+        return row
+
+
 def _row(model: str, shape: Shape, **fields) -> dict[str, Any]:
     row = {"model": model, "height": shape.height, "width": shape.width, "frames": shape.frames}
     row.update((k, v) for k, v in fields.items() if v is not None)
@@ -71,6 +92,7 @@ class Profile:
     points: tuple[ProfilePoint, ...]
     stages: tuple[StagePoint, ...] = ()
     batch_rules: tuple[tuple[int | None, int], ...] = field(default=())
+    csp: tuple[CspPoint, ...] = ()
 
     def to_doc(self) -> dict[str, Any]:
         """The JSON document ``parse_profile`` reads back to an equal profile."""
@@ -81,6 +103,8 @@ class Profile:
         doc["points"] = [p.to_row() for p in self.points]
         if self.stages:
             doc["stages"] = [s.to_row() for s in self.stages]
+        if self.csp:
+            doc["csp"] = [c.to_row() for c in self.csp]
         return doc
 
     def write(self, path: str | Path) -> Path:
@@ -142,11 +166,29 @@ def parse_profile(doc: dict[str, Any], source: str = "<profile>") -> Profile:
         stages.append(StagePoint(_require(row, "model", str, where), _shape(row, where), stage,
                                  int(row.get("batch", 1)), _require(row, "seconds", float, where),
                                  _spread(row, where), str(row.get("stage_impl", ""))))
+    csp = []
+    for i, row in enumerate(doc.get("csp", [])):
+        where = f"{source}: csp[{i}]"
+        model = _require(row, "model", str, where)
+        if model not in CATALOG or not CATALOG[model].csp:
+            raise ProfileError(f"{where}: field 'model' = {model!r} is not a catalog model with CSP batches")
+        shapes = _require(row, "shapes", list, where)
+        if len(shapes) < 2 or not all(isinstance(s, list) and len(s) == 3 and all(
+                isinstance(v, int) and v >= 1 for v in s) for s in shapes):
+            raise ProfileError(f"{where}: field 'shapes' = {shapes!r} must list two or more "
+                               f"[height, width, frames] triples of positive integers")
+        sp = _require(row, "sp", int, where)
+        if sp not in SP_DEGREES:
+            raise ProfileError(f"{where}: field 'sp' = {sp!r} is not one of {SP_DEGREES}")
+        step_s = _require(row, "step_s", float, where)
+        if step_s <= 0:
+            raise ProfileError(f"{where}: field 'step_s' = {step_s!r} must be > 0")
+        csp.append(CspPoint(model, tuple(Shape(*s) for s in shapes), sp, step_s, _spread(row, where)))
     rules = tuple((r.get("max_tokens"), int(r["batch"]))
                   for r in doc.get("best_batch_by_tokens", {}).get("rules", []))
     return Profile(name=str(doc.get("name", source)), gpu=gpu, role=str(doc.get("role", "profile")),
                    provenance=dict(doc.get("provenance", {})), points=tuple(points),
-                   stages=tuple(stages), batch_rules=rules)
+                   stages=tuple(stages), batch_rules=rules, csp=tuple(csp))
 
 
 def load_profile(path: str | Path) -> Profile:
