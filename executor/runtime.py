@@ -15,8 +15,9 @@ the plan gives it (docs/architecture.md, hand-offs between stages):
   denoising steps on the group (``backbone``); the first run draws the seeded initial latent on every rank of
   the group (the pipeline's ``prepare_latents``). The group's lead records measured step times. A batch whose
   members differ in shape or step position runs as one CSP batch (``models/torch/csp.py``: tokens packed,
-  attention per image, each member its own timestep and scheduler step) when its family has a CSP forward
-  (``CSP_FAMILIES``), for as many steps as its member with the fewest left has; otherwise it is refused.
+  attention per image, each member its own timestep, input scaling and scheduler step; SDXL: the patched
+  U-Net, ``models/torch/csp_unet.py``) when its family has a CSP forward (``CSP_FAMILIES``), for as many
+  steps as its member with the fewest left has; otherwise it is refused.
   ``cache`` (optional): request -> a class name in the Worker's ``cache_policies``, whose ``CachePolicy``
   turns on the patch cache for that request (CSP forward, degree 1); absent or ``"off"``: no cache.
 * ``migrate``: ``rid``, ``ranks``: move the state to another aligned block (any degree). The old group's lead

@@ -22,6 +22,11 @@ Here for SD3 (``SD3Transformer2DModel``, ``sd3_forward``) and FLUX (``FluxTransf
   The final projection's output is all-gathered, so every rank returns every prediction.
 * the patch cache (``patch_cache.py``), SD3 at degree 1: a skipped patch reuses its cached block output.
 
+SDXL's U-Net is no DiT: its CSP batch is ``csp_unet.PatchedUNet`` (square patches of every latent, halos
+stitched for the 3x3 convs, group norm and attention per image), degree 1 only, patch side from
+``PatchedUNet.patch_for``. Its attention runs per image by construction (the U-Net's own transformer blocks on
+each image's tokens), so ``attention=`` does not apply to it.
+
 Attention variants (``attention=``), all exact against each image alone (max |diff| 7e-7, float32), timed by
 ``python -m bench.csp --flex`` (the bench's tiny SD3, 4 blocks of width 64, latents 16/24/32, 2 of each, one
 step, 1 thread on this 2-core CPU): ``loop``, one SDPA per image over its own tokens, 17-24 ms, the default;
@@ -39,9 +44,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ditplan.models.torch.csp_unet import PatchedUNet
 from ditplan.models.torch.patch_cache import PatchCache
 
-CSP_FAMILIES = frozenset({"sd3", "flux"})  # families with a packed forward here
 ATTENTION = ("loop", "mask", "flex")
 
 
@@ -462,14 +467,26 @@ def _flux(model, specs, latents, conds, timesteps, shard, attention, cache):
                         shard, attention, Flux.guidance)
 
 
-FORWARDS = {"sd3": _sd3, "flux": _flux}
+def _sdxl(model, specs, latents, conds, timesteps, shard, attention, cache):
+    if shard.size > 1:
+        raise ValueError(f"sdxl has no sequence parallelism: a CSP batch of it runs at degree 1, not {shard.size}")
+    if cache is not None:
+        raise NotImplementedError("the patch cache for SDXL is not implemented (SD3 only)")
+    unet = PatchedUNet(model)
+    added = {k: torch.cat([c[k] for c in conds]) for k in ("text_embeds", "time_ids")}
+    return unet(latents, timesteps, torch.cat([c["encoder_hidden_states"] for c in conds]), added,
+                patch=unet.patch_for([tuple(x.shape[-2:]) for x in latents]))
+
+
+FORWARDS = {"sd3": _sd3, "flux": _flux, "sdxl": _sdxl}
+CSP_FAMILIES = frozenset(FORWARDS)  # families with a packed forward here
 
 
 def csp_predict(family: str, model, specs, latents, conds, timesteps, shard: SeqShard = SeqShard(),
                 attention: str = "loop", cache: PatchCache | None = None) -> list[torch.Tensor]:
     """One backbone call for a CSP batch of ``family``'s requests ``specs`` (``LatentSpec``), each with its latent
     in the family's layout, its embeddings and its scheduler timestep: each request's prediction, as the family's
-    ``predict`` gives it alone (see ``sd3_forward``, ``flux_forward``)."""
+    ``predict`` gives it alone (see ``sd3_forward``, ``flux_forward``, ``csp_unet.PatchedUNet``)."""
     if family not in FORWARDS:
         raise ValueError(f"family {family!r} has no CSP forward (CSP families: {', '.join(sorted(CSP_FAMILIES))})")
     return FORWARDS[family](model, specs, latents, conds, timesteps, shard, attention, cache)

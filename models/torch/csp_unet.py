@@ -22,6 +22,11 @@ rebuilt on the patches so that the result is the unpatched per-request forward's
 Image sides must be multiples of ``patch`` (padding would change group norm statistics and attention, so
 the result would not be the unpatched one): other sizes are refused naming the size. ``patch`` must be
 divisible by 2 ** (number of downsamplers) so that every level's patches tile the image.
+``PatchedUNet.patch_for`` picks a batch's patch: the largest side up to ``LARGEST_PATCH`` (32 latent pixels,
+PatchedServe's 256 px through SDXL's 8x VAE) that divides every image side and is such a multiple. Real SDXL
+sizes at multiples of 256 px get 32; others get less (832x1216 px, latent 104x152: 8); the tiny models'
+latents (multiples of 8, ``executor/service.py`` ``latent_side``) get 8 or 16. A smaller patch is as exact,
+with more halo work per pixel.
 
 In float32 the patched forward matches the unpatched one to rounding (tests/test_csp_unet.py bounds it);
 ``halo=False`` zero-pads each patch on its own instead (the naive per-patch forward) to show what the halo
@@ -30,6 +35,7 @@ is for.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import gcd
 from typing import Mapping, Sequence
 
 import torch
@@ -38,6 +44,7 @@ from torch import nn
 
 DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
+LARGEST_PATCH = 32  # latent pixels: PatchedServe's 256-px patch at SDXL's 8x VAE
 _OUTSIDE = -1  # neighbour index of a patch beyond the image's border, before it is mapped to the zero edge
 
 
@@ -181,6 +188,20 @@ class PatchedUNet:
             raise ValueError(f"patch {patch} is not divisible by 2**{self.levels} (the U-Net downsamples "
                              f"{self.levels} times)")
         return PatchLayout.build(sizes, patch, self.unet.device)
+
+    def patch_for(self, sizes: Sequence[tuple[int, int]], largest: int = LARGEST_PATCH) -> int:
+        """The largest patch side <= ``largest`` that divides every side of ``sizes`` (latent pixels) and is a
+        multiple of 2 ** (downsamplers); a size off that grid is refused, naming it."""
+        unit = 2 ** self.levels
+        if largest < unit:
+            raise ValueError(f"largest patch {largest} is below 2**{self.levels} (the U-Net downsamples "
+                             f"{self.levels} times)")
+        for r, (h, w) in enumerate(sizes):
+            if h <= 0 or w <= 0 or h % unit or w % unit:
+                raise ValueError(f"request {r}: latent size {h}x{w} is not a positive multiple of {unit} (the "
+                                 f"U-Net downsamples {self.levels} times), so no patch tiles it")
+        common = gcd(*(side for size in sizes for side in size))
+        return next(p for p in range(min(largest, common) // unit * unit, 0, -unit) if common % p == 0)
 
     def __call__(self, latents: Sequence[torch.Tensor], timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: Mapping[str, torch.Tensor], patch: int = 32) -> list[torch.Tensor]:
