@@ -9,6 +9,12 @@ executor reports: the model call and the scheduler step), the first ``warmup`` a
 median of the next ``repeats`` is the point, with their interquartile range. Blocks are measured
 one after another, so no two share the CPU.
 
+CSP batches (``csp``, ``ditplan profile --csp``): for a model the executor runs CSP batches of
+(``models/torch/csp.py`` ``CSP_FAMILIES``, and flagged ``csp`` in the catalog), one batch of one request per
+shape for every pair of distinct shapes and, with three or more, all of them together (``csp_mixes``), at each
+degree, timed as the step points; each is a ``csp`` row (``CspPoint``). A mix whose members' latents come out
+the same (the rounding below) is timed as the executor runs it: one stock batch.
+
 Encode and decode are timed on rank 0 per (shape, batch) by what the executor runs for those
 stages: the pipeline's own text encoders, and its VAE on a latent one step in (each op times itself,
 without a module's first build, as the executor's reports do). Every stage row records what ran in
@@ -24,6 +30,7 @@ refinement").
 from __future__ import annotations
 
 import datetime
+import itertools
 import platform
 import re
 import statistics
@@ -37,7 +44,7 @@ import torch.distributed as dist
 
 from ditplan.models.catalog import CATALOG, SP_DEGREES, Shape
 from ditplan.models.gpus import GPU_KINDS
-from ditplan.models.profiles import Profile, ProfilePoint, StagePoint
+from ditplan.models.profiles import CspPoint, Profile, ProfilePoint, StagePoint
 
 SCALES = ("tiny", "full")
 DOWNSCALE = {"tiny": 64, "full": 8}
@@ -67,6 +74,7 @@ class ProfileJob:
     fallback_gpu: str = "H100"
     command: str = ""
     timeout_s: float = 3600.0
+    csp: bool = False  # also CSP batches of the shapes' mixes (``csp_mixes``)
 
     @property
     def family(self) -> str:
@@ -77,11 +85,20 @@ class ProfileJob:
 class Measured:
     """One measurement's samples (seconds), warm-up dropped."""
 
-    what: str  # "step" | "encode" | "decode"
-    shape: Shape
+    what: str  # "step" | "encode" | "decode" | "csp"
+    shape: Shape  # csp: the mix's first member
     sp: int
     batch: int
     samples: tuple[float, ...]
+    mix: tuple[Shape, ...] = ()  # csp: one shape per member
+
+    @property
+    def label(self) -> str:
+        """What was measured, for progress lines: ``step 256x256 sp1 batch 1``, ``csp 256x256+512x512 sp1``."""
+        if self.what == "csp":
+            return f"csp {'+'.join(map(str, self.mix))} sp{self.sp}"
+        where = f" sp{self.sp}" if self.what == "step" else ""
+        return f"{self.what} {self.shape}{where} batch {self.batch}"
 
     @property
     def median(self) -> float:
@@ -127,12 +144,19 @@ def _items(flag: str, text: str) -> list[str]:
     return items
 
 
+def csp_mixes(shapes: tuple[Shape, ...]) -> tuple[tuple[Shape, ...], ...]:
+    """The CSP batches ``--csp`` measures: every pair of distinct shapes, then (three or more) all of them."""
+    pairs = tuple(itertools.combinations(shapes, 2))
+    return pairs + ((shapes,) if len(shapes) > 2 else ())
+
+
 def make_job(model: str, scale: str, shapes: str, degrees: str, batches: str, devices: int,
              checkpoint: str | None = None, warmup: int = 3, repeats: int = 10, downscale: int | None = None,
-             gpu: str | None = None, fallback_gpu: str = "H100", command: str = "") -> ProfileJob:
+             gpu: str | None = None, fallback_gpu: str = "H100", command: str = "", csp: bool = False) -> ProfileJob:
     """Validate the options of ``ditplan profile``; :class:`ProfileInputError` names the bad one."""
     from ditplan.executor.sequence_parallel import SP_FAMILIES
     from ditplan.models.torch import FAMILIES as TORCH_FAMILIES
+    from ditplan.models.torch.csp import CSP_FAMILIES
 
     if model not in CATALOG:
         raise ProfileInputError(f"--model {model!r} is unknown; known: {', '.join(sorted(CATALOG))}")
@@ -172,11 +196,20 @@ def make_job(model: str, scale: str, shapes: str, degrees: str, batches: str, de
             raise ProfileInputError(f"--degrees: {k}: the executor has no sequence parallelism for {spec.family!r} "
                                     "yet; use --degrees 1")
     bs = parse_counts("--batches", batches)
+    if csp:
+        if spec.family not in CSP_FAMILIES:
+            raise ProfileInputError(f"--csp: {model}'s family {spec.family!r} has no CSP forward in the executor "
+                                    f"(CSP families: {', '.join(sorted(CSP_FAMILIES))})")
+        if not spec.csp:
+            raise ProfileInputError(f"--csp: {model} runs no CSP batches in the catalog (its csp flag is off), so a "
+                                    "profile cannot carry csp rows for it")
+        if len(sizes) < 2:
+            raise ProfileInputError(f"--csp needs two or more distinct --shapes to mix, not {shapes!r}")
     if gpu is not None and gpu.upper() not in GPU_KINDS:
         raise ProfileInputError(f"--gpu {gpu!r} is not one of {', '.join(GPU_KINDS)}")
     return ProfileJob(model, scale, sizes, ks, bs, devices, checkpoint, warmup, repeats,
                       DOWNSCALE[scale] if downscale is None else downscale,
-                      gpu.upper() if gpu else None, fallback_gpu.upper(), command)
+                      gpu.upper() if gpu else None, fallback_gpu.upper(), command, csp=csp)
 
 
 # --- measurement (in every rank) ------------------------------------------------------------------------
@@ -223,6 +256,19 @@ def _steps(worker, clock: _Clock, job: ProfileJob, k: int, shape: Shape, batch: 
     for s in specs:
         worker.handle({"op": "release", "rid": s.rid})
     return Measured("step", shape, k, batch, tuple(times[job.warmup:]))
+
+
+def _csp_steps(worker, clock: _Clock, job: ProfileJob, k: int, mix: tuple[Shape, ...]) -> Measured:
+    """One CSP batch of one request per shape of ``mix`` on the first block of ``k`` ranks, timed as ``_steps``."""
+    ranks = tuple(range(k))
+    steps = job.warmup + job.repeats
+    specs = [s for i, shape in enumerate(mix) for s in _specs(job, f"csp-k{k}-{i}", shape, 1, steps)]
+    _encoded(worker, job, specs, ranks)
+    run = {"op": "run", "rids": [s.rid for s in specs], "steps": 1}
+    times = [clock.time(ranks, lambda: worker.handle(run)) for _ in range(steps)]
+    for s in specs:
+        worker.handle({"op": "release", "rid": s.rid})
+    return Measured("csp", mix[0], k, len(mix), tuple(times[job.warmup:]), mix)
 
 
 def _encoded(worker, job: ProfileJob, specs, ranks: tuple[int, ...]) -> float:
@@ -279,6 +325,12 @@ def _rank_main(rank: int, world: int, job: ProfileJob, events) -> dict | None:
                 if rank == 0:
                     out.append(m)
                     events.put(m)
+    for k in job.degrees if job.csp else ():
+        for mix in csp_mixes(job.shapes):
+            m = _csp_steps(worker, clock, job, k, mix)
+            if rank == 0:
+                out.append(m)
+                events.put(m)
     for shape in job.shapes:
         for b in job.batches:
             ms = _stages(worker, clock, job, shape, b)
@@ -292,7 +344,8 @@ def _rank_main(rank: int, world: int, job: ProfileJob, events) -> dict | None:
 def measurements(job: ProfileJob) -> int:
     """How many ``Measured`` a run of ``job`` yields (for a progress bar)."""
     cells = len(job.shapes) * len(job.batches)
-    return cells * len(job.degrees) + 2 * cells
+    mixes = len(csp_mixes(job.shapes)) if job.csp else 0
+    return (cells + mixes) * len(job.degrees) + 2 * cells
 
 
 def measure(job: ProfileJob, on_measured: Callable[[Measured], None] | None = None) -> Profile:
@@ -358,17 +411,20 @@ def to_profile(job: ProfileJob, result: dict) -> Profile:
         "latent_downscale": job.downscale,
         "method": (f"per (shape, SP degree, batch): {job.warmup} warm-up steps dropped, then the median of "
                    f"{job.repeats} steps, each timed on the block's lead from a barrier to a device sync; "
-                   "iqr_s is their interquartile range. Encode and decode on one device, timed by the ops themselves."),
+                   "iqr_s is their interquartile range. Encode and decode on one device, timed by the ops themselves."
+                   + (" CSP rows: the same per (mix of shapes, one request each, SP degree)." if job.csp else "")),
         "stage_impl": {"encode": ENCODE_IMPL, "decode": DECODE_IMPL},
     }
-    points, stages = [], []
+    points, stages, csp = [], [], []
     for m in result["measured"]:
         median, iqr = _sig(m.median), _sig(m.iqr)
         if m.what == "step":
             points.append(ProfilePoint(job.model, m.shape, m.sp, m.batch, median, iqr))
+        elif m.what == "csp":
+            csp.append(CspPoint(job.model, m.mix, m.sp, median, iqr))
         else:
             stages.append(StagePoint(job.model, m.shape, m.what, m.batch, median, iqr,
                                      ENCODE_IMPL if m.what == "encode" else DECODE_IMPL))
     name = f"{job.model}-{job.scale}-{gpu.lower()}-{result['device_type']}"
-    return Profile(name, gpu, "profile", provenance, tuple(points), tuple(stages))
+    return Profile(name, gpu, "profile", provenance, tuple(points), tuple(stages), csp=tuple(csp))
 
