@@ -664,6 +664,9 @@ def profile(
                                             "`ditplan executor`; 8 full, the real VAE factor)."),
     gpu: Optional[str] = typer.Option(None, help="GPU kind to file the profile under (the cost model's key). Default: "
                                       "the CUDA device's kind; on CPU the default cluster's kind."),
+    csp: bool = typer.Option(False, "--csp", help="Also measure CSP batch steps (one request per shape, every pair "
+                             "of distinct --shapes and all of them together, at each --degrees) as csp rows; the "
+                             "model must run CSP batches (catalog)."),
 ) -> None:
     """Measure step, encode and decode times on the local devices and write a profile for --profile."""
     import shlex
@@ -677,25 +680,26 @@ def profile(
     given = [("--checkpoint", checkpoint), ("--downscale", downscale), ("--gpu", gpu)]
     argv = ["ditplan", "profile", "--model", model, "--model-scale", model_scale, "--shapes", shapes,
             "--degrees", degrees, "--batches", batches, "--devices", devices, "--warmup", warmup,
-            "--repeats", repeats, *[x for flag, v in given if v is not None for x in (flag, v)], "--out", out_path]
+            "--repeats", repeats, *[x for flag, v in given if v is not None for x in (flag, v)],
+            *(["--csp"] if csp else []), "--out", out_path]
     try:
         job = make_job(model, model_scale, shapes, degrees, batches, devices,
                        str(checkpoint) if checkpoint else None, warmup, repeats, downscale, gpu,
                        fallback_gpu=parse_cluster(DEFAULT_CLUSTER).kind.name,
-                       command=" ".join(shlex.quote(str(a)) for a in argv))
+                       command=" ".join(shlex.quote(str(a)) for a in argv), csp=csp)
     except ProfileInputError as exc:
         raise fail(str(exc)) from None
     console.print(f"[bold]ditplan profile[/]: {model} ({model_scale}), shapes {', '.join(map(str, job.shapes))}, "
                   f"degrees {', '.join(map(str, job.degrees))}, batches {', '.join(map(str, job.batches))} on "
-                  f"{devices} rank(s); {warmup} warm-up + {repeats} steps per point", highlight=False)
+                  f"{devices} rank(s){', CSP mixes' if csp else ''}; {warmup} warm-up + {repeats} steps per point",
+                  highlight=False)
     live = console.is_terminal
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not live) as bar:
         task = bar.add_task("measuring", total=measurements(job))
 
         def measured(m) -> None:
-            where = f" sp{m.sp}" if m.what == "step" else ""
-            what = f"{m.what} {m.shape}{where} batch {m.batch}: {m.median * 1e3:.3f} ms (iqr {m.iqr * 1e3:.3f})"
+            what = f"{m.label}: {m.median * 1e3:.3f} ms (iqr {m.iqr * 1e3:.3f})"
             bar.update(task, advance=1, description=what)
             if not live:
                 console.print(what, highlight=False)
@@ -711,8 +715,16 @@ def profile(
     for p in prof.points:
         t.add_row(str(p.shape), str(p.sp), str(p.batch), f"{p.step_s * 1e3:.3f}", f"{(p.iqr_s or 0) * 1e3:.3f}")
     out.print(t)
+    if prof.csp:
+        t = Table(title=f"{prof.name}: seconds per CSP batch step (median of {repeats})")
+        for col in ("shapes", "sp", "step ms", "iqr ms"):
+            t.add_column(col, justify="right")
+        for c in prof.csp:
+            t.add_row(" + ".join(map(str, c.shapes)), str(c.sp), f"{c.step_s * 1e3:.3f}", f"{(c.iqr_s or 0) * 1e3:.3f}")
+        out.print(t)
     prof.write(out_path)
-    console.print(f"wrote {out_path}: {len(prof.points)} step points, {len(prof.stages)} stage points, filed under "
+    console.print(f"wrote {out_path}: {len(prof.points)} step points, {len(prof.stages)} stage points, "
+                  f"{len(prof.csp)} csp points, filed under "
                   f"{prof.gpu} (measured on {prof.provenance['device']})", highlight=False)
 
 

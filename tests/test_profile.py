@@ -94,6 +94,20 @@ def test_profile_csp_measures_every_pair_and_all_shapes_at_each_degree_as_csp_ro
         assert c.model == "sd3-medium" and c.iqr_s is not None and slowest / 10 < c.step_s < 10 * slowest
 
 
+def test_profile_cli_csp_flag_measures_csp_rows_and_refuses_a_single_shape(tmp_path):
+    out = tmp_path / "sd3-csp.json"
+    r = invoke("profile", "--model", "sd3-medium", "--shapes", "256,1024", "--warmup", 0, "--repeats", 1, "--csp",
+               "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "csp 256x256+1024x1024 sp1:" in r.output and "1 csp points" in r.output
+    prof = load_profile(out)
+    assert [(c.shapes, c.sp) for c in prof.csp] == [((Shape(256, 256), Shape(1024, 1024)), 1)]
+    assert prof.provenance["command"].endswith("--csp --out " + str(out))
+    r = invoke("profile", "--model", "sd3-medium", "--shapes", "256", "--csp", "--out", tmp_path / "p.json")
+    assert r.exit_code == 2 and "--csp needs two or more distinct --shapes to mix" in r.output, r.output
+    assert not (tmp_path / "p.json").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (("sd3-medium", "tiny", "256", "1", "1", 1), "--csp needs two or more distinct --shapes to mix, not '256'"),
     (("wan2.1-t2v-14b", "tiny", "480x832x9,480x832x17", "1", "1", 1),
