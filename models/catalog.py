@@ -176,7 +176,7 @@ CATALOG: dict[str, ModelSpec] = {m.name: m for m in (
        text_encoder_params_b=4.88, vae_params_b=0.084, hidden=3072, layers=57,
        latent_channels=16, vae_spatial=8, vae_temporal=1, patch=2, patch_t=1,
        text_tokens=512, joint_text=True, max_sp=8, default_steps=28,
-       default_shape=Shape(1024, 1024), decode_flops_per_px=1.2e7,
+       default_shape=Shape(1024, 1024), decode_flops_per_px=1.2e7, csp=True,
        # FLUX.1 [dev]: BFL gives 0.1-2 MP; served up to 2048x2048 (4 MP, TetriServe's and
        # Hetu-DiT's largest request), any aspect within that.
        max_height=2048, max_width=2048, max_pixels=2048 * 2048),
@@ -194,7 +194,7 @@ CATALOG: dict[str, ModelSpec] = {m.name: m for m in (
        text_encoder_params_b=0.82, vae_params_b=0.084, hidden=1280, layers=70,
        latent_channels=4, vae_spatial=8, vae_temporal=1, patch=2, patch_t=1,
        text_tokens=77, joint_text=False, max_sp=1, default_steps=30,
-       default_shape=Shape(1024, 1024), decode_flops_per_px=1.2e7,
+       default_shape=Shape(1024, 1024), decode_flops_per_px=1.2e7, csp=True,
        # SDXL: trained at 1024^2 buckets; 2048^2 (4x its native pixels) is the largest served size.
        max_height=2048, max_width=2048, max_pixels=2048 * 2048),
     _m(name="cogvideox-5b", family="cogvideox", kind="video", arch="dit", params_b=5.57,

@@ -27,13 +27,16 @@ import itertools
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ditplan.models.catalog import BF16_BYTES, CATALOG, ModelSpec, Shape
 from ditplan.models.gpus import GpuKind, get_gpu
 from ditplan.models.profiles import Profile, builtin_profiles
+
+if TYPE_CHECKING:
+    from ditplan.models.csp import CspPredictor
 
 STAGE_OVERHEAD_S = 0.005
 VAE_EFFICIENCY = 0.35  # fraction of peak a conv VAE decoder reaches (estimate)
@@ -93,8 +96,8 @@ def roofline_terms(model: ModelSpec, shape: Shape, sp: int, batch: int, gpu: Gpu
     return RooflineTerms(compute, weights, comm)
 
 
-def _nnls(rows: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Non-negative least squares by enumerating active sets (3 unknowns)."""
+def nnls(rows: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Non-negative least squares by enumerating active sets (a handful of unknowns)."""
     n = rows.shape[1]
     best, best_err = np.zeros(n), math.inf
     for r in range(1, n + 1):
@@ -118,7 +121,7 @@ def fit_calibration(model: ModelSpec, gpu: GpuKind,
     rows = np.array([t.as_row() for t in terms])
     obs = np.array([t for *_, t in pts])
     floor = np.array([t.weights for t in terms])
-    coef = _nnls(rows / obs[:, None], 1.0 - floor / obs)
+    coef = nnls(rows / obs[:, None], 1.0 - floor / obs)
     return Calibration(*map(float, coef))
 
 
@@ -231,6 +234,44 @@ class CostModel:
         (``StepRefiner.corrections()``)."""
         return CorrectedCostModel(self, factors)
 
+    @property
+    def csp(self) -> "CspPredictor":
+        """The CSP batch step-time predictor fitted on this cost model (``models/csp.py``); shared with
+        every corrected view of it."""
+        pred = self.__dict__.get("_csp")
+        if pred is None:
+            from ditplan.models.csp import CspPredictor
+
+            pred = self._csp = CspPredictor(self)
+        return pred
+
+    def batch_step_time(self, model: ModelSpec, shapes: Sequence[Shape], sp: int,
+                        link_bw: float | None = None) -> float:
+        """Seconds of one denoising step of a batch of ``shapes``: a same-shape batch by
+        :meth:`step_time`, a mixed-resolution (CSP) batch by the CSP predictor."""
+        from ditplan.models.csp import is_csp
+
+        if not shapes:
+            raise ValueError("a batch needs at least one member")
+        if is_csp(model, shapes):
+            return self.csp.step_time(model, shapes, sp)
+        if len(set(shapes)) > 1:
+            raise ValueError(f"{model.name} has no CSP batches: it cannot batch shapes "
+                             f"{', '.join(sorted({str(s) for s in shapes}))} together")
+        return self.step_time(model, shapes[0], sp, len(shapes), link_bw)
+
+    def stage_time(self, stage: str, model: ModelSpec, shapes: Sequence[Shape]) -> float:
+        """Seconds of a batched ``encode`` or ``decode`` of ``shapes``: per shape, in batches of its limit
+        (these stages do not mix resolutions, ``models/csp.py``)."""
+        from ditplan.models.csp import shape_groups
+
+        if stage not in ("encode", "decode"):
+            raise ValueError(f"stage must be encode or decode, not {stage!r}")
+        time_of = self.encode_time if stage == "encode" else self.decode_time
+        groups = shape_groups(shapes, lambda s: self.max_batch(model, s)) if len(set(shapes)) > 1 \
+            else [(shapes[0], len(shapes))]
+        return sum(time_of(model, s, n) for s, n in groups)
+
     def min_step_time(self, model: ModelSpec, shape: Shape, max_sp: int = 8) -> float:
         return min(self.step_time(model, shape, k) for k in model.sp_degrees(max_sp))
 
@@ -288,9 +329,15 @@ class CorrectedCostModel(CostModel):
 
     def __init__(self, prior: CostModel, factors: Mapping[tuple[str, Shape, int, int], float]) -> None:
         self.__dict__.update(prior.__dict__)
+        self._prior = prior
         self._factors = dict(factors)
         self.corrections = MappingProxyType(self._factors)
         self._corrected: dict[tuple, float] = {}  # this view's step times
+
+    @property
+    def csp(self) -> "CspPredictor":
+        """The prior's CSP predictor: its refits (``CspPredictor.observe``) serve every view."""
+        return self._prior.csp
 
     def step_time(self, model: ModelSpec, shape: Shape, sp: int, batch: int = 1,
                   link_bw: float | None = None) -> float:

@@ -13,7 +13,7 @@ from ditplan.models.catalog import COMPONENTS, STAGE_COMPONENT, get_model
 from ditplan.planner.cluster import Cluster
 from ditplan.planner.placement import Placement
 from ditplan.planner.plan import RoundPlan
-from ditplan.planner.request import Request, Stage
+from ditplan.planner.request import Request, Stage, batch_conflict
 from ditplan.planner.state import PlannerState
 
 TOL = 1e-6
@@ -72,8 +72,9 @@ def check_plan(state: PlannerState, plan: RoundPlan) -> list[str]:
             members.append(st)
         if not members:
             continue
-        if len({m.request.batch_key() for m in members}) > 1:
-            problems.append(f"{tag}: batch mixes incompatible requests")
+        conflict = batch_conflict([m.request for m in members], [m.steps_done for m in members])
+        if conflict:
+            problems.append(f"{tag}: {conflict}")
         lead = members[0].request
         spec = get_model(lead.model)
         if a.stage is Stage.DIFFUSE and not spec.legal_sp(len(a.gpus)):
@@ -85,7 +86,7 @@ def check_plan(state: PlannerState, plan: RoundPlan) -> list[str]:
             if 0 <= g < state.cluster.size and not placement.holds(g, lead.model, component):
                 problems.append(f"{tag}: GPU {g} does not hold the {component} weights of {lead.model}")
         if a.stage is Stage.DIFFUSE:
-            act = spec.activation_bytes(lead.shape, len(a.gpus), len(members))
+            act = sum(spec.activation_bytes(m.request.shape, len(a.gpus)) for m in members)
             for g in a.gpus:
                 if g < state.cluster.size and weights[g] + resident[g] + act > state.cluster.gpus[g].memory:
                     problems.append(f"{tag}: GPU {g} memory {weights[g] + resident[g] + act} B exceeds "
@@ -162,8 +163,9 @@ def check_timeline(requests: Sequence[Request], cluster: Cluster, segments: Iter
         if any(r is None for r in reqs) or not reqs:
             problems.append(f"{tag}: unknown or missing request ids {seg['request_ids']}")
             continue
-        if len({r.batch_key() for r in reqs}) > 1:
-            problems.append(f"{tag}: batch mixes incompatible requests")
+        conflict = batch_conflict(reqs)
+        if conflict:
+            problems.append(f"{tag}: {conflict}")
         if stage == "diffuse":
             if seg["steps"] < 1:
                 problems.append(f"{tag}: diffuse with {seg['steps']} steps")
@@ -256,7 +258,7 @@ def _check_weights(requests: Sequence[Request], cluster: Cluster, segments: Sequ
             continue  # reported by check_timeline
         lead = reqs[0]
         comp = STAGE_COMPONENT[seg["stage"]]
-        act = get_model(lead.model).activation_bytes(lead.shape, len(seg["gpus"]), len(reqs)) \
+        act = sum(get_model(lead.model).activation_bytes(r.shape, len(seg["gpus"])) for r in reqs) \
             if seg["stage"] == "diffuse" else 0
         for g in seg["gpus"]:
             if not 0 <= g < cluster.size:

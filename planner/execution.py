@@ -45,7 +45,7 @@ def diffuse_costs(cluster: Cluster, cost: CostModel, a: Assignment,
     """(seconds to move the latents onto ``a.gpus``, seconds per step) of a diffuse assignment."""
     lead = members[0].request
     bw = cluster.block_bandwidth(a.gpus) if a.sp > 1 else None
-    step = cost.step_time(lead.spec, lead.shape, a.sp, len(members), link_bw=bw)
+    step = cost.batch_step_time(lead.spec, [st.request.shape for st in members], a.sp, link_bw=bw)
     move = max((handoff_time(cluster, cost, st, Stage.DIFFUSE, a.gpus) for st in members), default=0.0)
     return move, step
 
@@ -61,7 +61,6 @@ def start_segment(cluster: Cluster, cost: CostModel, a: Assignment, now: float,
     """
     members = [statuses[rid] for rid in a.request_ids]
     lead = members[0].request
-    batch = len(members)
     if a.stage is Stage.DIFFUSE:
         move, step = diffuse_costs(cluster, cost, a, members)
         if noise > 0:
@@ -78,11 +77,11 @@ def start_segment(cluster: Cluster, cost: CostModel, a: Assignment, now: float,
             st.state = RequestState.RUNNING
         duration = move + work
     elif a.stage is Stage.ENCODE:
-        duration = cost.encode_time(lead.spec, lead.shape, batch)
+        duration = cost.stage_time("encode", lead.spec, [st.request.shape for st in members])
         for st in members:
             st.encoded, st.state = True, RequestState.RUNNING
     else:
-        duration = cost.decode_time(lead.spec, lead.shape, batch)
+        duration = cost.stage_time("decode", lead.spec, [st.request.shape for st in members])
         duration += max(handoff_time(cluster, cost, st, Stage.DECODE, a.gpus) for st in members)
         for st in members:
             st.state = RequestState.DECODING

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Iterable
 
 from ditplan.models.catalog import STAGE_COMPONENT, get_model
+from ditplan.models.csp import patch_count
 from ditplan.planner.request import RequestState, RequestStatus, Stage
 from ditplan.planner.state import PlannerState
 
-FORMAT = "ditplan.round-problem/4"
+FORMAT = "ditplan.round-problem/5"
 _INT_KEYED = ("step_s", "move_s", "act_bytes", "batch_encode_s", "batch_decode_s")
 _INT_KEYED2 = ("batch_step_s",)  # batch size -> SP degree -> seconds
 
@@ -54,6 +55,10 @@ class ProblemRequest:
     # Seconds to move its prompt embeddings from an encode GPU to another GPU of a node (the
     # slowest link there): what diffusing away from where it encoded costs before the first step.
     embed_s: float = 0.0
+    # CSP batches (``models/csp.py``): requests with equal non-empty keys may share one, whatever their
+    # sizes and progress; ``patches`` is its patch count, the predictor's feature.
+    csp_key: str = ""
+    patches: int = 0
 
     @property
     def fastest_step_s(self) -> float:
@@ -90,6 +95,9 @@ class RoundProblem:
     # plans their remaining work from when it ends (``ready_in``), so that
     # future capacity is not overestimated. Decoding requests are left out.
     in_flight: tuple[ProblemRequest, ...] = ()
+    # CSP step-time predictor coefficients (``models/csp.py``): model -> SP degree -> coefficients,
+    # for every CSP model among the requests.
+    csp: dict[str, dict[int, tuple[float, ...]]] = field(default_factory=dict)
 
     @cached_property
     def node_of(self) -> dict[int, int]:
@@ -145,6 +153,7 @@ class RoundProblem:
                 r[key] = {str(k): v for k, v in r[key].items()}
             for key in _INT_KEYED2:
                 r[key] = {str(b): {str(k): v for k, v in row.items()} for b, row in r[key].items()}
+        d["csp"] = {m: {str(k): list(c) for k, c in by_k.items()} for m, by_k in self.csp.items()}
         return d
 
     @classmethod
@@ -165,7 +174,8 @@ class RoundProblem:
                    requests=tuple(request(r) for r in d["requests"]),
                    gpus=tuple(ProblemGpu(**{**g, "weights": tuple(g.get("weights", ()))}) for g in d["gpus"]),
                    nodes=tuple(tuple(n) for n in d["nodes"]), meta=d.get("meta", {}),
-                   in_flight=tuple(request(r) for r in d.get("in_flight", ())))
+                   in_flight=tuple(request(r) for r in d.get("in_flight", ())),
+                   csp={m: {int(k): tuple(c) for k, c in by_k.items()} for m, by_k in d.get("csp", {}).items()})
 
 
 def build_problem(state: PlannerState) -> RoundProblem:
@@ -181,7 +191,9 @@ def build_problem(state: PlannerState) -> RoundProblem:
                             tuple(sorted(f"{m}/{c}" for m, c in state.placement.resident[g.index])),
                             g.kind.load_bw)
                  for g in cluster.gpus)
-    return RoundProblem(state.now, state.round_s, reqs, gpus, cluster.nodes, in_flight=in_flight)
+    csp = {m: {k: state.cost.csp.coefficients(m, k) for k in get_model(m).sp_degrees(cluster.max_node_gpus)}
+           for m in sorted({r.csp_key for r in (*reqs, *in_flight) if r.csp_key})}
+    return RoundProblem(state.now, state.round_s, reqs, gpus, cluster.nodes, in_flight=in_flight, csp=csp)
 
 
 def _problem_request(state: PlannerState, st: RequestStatus) -> ProblemRequest:
@@ -208,7 +220,8 @@ def _problem_request(state: PlannerState, st: RequestStatus) -> ProblemRequest:
         sp_prev=st.sp, was_running=st.id in state.just_paused,
         act_bytes={k: spec.activation_bytes(r.shape, k) for k in degrees},
         latent_bytes=spec.latent_bytes(r.shape), ready_in=ready_in, steps_done=st.steps_done,
-        embed_s=cost.transfer_time(spec.embedding_bytes(), cluster.slowest_node_link))
+        embed_s=cost.transfer_time(spec.embedding_bytes(), cluster.slowest_node_link),
+        csp_key=r.csp_key() or "", patches=patch_count(spec, r.shape) if r.csp_key() else 0)
 
 
 def _move_s(state: PlannerState, st: RequestStatus, node: tuple[int, ...]) -> float:

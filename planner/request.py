@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from ditplan.models.catalog import ModelSpec, Shape, get_model
 
@@ -59,8 +60,34 @@ class Request:
         return "video" if self.shape.frames > 1 else "image"
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys may share one forward pass."""
+        """Requests with equal keys may share one forward pass (at equal progress)."""
         return (self.model, self.shape, self.steps)
+
+    def csp_key(self) -> str | None:
+        """Requests with equal keys may share one CSP batch (any sizes, any progress); None: no CSP."""
+        return self.model if self.spec.csp and self.kind == "image" else None
+
+
+def batch_conflict(requests: Sequence["Request"], steps_done: Sequence[int] | None = None) -> str | None:
+    """Why ``requests`` cannot share one forward pass, or None: one rule for plans and timelines.
+
+    Equal ``batch_key`` and equal progress (``steps_done``, when known) batch as ever; a model the
+    executor runs CSP batches of also batches other sizes and other progress, up to ``MAX_BATCH``
+    (``models/csp.py``)."""
+    from ditplan.models.csp import MAX_BATCH
+
+    if len(requests) < 2:
+        return None
+    csp = {r.csp_key() for r in requests}
+    if len(csp) == 1 and None not in csp:
+        if len(requests) > MAX_BATCH:
+            return f"{len(requests)} requests in one CSP batch, more than {MAX_BATCH}"
+        return None
+    if len({r.batch_key() for r in requests}) > 1:
+        return "batch mixes incompatible requests"
+    if steps_done is not None and len(set(steps_done)) > 1:
+        return f"batch mixes step positions {sorted(set(steps_done))} of a model without CSP batches"
+    return None
 
 
 DEADLINE_TOL_S = 1e-9  # a finish this little past its deadline still meets it (float noise in sums)
