@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ditplan.models.catalog import get_model
 from ditplan.planner.checker import check_plan
 from ditplan.planner.placement import WeightLoad
 from ditplan.planner.plan import PlanStats, RoundPlan
 from ditplan.planner.policies.base import Policy, make_policy, register
+from ditplan.planner.policies.kit.timing import PARALLEL_EFFICIENCY
 from ditplan.planner.problem import ProblemRequest, RoundProblem, build_problem
 from ditplan.planner.request import Stage
 from ditplan.planner.solvers import cpsat, milp
@@ -121,6 +122,7 @@ def scopes(problem: RoundProblem, skip: set[str] = frozenset(), fit: str = "best
 
 
 MAX_FULL_SCOPES = 4
+SATURATED_GPU_MS = 10
 
 
 @dataclass
@@ -135,6 +137,7 @@ class ScheduleStats(PlanStats):
     wall_limited: bool = False  # a solve stopped at the wall-clock limit
     reserved: int = 0  # GPUs the placement loop reserves
     loads: int = 0  # weight loads in the plan
+    load: float = 0.0  # offered load per GPU of the recent arrivals (``PlacementLoop.utilization``)
 
 
 class SchedulePolicy(Policy):
@@ -147,7 +150,7 @@ class SchedulePolicy(Policy):
                  batching: bool = True, max_jobs: int = 32, seed: int = 0, num_workers: int = 1,
                  wall_limit_s: float | None = None, check: bool = True, late_piece_s: float = 0.0,
                  late_share: float = 0.5, node_fit: str = "best", reject_grace_s: float = 0.0,
-                 reserve_share: float = 0.5) -> None:
+                 reserve_share: float = 0.5, csp: bool = True, saturation: float = 1.0) -> None:
         if late not in LATE_MODES:
             raise ValueError(f"late must be one of {', '.join(LATE_MODES)}, not {late!r}")
         if piece_s <= 0:
@@ -159,7 +162,11 @@ class SchedulePolicy(Policy):
         self.node_fit = node_fit
         self.reject_grace_s = reject_grace_s
         self.late = late
-        self.params = ScheduleParams(batching=batching, max_jobs=max_jobs)
+        self.params = ScheduleParams(batching=batching, max_jobs=max_jobs, csp=csp)
+        # From this offered load per GPU (recent arrivals at their cheapest degree, unbatched) on, only
+        # degrees of parallel efficiency >= PARALLEL_EFFICIENCY are offered: a saturated cluster has no
+        # GPU-second to spare for a wide block (every later request would wait for it).
+        self.saturation = saturation
         self.seed = seed
         self.num_workers = num_workers
         self.wall_limit_s = wall_limit_s
@@ -238,12 +245,17 @@ class SchedulePolicy(Policy):
         prev = dict(self._prev)
         self.loop.observe(problem, ages or {})
         reserved = self.loop.owners()
+        stats.load = self.loop.utilization(problem)
+        params = self.params
+        if stats.load >= self.saturation:
+            params = replace(params, min_efficiency=PARALLEL_EFFICIENCY,
+                             weights=replace(params.weights, gpu_ms=params.weights.gpu_ms * SATURATED_GPU_MS))
         solved = self.solved_scopes(problem)
         # Each scope gets the budget, up to MAX_FULL_SCOPES of them; beyond, they share that total.
         limit = self.time_limit_s * min(1.0, MAX_FULL_SCOPES / max(1, len(solved)))
         for gpus, reqs in solved:
             reqs = reqs + carry
-            data = build_schedule(problem, reqs, gpus, self.params, reserved)
+            data = build_schedule(problem, reqs, gpus, params, reserved)
             sched, fb = self.schedule(data, now, limit)
             fell_back |= fb
             commit_on_time(data, sched, problem, self.piece_s, gaps, out)
@@ -298,6 +310,16 @@ class CpSatPolicy(SchedulePolicy):
     """The schedule model solved with CP-SAT."""
 
     name = "cpsat"
+
+
+@register("cpsat-nocsp")
+class CpSatNoCspPolicy(SchedulePolicy):
+    """``cpsat`` without mixed-resolution CSP batches (same-shape batches only): what CSP adds."""
+
+    name = "cpsat-nocsp"
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**{"csp": False, **kw})
 
 
 class MilpPolicy(SchedulePolicy):

@@ -27,7 +27,8 @@ from ditplan.planner.placement import WeightLoad
 from ditplan.planner.plan import Assignment
 from ditplan.planner.problem import ProblemRequest, RoundProblem
 from ditplan.planner.request import Stage
-from ditplan.planner.solvers.data import ScheduleData, aligned_blocks, has_latent, is_lost, kept_degrees, load_plan
+from ditplan.planner.solvers.data import (ScheduleData, aligned_blocks, group_cost, has_latent, is_lost, kept_degrees,
+                                          load_plan)
 from ditplan.planner.solvers.solution import Schedule
 from ditplan.planner.ticks import TICK_S
 
@@ -98,7 +99,7 @@ def commit_on_time(data: ScheduleData, sched: Schedule, problem: RoundProblem, p
         if apart:
             continue
         if job.stage is Stage.DIFFUSE:
-            q = piece_steps(alt.step_s, piece_s, job.rem)
+            q = piece_steps(alt.step_s, piece_s, job.min_rem or job.rem)
             out.assignments.append(Assignment(job.ids, Stage.DIFFUSE, alt.block, q))
             gaps.take(alt.block)
         else:
@@ -118,9 +119,11 @@ def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundPro
         return a
     ids = tuple(r.id for r in [pr, *mates])
     b = len(ids)
+    gc = group_cost([pr, *mates], problem)
+    if gc is None:
+        return None
     if pr.stage is not Stage.DIFFUSE:
-        dur = (pr.encode_s if b == 1 else pr.batch_encode_s[b]) if pr.stage is Stage.ENCODE else \
-            (pr.decode_s if b == 1 else pr.batch_decode_s[b])
+        dur = gc.enc if pr.stage is Stage.ENCODE else gc.dec
         cands = [g for g, u in gaps.until.items()
                  if u >= dur - 1e-12 and problem.runs((g,), pr.model, pr.stage)]
         if not cands:
@@ -129,7 +132,7 @@ def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundPro
         g = min(own or cands, key=lambda g: (gaps.until[g], g))  # the tightest gap that fits
         gaps.take((g,))
         return Assignment(ids, pr.stage, (g,), 0)
-    step = pr.step_s if b == 1 else pr.batch_step_s[b]
+    step = gc.step
     node_of = problem.node_of
     mem = {g.index: g.memory_free for g in problem.gpus}
     movers = [r for r in (pr, *mates) if has_latent(r)]
@@ -139,7 +142,7 @@ def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundPro
     if own and len(own) in step and all(g in gaps.until for g in own):
         degrees = [len(own)] + [k for k in degrees if k != len(own)]  # its own block: no migration
     for k in degrees:
-        need = pr.act_bytes[k] * b + b
+        need = gc.act[k] + b
         for blk in aligned_blocks(list(gaps.until), problem.nodes, k):
             if min(mem[g] for g in blk) < need or not problem.runs(blk, pr.model, Stage.DIFFUSE):
                 continue
@@ -148,7 +151,7 @@ def _fill_one(pr: ProblemRequest, mates: list[ProblemRequest], problem: RoundPro
             room = min(gaps.until[g] for g in blk) - move
             if room < step[k] - 1e-12:
                 continue
-            q = piece_steps(step[k], piece_s, pr.remaining_steps)
+            q = piece_steps(step[k], piece_s, gc.min_rem)
             if room < q * step[k]:
                 q = math.floor(room / step[k] + 1e-9)
             mine = sum(g in pr.latent_gpus for g in blk)
@@ -168,7 +171,8 @@ def fill_best_effort(candidates: Sequence[ProblemRequest], problem: RoundProblem
                      piece_s: float, batching: bool = True, share: float = 1.0,
                      reserved: Mapping[int, str] = {}) -> list[Assignment]:
     """Best-effort work in the gaps (see the module doc); at most ``share`` of a node's GPUs hold it,
-    and a GPU ``reserved`` for a model only that model's."""
+    and a GPU ``reserved`` for a model only that model's. Late work batches only requests in one state:
+    CSP batches of late work measured no gain on patchedserve-mixed and cost coserve-mixed 4 points."""
     if share < 1.0:
         held = [0] * len(problem.nodes)
         for r in problem.in_flight:

@@ -39,10 +39,11 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from ditplan.models import csp
 from ditplan.models.catalog import get_model
 from ditplan.planner.problem import ProblemRequest, RoundProblem
 from ditplan.planner.request import Stage
-from ditplan.planner.ticks import ticks_down, ticks_up
+from ditplan.planner.ticks import TICK_S, ticks_down, ticks_up
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Job:
     alts: tuple[Alt, ...]
     running: int  # members paused at this step boundary (not starting now preempts them)
     in_flight: bool
+    min_rem: int = 0  # the fewest diffuse steps any member has left (a CSP batch's members may differ)
 
     @property
     def weight(self) -> int:
@@ -149,6 +151,12 @@ class ScheduleParams:
     batching: bool = True
     max_jobs: int = 48  # jobs per scope; the most urgent waiting ones beyond in-flight work
     weights: Weights = Weights()
+    csp: bool = True  # offer mixed-resolution CSP batches of the models that have them
+    # Offer only degrees whose parallel efficiency against the smallest one is at least this (0: every
+    # degree that is faster): when the cluster is saturated, a GPU-second spent on a wide block is
+    # one a later request lacks (``planner/policies/solver.py``).
+    min_efficiency: float = 0.0
+    csp_seeds: int = 3  # CSP batches grown from each of this many most urgent members of a group
 
 
 def kept_degrees(step: dict[int, float]) -> list[int]:
@@ -159,6 +167,16 @@ def kept_degrees(step: dict[int, float]) -> list[int]:
             kept.append(k)
             best = step[k]
     return kept
+
+
+def efficient_degrees(step: dict[int, float], min_efficiency: float = 0.0) -> list[int]:
+    """:func:`kept_degrees` whose parallel efficiency against the smallest, ``(T_k0 / T_k) x k0 / k``,
+    is at least ``min_efficiency``."""
+    kept = kept_degrees(step)
+    if min_efficiency <= 0 or not kept:
+        return kept
+    k0 = kept[0]
+    return [k for k in kept if step[k0] / step[k] * k0 / k >= min_efficiency - 1e-9]
 
 
 def aligned_blocks(gpus: Sequence[int], nodes: Sequence[Sequence[int]], k: int) -> list[tuple[int, ...]]:
@@ -209,15 +227,77 @@ def _may_decode(g: int, pr: ProblemRequest, reserved: Mapping[int, str]) -> bool
     return reserved.get(g, pr.model) == pr.model or g in pr.latent_gpus
 
 
+@dataclass(frozen=True)
+class GroupCost:
+    """What a job's members cost when they run together."""
+
+    step: dict[int, float]  # SP degree -> seconds per diffuse step
+    enc: float  # seconds of their encode
+    dec: float  # seconds of their decode
+    act: dict[int, int]  # SP degree -> activation bytes per GPU
+    rem: int  # diffuse steps of the chain: the most any member has left
+    min_rem: int  # the fewest
+
+
+def _same_shape_batch(prs: Sequence[ProblemRequest]) -> bool:
+    lead = prs[0]
+    return all(p.batch_key == lead.batch_key and p.remaining_steps == lead.remaining_steps for p in prs) \
+        and len(prs) <= lead.max_batch
+
+
+def _stage_s(prs: Sequence[ProblemRequest], stage: str) -> float:
+    """Seconds of the encode or decode of ``prs`` in one CSP batch: per batch key, in batches of its limit."""
+    by_key = {p.batch_key: p for p in prs}
+    total = 0.0
+    for key, n in csp.shape_groups([p.batch_key for p in prs], lambda key: by_key[key].max_batch):
+        p = by_key[key]
+        if stage == "encode":
+            total += p.encode_s if n == 1 else p.batch_encode_s[n]
+        else:
+            total += p.decode_s if n == 1 else p.batch_decode_s[n]
+    return total
+
+
+def group_cost(prs: Sequence[ProblemRequest], problem: RoundProblem) -> GroupCost | None:
+    """The cost of ``prs`` as one job: a request, a same-shape batch (the cost model's batched times)
+    or a CSP batch (the problem's CSP predictor; encode and decode per batch key, ``models/csp.py``).
+    None: they cannot share a forward pass."""
+    lead, b = prs[0], len(prs)
+    rems = [p.remaining_steps for p in prs]
+    act = {k: sum(p.act_bytes[k] for p in prs) for k in lead.act_bytes}
+    if b == 1:
+        return GroupCost(lead.step_s, lead.encode_s, lead.decode_s, act, rems[0], rems[0])
+    if _same_shape_batch(prs):
+        return GroupCost(lead.batch_step_s[b], lead.batch_encode_s[b], lead.batch_decode_s[b], act, rems[0],
+                         rems[0])
+    if not lead.csp_key or any(p.csp_key != lead.csp_key for p in prs) or b > csp.MAX_BATCH:
+        return None
+    by_key = {p.batch_key: p for p in prs}
+    if len(by_key) == 1 and b > lead.max_batch:
+        return None  # one shape past its batch limit: not a CSP batch, and no batched time for it
+    enc = _stage_s(prs, "encode")
+    dec = _stage_s(prs, "decode")
+    if len(by_key) == 1:  # one shape at several step positions: the cost model's batched step
+        step = lead.batch_step_s[b]
+    else:
+        coef = problem.csp[lead.csp_key]
+        patches = [p.patches for p in prs]
+        step = {k: csp.predict(coef[k], patches, len(by_key)) for k in lead.step_s}
+    return GroupCost(step, enc, dec, act, max(rems), min(rems))
+
+
 def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int],
-          mem: dict[int, int], release: int, reserved: Mapping[int, str] = {}) -> list[Alt]:
+          mem: dict[int, int], release: int, reserved: Mapping[int, str] = {}, min_efficiency: float = 0.0
+          ) -> list[Alt]:
     """On-time alternatives of a job whose members share one state (one request, or a batch)."""
     lead_pr = members[0].pr
     b = len(members)
     deadline = min(m.pr.deadline for m in members)
     stage = lead_pr.stage
-    enc = lead_pr.encode_s if b == 1 else lead_pr.batch_encode_s[b]
-    dec = lead_pr.decode_s if b == 1 else lead_pr.batch_decode_s[b]
+    gc = group_cost([m.pr for m in members], problem)
+    if gc is None:
+        return []
+    enc, dec = gc.enc, gc.dec
     out: list[Alt] = []
     model = lead_pr.model
     if stage is Stage.DECODE:
@@ -234,19 +314,18 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
                 span = ticks_up(load_s + move + dec)
                 out.append(Alt((g,), 0, 0, span, latest, span, False, 0.0, move, loads, load_s, evicts))
         return out
-    step = lead_pr.step_s if b == 1 else lead_pr.batch_step_s[b]
+    step = gc.step
     node_of = problem.node_of
     allowed = [g for g in gpus if reserved.get(g, model) == model]
     own = {g for m in members if has_latent(m.pr) for g in m.pr.latent_gpus}
     encoders = _encoders(problem, gpus, model, reserved) if stage is Stage.ENCODE else {}
-    for k in kept_degrees(step):
-        need = lead_pr.act_bytes[k] * b + b  # per GPU; activations grow linearly with the batch
+    for k in efficient_degrees(step, min_efficiency):
+        need = gc.act[k] + b  # per GPU
         if encoders:  # encode apart: the block needs no text encoders
             for blk, ld in _candidate_blocks(problem, gpus, k, model, Stage.DIFFUSE, need, mem, allowed, own):
                 e = encoders.get(node_of[blk[0]])
                 if e is not None and e not in blk and (ld[0] or not problem.gpu_of[blk[0]].holds(model, "text")):
-                    alt = _apart_alt(blk, e, ld, enc, lead_pr.embed_s, lead_pr.remaining_steps, step[k], dec,
-                                     deadline, release)
+                    alt = _apart_alt(blk, e, ld, enc, lead_pr.embed_s, gc.rem, step[k], dec, deadline, release)
                     if alt is not None:
                         out.append(alt)
         for blk, (loads, load_s, evicts) in _candidate_blocks(problem, gpus, k, model, stage, need, mem,
@@ -258,7 +337,7 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
                     migrate = True
                 elif m.pr.stage is Stage.DIFFUSE and m.pr.latent_gpus and not set(m.pr.latent_gpus) & set(blk):
                     move = max(move, m.pr.embed_s)  # encoded apart: the embeddings come over first
-            e, d, dd = chain_parts(stage, enc, move, lead_pr.remaining_steps, step[k], dec)
+            e, d, dd = chain_parts(stage, enc, move, gc.rem, step[k], dec)
             latest = ticks_down(deadline - (load_s + e + d + dd))
             if latest < release:
                 continue
@@ -408,6 +487,61 @@ def _state_key(m: _Member) -> tuple:
             m.in_flight, ticks_up(pr.ready_in))
 
 
+
+
+def _csp_state_key(m: _Member) -> tuple:
+    """Members that may share a CSP batch: one model, one next stage, one place (where the latent, or the
+    prompt embeddings of a request encoded but not yet diffusing, live: so a request encoded on a GPU joins
+    the batch running there at its next step boundary), any size or progress."""
+    pr = m.pr
+    return (pr.csp_key, pr.stage, tuple(pr.latent_gpus), m.in_flight, ticks_up(pr.ready_in))
+
+
+CSP_SIZES = (2, 3, 4, 6, 8, 12)  # batch sizes offered along each greedy growth (and its final size)
+
+
+def _fastest_finish(prs: Sequence[ProblemRequest], problem: RoundProblem, free: Sequence[int],
+                    min_efficiency: float = 0.0) -> float:
+    """Seconds from now the chain of ``prs`` ends at its best degree, started when that many GPUs of the
+    scope are first free (no latent move, no loads): the growth test of :func:`_csp_batches`."""
+    gc = group_cost(prs, problem)
+    if gc is None:
+        return math.inf
+    stage, ready = prs[0].stage, max(p.ready_in for p in prs)
+    best = math.inf
+    for k in efficient_degrees(gc.step, min_efficiency):
+        step = gc.step[k]
+        if k <= len(free):
+            e, d, dd = chain_parts(stage, gc.enc, 0.0, gc.rem, step, gc.dec)
+            best = min(best, max(ready, free[k - 1] * TICK_S) + e + d + dd)
+    return best
+
+
+def _csp_batches(members: Sequence[_Member], problem: RoundProblem, free: Sequence[int], seeds: int,
+                 min_efficiency: float = 0.0) -> list[list[_Member]]:
+    """CSP batch candidates of one group, grown greedily as PatchedServe grows its batches: from each of
+    the ``seeds`` most urgent members, add the others in deadline order while every member still
+    finishes by its deadline (the batch's earliest) at the best degree; offer the sizes of
+    :data:`CSP_SIZES` along the way and the final one. Only batches that mix sizes or progress (the
+    others are same-shape batches, offered already)."""
+    ordered = sorted(members, key=lambda m: (m.pr.deadline, m.pr.id))
+    out: list[list[_Member]] = []
+    for seed in ordered[:seeds]:
+        batch = [seed]
+        for m in ordered:
+            if m is seed or len(batch) >= csp.MAX_BATCH:
+                continue
+            trial = [*batch, m]
+            if _fastest_finish([x.pr for x in trial], problem, free, min_efficiency) <= \
+                    min(x.pr.deadline for x in trial) + 1e-9:
+                batch = trial
+                if len(batch) in CSP_SIZES:
+                    out.append(batch)
+        if len(batch) >= 2 and len(batch) not in CSP_SIZES:
+            out.append(batch)
+    return [b for b in out if not _same_shape_batch([m.pr for m in b])]
+
+
 def build_schedule(problem: RoundProblem, requests: Iterable[ProblemRequest] | None = None,
                    gpus: Sequence[int] | None = None, params: ScheduleParams = ScheduleParams(),
                    reserved: Mapping[int, str] = {}) -> ScheduleData:
@@ -432,14 +566,14 @@ def build_schedule(problem: RoundProblem, requests: Iterable[ProblemRequest] | N
 
     def add(group: Sequence[_Member]) -> bool:
         nonlocal horizon
-        lead = group[0].pr
-        release = ticks_up(lead.ready_in)
-        alts = _alts(group, problem, gpus, mem, release, reserved)
+        release = max(ticks_up(m.pr.ready_in) for m in group)
+        alts = _alts(group, problem, gpus, mem, release, reserved, params.min_efficiency)
         if not alts:
             return False
-        jobs.append(Job(len(jobs), tuple(m.pr.id for m in group), lead.stage, lead.remaining_steps, release,
-                        min(m.pr.deadline for m in group), tuple(alts), sum(m.running for m in group),
-                        group[0].in_flight))
+        rems = [m.pr.remaining_steps for m in group]
+        jobs.append(Job(len(jobs), tuple(m.pr.id for m in group), group[0].pr.stage, max(rems),
+                        release, min(m.pr.deadline for m in group), tuple(alts), sum(m.running for m in group),
+                        any(m.in_flight for m in group), min(rems)))
         horizon = max(horizon, max(a.latest + a.span for a in alts))
         return True
 
@@ -458,6 +592,19 @@ def build_schedule(problem: RoundProblem, requests: Iterable[ProblemRequest] | N
             if len(groups[key]) >= 2:
                 for chunk in _batch_chunks(groups[key], params.max_jobs):
                     add(chunk)
+    if params.batching and params.csp:
+        offered = {j.ids for j in jobs}
+        csp_groups: dict[tuple, list[_Member]] = {}
+        for m in modeled:
+            if m.pr.csp_key and m.pr.stage is not Stage.DECODE:
+                csp_groups.setdefault(_csp_state_key(m), []).append(m)
+        free = sorted(busy.values())
+        for key in sorted(csp_groups, key=lambda k: min((m.pr.deadline, m.pr.id) for m in csp_groups[k])):
+            for batch in _csp_batches(csp_groups[key], problem, free, params.csp_seeds, params.min_efficiency):
+                ids = tuple(m.pr.id for m in batch)
+                if ids not in offered:
+                    offered.add(ids)
+                    add(batch)
     by_member: dict[str, list[int]] = {}
     for j in jobs:
         for rid in j.ids:

@@ -51,6 +51,7 @@ class Arrival:
     gpu_s: float  # GPU-seconds at that degree (at degree 1 when none is on time)
     tight: bool  # no degree is on time after loading the weights first
     act_bytes: int  # activation bytes per GPU at ``degree``
+    min_gpu_s: float = 0.0  # GPU-seconds at its most GPU-efficient degree (what it needs of a saturated cluster)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ def arrival(pr: ProblemRequest, now: float, load_s: float, age: float = 0.0) -> 
     k = on_time[0] if on_time else 0
     tight = bool(on_time) and min(chain.values()) + load_s > budget
     base = k or min(chain, key=lambda d: (d * chain[d], d))
-    return Arrival(now - age, pr.model, k, chain[base], base * chain[base], tight, pr.act_bytes.get(base, 0))
+    return Arrival(now - age, pr.model, k, chain[base], base * chain[base], tight, pr.act_bytes.get(base, 0),
+                   min(d * chain[d] for d in chain))
 
 
 def erlang_b(servers: int, load: float) -> float:
@@ -197,6 +199,19 @@ class PlacementLoop:
                 if best is None or key < best[0]:
                     best = (key, blk)
         return best[1] if best else None
+
+    def utilization(self, problem: RoundProblem) -> float:
+        """Offered load of the recent arrivals: their GPU-seconds at their most GPU-efficient degree
+        (unbatched) per second per GPU of the cluster; 0 before :data:`MIN_ARRIVALS` of them. From 1 on,
+        the cluster cannot serve them all even at its most efficient."""
+        window, span = self._recent(problem)
+        return sum(a.min_gpu_s for a in window) / span / max(1, sum(len(n) for n in problem.nodes)) if span else 0.0
+
+    def _recent(self, problem: RoundProblem) -> tuple[list[Arrival], float]:
+        window = list(self.arrivals)
+        if len(window) < MIN_ARRIVALS:
+            return window, 0.0
+        return window, max(0.0, problem.now - min(a.t for a in window))
 
     def owners(self) -> dict[int, str]:
         """Reserved GPU -> the model it is kept for."""
