@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from ditplan.models.cost import CostModel
+from ditplan.models.csp import is_csp
 from ditplan.models.refine import RefineConfig, StepKey, StepRefiner
 from ditplan.planner.cluster import Cluster
 from ditplan.planner.execution import Segment, count_preemptions, end_segment, next_wake
@@ -640,6 +641,10 @@ class PlannerCore:
             return
         lead = self._book.tracked[a.request_ids[0]].status.request
         sp, batch = len(a.gpus), len(a.request_ids)
+        shapes = [self._book.tracked[rid].status.request.shape for rid in a.request_ids]
+        if is_csp(lead.spec, shapes):  # a CSP batch refits the CSP predictor (``models/csp.py``)
+            self.config.cost.csp.observe(lead.model, shapes, sp, statistics.median(step_seconds))
+            return
         bw = self.cluster.block_bandwidth(a.gpus) if sp > 1 else None
         prior = self.config.cost.prior_step_time(lead.spec, lead.shape, sp, batch, link_bw=bw)
         if self._refiner.observe(StepKey(lead.model, lead.shape, sp, batch), statistics.median(step_seconds), prior):
