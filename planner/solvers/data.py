@@ -319,7 +319,11 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
     allowed = [g for g in gpus if reserved.get(g, model) == model]
     own = {g for m in members if has_latent(m.pr) for g in m.pr.latent_gpus}
     encoders = _encoders(problem, gpus, model, reserved) if stage is Stage.ENCODE else {}
-    for k in efficient_degrees(step, min_efficiency):
+    degrees = efficient_degrees(step, min_efficiency)
+    if degrees != kept_degrees(step) and not any(
+            ticks_down(deadline - sum(chain_parts(stage, enc, 0.0, gc.rem, step[k], dec))) >= release for k in degrees):
+        degrees = kept_degrees(step)  # only a wide block can still make the deadline: it stays offered
+    for k in degrees:
         need = gc.act[k] + b  # per GPU
         if encoders:  # encode apart: the block needs no text encoders
             for blk, ld in _candidate_blocks(problem, gpus, k, model, Stage.DIFFUSE, need, mem, allowed, own):
