@@ -4,6 +4,12 @@ Runs every policy on the same seeded TetriServe-style traces (``planner.workload
 
     python -m bench.sweep [--workloads tetriserve-uniform tetriserve-skewed]
                           [--policies fcfs-sp1 ... tetriserve-dp] [--n 300] [--seeds 0 1]
+                          [--scales 3 5 10] [--rates 8 16] [--no-rates]
+
+The CSP comparison (issue: PatchedServe's workload on 8xH100):
+
+    python -m bench.sweep --workloads patchedserve-mixed --scales 3 5 10 --rates 8 16 --no-rates \
+        --policies distrifusion nirvana-like patchedserve cpsat cpsat-nocsp genserve --n 300 --seeds 0 1
 """
 from __future__ import annotations
 
@@ -48,8 +54,6 @@ def one(job: tuple) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from ditplan.planner.workloads import WORKLOADS
-
     ap = argparse.ArgumentParser(description="SLO attainment sweeps")
     ap.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS)
     ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--no-rates", action="store_true", help="skip the arrival-rate sweep")
     ap.add_argument("--scale-rate", action="store_true",
                     help="scale the workload's rate (and --n) by the cluster's GPUs / 8, for clusters past 8 GPUs")
+    ap.add_argument("--rates", type=float, nargs="+", default=None,
+                    help="arrival rates (req/s) of the scale sweep, one table each (default: the workload's rate)")
     args = ap.parse_args(argv)
     SCALES[:] = list(args.scales)
     if args.policies == ["all"]:
@@ -79,12 +85,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     factor = parse_cluster(args.cluster).size / 8 if args.scale_rate else 1.0
     args.n = int(round(args.n * factor))
     args.rate_factor = factor
+    if args.rates is not None and any(r <= 0 for r in args.rates):
+        ap.error(f"--rates must be positive, got {args.rates}")
     jobs = []
     for wl in args.workloads:
-        base = round(WORKLOADS[wl].default_rate * factor, 6)
         for pol, seed in itertools.product(args.policies, args.seeds):
-            jobs += [(wl, pol, base, s, args.n, seed, args.cluster) for s in SCALES]
+            for base in bases(wl, args):
+                jobs += [(wl, pol, base, s, args.n, seed, args.cluster) for s in SCALES]
             if not args.no_rates:
+                base = bases(wl, args)[0]
                 jobs += [(wl, pol, round(base * f, 6), FIXED_SCALE, args.n, seed, args.cluster)
                          for f in RATE_FACTORS if f != 1.0]
     t0 = time.perf_counter()
@@ -97,6 +106,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.small_n:
         small(args)
     return rows
+
+
+def bases(workload: str, args) -> list[float]:
+    """Arrival rates of the scale sweep: ``--rates``, else the workload's default (times the cluster factor)."""
+    from ditplan.planner.workloads import WORKLOADS
+
+    return list(args.rates) if args.rates else [round(WORKLOADS[workload].default_rate * args.rate_factor, 6)]
 
 
 def small_one(job: tuple) -> dict:
@@ -155,11 +171,8 @@ def report(rows: list[dict], args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ditplan.planner.workloads import WORKLOADS
-
     con = Console(width=200)
-    for wl in args.workloads:
-        base = round(WORKLOADS[wl].default_rate * args.rate_factor, 6)
+    for wl, base in ((wl, b) for wl in args.workloads for b in bases(wl, args)):
         t = Table(title=f"{wl}: SLO attainment vs SLO scale (rate {base}/s, {args.cluster}, "
                         f"mean of seeds {args.seeds})")
         t.add_column("policy")
@@ -168,6 +181,9 @@ def report(rows: list[dict], args) -> None:
         for p in args.policies:
             t.add_row(p, *(f"{_mean(rows, workload=wl, policy=p, slo_scale=s, rate=base):.3f}" for s in SCALES))
         con.print(t)
+        for p in args.policies:
+            if all(_mean(rows, workload=wl, policy=p, slo_scale=s, rate=base) == 0 for s in SCALES):
+                con.print(f"  [bold red]{p} met no request at any scale (rate {base}/s): check it[/]")
         peers = [p for p in args.policies if p not in OURS]
         if "cpsat" in args.policies and peers:
             for s in SCALES:
@@ -195,16 +211,14 @@ def plot(rows: list[dict], args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ditplan.planner.workloads import WORKLOADS
-
     with_rates = not getattr(args, "no_rates", False)
-    fig, axes = plt.subplots(2 if with_rates else 1, len(args.workloads),
-                             figsize=(6 * len(args.workloads), 8 if with_rates else 4.5), squeeze=False)
-    for col, wl in enumerate(args.workloads):
-        base = round(WORKLOADS[wl].default_rate * args.rate_factor, 6)
+    cols = [(wl, b) for wl in args.workloads for b in bases(wl, args)]
+    fig, axes = plt.subplots(2 if with_rates else 1, len(cols),
+                             figsize=(6 * len(cols), 8 if with_rates else 4.5), squeeze=False)
+    for col, (wl, base) in enumerate(cols):
         rates = sorted({r["rate"] for r in rows if r["workload"] == wl})
         for p in args.policies:
-            style = {"linewidth": 2.5} if p in ("tetriserve-dp", "cpsat") else {"linewidth": 1.2}
+            style = {"linewidth": 2.5} if p in ("tetriserve-dp", "cpsat", "patchedserve") else {"linewidth": 1.2}
             axes[0][col].plot(SCALES, [_mean(rows, workload=wl, policy=p, slo_scale=s, rate=base) for s in SCALES],
                               marker="o", label=p, **style)
             if with_rates:
