@@ -137,6 +137,17 @@ def _spread(row: dict, where: str) -> float | None:
     return _require(row, "iqr_s", float, where) if "iqr_s" in row else None
 
 
+def _sp_step(row: dict, where: str) -> tuple[int, float]:
+    """A measured row's SP degree and seconds per step, checked."""
+    sp = _require(row, "sp", int, where)
+    if sp not in SP_DEGREES:
+        raise ProfileError(f"{where}: field 'sp' = {sp!r} is not one of {SP_DEGREES}")
+    step_s = _require(row, "step_s", float, where)
+    if step_s <= 0:
+        raise ProfileError(f"{where}: field 'step_s' = {step_s!r} must be > 0")
+    return sp, step_s
+
+
 def parse_profile(doc: dict[str, Any], source: str = "<profile>") -> Profile:
     from ditplan.models.gpus import GPU_KINDS
 
@@ -149,12 +160,7 @@ def parse_profile(doc: dict[str, Any], source: str = "<profile>") -> Profile:
         model = _require(row, "model", str, where)
         if model not in CATALOG:
             raise ProfileError(f"{where}: field 'model' = {model!r} is not in the catalog")
-        sp = _require(row, "sp", int, where)
-        if sp not in SP_DEGREES:
-            raise ProfileError(f"{where}: field 'sp' = {sp!r} is not one of {SP_DEGREES}")
-        step_s = _require(row, "step_s", float, where)
-        if step_s <= 0:
-            raise ProfileError(f"{where}: field 'step_s' = {step_s!r} must be > 0")
+        sp, step_s = _sp_step(row, where)
         points.append(ProfilePoint(model, _shape(row, where), sp, int(row.get("batch", 1)), step_s,
                                    _spread(row, where)))
     stages = []
@@ -177,12 +183,7 @@ def parse_profile(doc: dict[str, Any], source: str = "<profile>") -> Profile:
                 isinstance(v, int) and v >= 1 for v in s) for s in shapes):
             raise ProfileError(f"{where}: field 'shapes' = {shapes!r} must list two or more "
                                f"[height, width, frames] triples of positive integers")
-        sp = _require(row, "sp", int, where)
-        if sp not in SP_DEGREES:
-            raise ProfileError(f"{where}: field 'sp' = {sp!r} is not one of {SP_DEGREES}")
-        step_s = _require(row, "step_s", float, where)
-        if step_s <= 0:
-            raise ProfileError(f"{where}: field 'step_s' = {step_s!r} must be > 0")
+        sp, step_s = _sp_step(row, where)
         csp.append(CspPoint(model, tuple(Shape(*s) for s in shapes), sp, step_s, _spread(row, where)))
     rules = tuple((r.get("max_tokens"), int(r["batch"]))
                   for r in doc.get("best_batch_by_tokens", {}).get("rules", []))

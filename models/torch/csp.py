@@ -312,6 +312,17 @@ def _sd3_block(block, img, txt, temb, layout: CspLayout, shard: SeqShard, mode: 
     return img, txt
 
 
+def _final(model, img: torch.Tensor, temb: torch.Tensor, layout: CspLayout, shard: SeqShard) -> torch.Tensor:
+    """The final adaLN norm and projection of this rank's image tokens, gathered over the SP group."""
+    scale, shift = _modulation(model.norm_out, temb, layout.local_img_owner(shard.index), 2, (0,))
+    out = model.proj_out(torch.addcmul(shift, model.norm_out.norm(img), scale))
+    if shard.size > 1:
+        parts = [torch.empty_like(out) for _ in range(shard.size)]
+        dist.all_gather(parts, out.contiguous(), group=shard.group)
+        out = torch.cat(parts, dim=1)
+    return out
+
+
 def sd3_forward(model, latents: list[torch.Tensor], conds: list[dict[str, torch.Tensor]], timesteps: torch.Tensor,
                 shard: SeqShard = SeqShard(), attention: str = "loop",
                 cache: PatchCache | None = None) -> list[torch.Tensor]:
@@ -337,12 +348,7 @@ def sd3_forward(model, latents: list[torch.Tensor], conds: list[dict[str, torch.
         cache.begin(layout)
     for index, block in enumerate(model.transformer_blocks):
         img, txt = _sd3_block(block, img, txt, temb, layout, shard, attention, cache, index)
-    scale, shift = _modulation(model.norm_out, temb, layout.local_img_owner(shard.index), 2, (0,))
-    out = model.proj_out(torch.addcmul(shift, model.norm_out.norm(img), scale))
-    if shard.size > 1:
-        parts = [torch.empty_like(out) for _ in range(shard.size)]
-        dist.all_gather(parts, out.contiguous(), group=shard.group)
-        out = torch.cat(parts, dim=1)
+    out = _final(model, img, temb, layout, shard)
     preds = []
     for i, (gh, gw) in enumerate(layout.grids):
         x = out[0, layout.img_offsets[i]:layout.img_offsets[i + 1]]
@@ -446,12 +452,7 @@ def flux_forward(model, latents: list[torch.Tensor], conds: list[dict[str, torch
     for block in model.single_transformer_blocks:
         x = _flux_single_block(block, x, owner, temb, rope, layout, shard, attention)
     img = x[:, :layout.img_local]
-    scale, shift = _modulation(model.norm_out, temb, layout.local_img_owner(shard.index), 2, (0,))
-    out = model.proj_out(torch.addcmul(shift, model.norm_out.norm(img), scale))
-    if shard.size > 1:
-        parts = [torch.empty_like(out) for _ in range(shard.size)]
-        dist.all_gather(parts, out.contiguous(), group=shard.group)
-        out = torch.cat(parts, dim=1)
+    out = _final(model, img, temb, layout, shard)
     return [out[:, layout.img_offsets[i]:layout.img_offsets[i + 1]] for i in range(layout.requests)]
 
 

@@ -25,7 +25,7 @@ from ditplan.models import csp
 from ditplan.planner.plan import Assignment, RoundPlan
 from ditplan.planner.policies.base import Policy, register
 from ditplan.planner.policies.kit.blocks import BlockAllocator
-from ditplan.planner.policies.kit.rounds import deadline_order
+from ditplan.planner.policies.kit.rounds import deadline_order, take_stage_gpu
 from ditplan.planner.policies.kit.timing import TimingTable
 from ditplan.planner.request import RequestStatus, Stage
 from ditplan.planner.state import PlannerState
@@ -175,7 +175,7 @@ class DistriFusionPolicy(Policy):
                 break
             stage = st.next_stage
             if stage is not Stage.DIFFUSE:
-                blk = alloc.take(1, st.latent_gpus if stage is Stage.DECODE else ())
+                blk = take_stage_gpu(alloc, st, stage)
                 if blk is not None:
                     out.append(Assignment((st.id,), stage, blk))
                 continue
