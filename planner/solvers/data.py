@@ -321,7 +321,8 @@ def _alts(members: Sequence[_Member], problem: RoundProblem, gpus: Sequence[int]
     encoders = _encoders(problem, gpus, model, reserved) if stage is Stage.ENCODE else {}
     degrees = efficient_degrees(step, min_efficiency)
     if degrees != kept_degrees(step) and not any(
-            ticks_down(deadline - sum(chain_parts(stage, enc, 0.0, gc.rem, step[k], dec))) >= release for k in degrees):
+            ticks_down(deadline - sum(chain_parts(stage, enc, 0.0, gc.rem, step[k], dec))) >= release
+            for k in degrees):
         degrees = kept_degrees(step)  # only a wide block can still make the deadline: it stays offered
     for k in degrees:
         need = gc.act[k] + b  # per GPU
@@ -489,8 +490,6 @@ def _state_key(m: _Member) -> tuple:
     pr = m.pr
     return (pr.batch_key, pr.stage, pr.steps_done, tuple(pr.latent_gpus) if has_latent(pr) else (),
             m.in_flight, ticks_up(pr.ready_in))
-
-
 
 
 def _csp_state_key(m: _Member) -> tuple:
