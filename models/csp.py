@@ -46,7 +46,6 @@ PATCH_LATENT = 32  # latent pixels per patch side: PatchedServe's 256-px patch a
 MAX_BATCH = 12  # requests per CSP batch (sduss's limit)
 RESOLUTION_PRIOR = 0.1  # c4 before any measurement, as a fraction of c0 (estimate)
 PRIOR_BATCHES = (1, 2, 3, 4)
-N_COEF = 5
 
 
 def patch_count(model: ModelSpec, shape: Shape) -> int:

@@ -206,6 +206,7 @@ def _problem_request(state: PlannerState, st: RequestStatus) -> ProblemRequest:
     ready_in = 0.0
     if st.in_flight and st.latent_gpus:
         ready_in = max(0.0, max(state.gpu_free_at[g] for g in st.latent_gpus) - state.now)
+    csp_key = r.csp_key()
     return ProblemRequest(
         id=r.id, model=r.model, kind=r.kind, stage=st.next_stage,
         remaining_steps=st.remaining_steps, deadline=r.deadline - state.now,
@@ -221,7 +222,7 @@ def _problem_request(state: PlannerState, st: RequestStatus) -> ProblemRequest:
         act_bytes={k: spec.activation_bytes(r.shape, k) for k in degrees},
         latent_bytes=spec.latent_bytes(r.shape), ready_in=ready_in, steps_done=st.steps_done,
         embed_s=cost.transfer_time(spec.embedding_bytes(), cluster.slowest_node_link),
-        csp_key=r.csp_key() or "", patches=patch_count(spec, r.shape) if r.csp_key() else 0)
+        csp_key=csp_key or "", patches=patch_count(spec, r.shape) if csp_key else 0)
 
 
 def _move_s(state: PlannerState, st: RequestStatus, node: tuple[int, ...]) -> float:

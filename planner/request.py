@@ -68,7 +68,7 @@ class Request:
         return self.model if self.spec.csp and self.kind == "image" else None
 
 
-def batch_conflict(requests: Sequence["Request"], steps_done: Sequence[int] | None = None) -> str | None:
+def batch_conflict(requests: Sequence[Request], steps_done: Sequence[int] | None = None) -> str | None:
     """Why ``requests`` cannot share one forward pass, or None: one rule for plans and timelines.
 
     Equal ``batch_key`` and equal progress (``steps_done``, when known) batch as ever; a model the

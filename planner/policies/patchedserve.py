@@ -27,7 +27,7 @@ from ditplan.planner.policies.base import Policy, register
 from ditplan.planner.policies.kit.blocks import BlockAllocator
 from ditplan.planner.policies.kit.rounds import deadline_order, take_stage_gpu
 from ditplan.planner.policies.kit.timing import TimingTable
-from ditplan.planner.request import RequestStatus, Stage
+from ditplan.planner.request import RequestStatus, Stage, batch_conflict
 from ditplan.planner.state import PlannerState
 
 
@@ -48,21 +48,21 @@ class _PerGpuBatching(Policy):
         self._home: dict[str, int] = {}
 
     # -- costs -------------------------------------------------------------------------
-    def _left_s(self, state: PlannerState, st: RequestStatus) -> float:
+    def _left_s(self, st: RequestStatus) -> float:
         """Seconds of work left alone on one GPU."""
         t = self._times.of(st)
         return (0.0 if st.encoded else t.encode) + st.remaining_steps * t.step[1] + t.decode
 
     def _slack(self, state: PlannerState, st: RequestStatus) -> float:
-        return st.request.deadline - state.now - self._left_s(state, st)
+        return st.request.deadline - state.now - self._left_s(st)
 
     def _step_s(self, state: PlannerState, members: list[RequestStatus]) -> float:
         spec = members[0].request.spec
         return state.cost.batch_step_time(spec, [m.request.shape for m in members], 1)
 
     def _compatible(self, a: RequestStatus, b: RequestStatus) -> bool:
-        if self.mix_sizes and a.request.csp_key() is not None and a.request.csp_key() == b.request.csp_key():
-            return True
+        if self.mix_sizes:  # the one batching rule (CSP models mix sizes and progress)
+            return batch_conflict([a.request, b.request], [a.steps_done, b.steps_done]) is None
         return a.request.batch_key() == b.request.batch_key() and a.steps_done == b.steps_done
 
     # -- dispatch ----------------------------------------------------------------------
@@ -72,13 +72,13 @@ class _PerGpuBatching(Policy):
         for st in live:
             g = self._home.get(st.id)
             if g is not None:
-                load[g] += self._left_s(state, st)
+                load[g] += self._left_s(st)
         for st in sorted(live, key=deadline_order):
             if st.id in self._home:
                 continue
             g = st.latent_gpus[0] if st.latent_gpus else min(range(len(load)), key=lambda i: (load[i], i))
             self._home[st.id] = g
-            load[g] += self._left_s(state, st)
+            load[g] += self._left_s(st)
 
     # -- the plan ----------------------------------------------------------------------
     def plan(self, state: PlannerState) -> RoundPlan:
@@ -90,18 +90,16 @@ class _PerGpuBatching(Policy):
         waiting: dict[int, list[RequestStatus]] = {}
         for st in state.waiting():
             if st.next_stage is not Stage.DECODE and self._slack(state, st) < 0:
-                rejections.append((st.id, f"aborted: {self._left_s(state, st):.3f} s of work left alone, "
+                rejections.append((st.id, f"aborted: {self._left_s(st):.3f} s of work left alone, "
                                           f"{st.request.deadline - state.now:.3f} s to its deadline"))
                 continue
             waiting.setdefault(self._home[st.id], []).append(st)
-        alloc = BlockAllocator(state)
         headroom = self._headroom(state)
+        idle = set(state.idle_gpus())
         out: list[Assignment] = []
-        for g in sorted(waiting):
-            if g not in state.idle_gpus():
-                continue
+        for g in sorted(waiting.keys() & idle):  # one instance per GPU: each plans its own requests
             a = self._gpu_plan(state, g, waiting[g], headroom[g])
-            if a is not None and alloc.take(1, (g,)) == (g,):
+            if a is not None:
                 out.append(a)
         return RoundPlan(tuple(out), solver=self.name, rejections=tuple(rejections))
 

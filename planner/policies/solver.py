@@ -163,9 +163,10 @@ class SchedulePolicy(Policy):
         self.reject_grace_s = reject_grace_s
         self.late = late
         self.params = ScheduleParams(batching=batching, max_jobs=max_jobs, csp=csp)
-        # From this offered load per GPU (recent arrivals at their cheapest degree, unbatched) on, only
-        # degrees of parallel efficiency >= PARALLEL_EFFICIENCY are offered: a saturated cluster has no
-        # GPU-second to spare for a wide block (every later request would wait for it).
+        # From this offered load per GPU (``PlacementLoop.utilization``: recent arrivals at their most
+        # efficient degree, unbatched) on, GPU-ms weigh SATURATED_GPU_MS x an early finish and only degrees
+        # of parallel efficiency >= PARALLEL_EFFICIENCY are offered (``ScheduleParams.min_efficiency``): a
+        # saturated cluster has no GPU-second to spare for a wide block or a lone request.
         self.saturation = saturation
         self.seed = seed
         self.num_workers = num_workers

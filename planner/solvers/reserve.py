@@ -204,14 +204,12 @@ class PlacementLoop:
         """Offered load of the recent arrivals: their GPU-seconds at their most GPU-efficient degree
         (unbatched) per second per GPU of the cluster; 0 before :data:`MIN_ARRIVALS` of them. From 1 on,
         the cluster cannot serve them all even at its most efficient."""
-        window, span = self._recent(problem)
-        return sum(a.min_gpu_s for a in window) / span / max(1, sum(len(n) for n in problem.nodes)) if span else 0.0
-
-    def _recent(self, problem: RoundProblem) -> tuple[list[Arrival], float]:
-        window = list(self.arrivals)
-        if len(window) < MIN_ARRIVALS:
-            return window, 0.0
-        return window, max(0.0, problem.now - min(a.t for a in window))
+        if len(self.arrivals) < MIN_ARRIVALS:
+            return 0.0
+        span = problem.now - min(a.t for a in self.arrivals)
+        if span <= 0:
+            return 0.0
+        return sum(a.min_gpu_s for a in self.arrivals) / span / max(1, sum(len(n) for n in problem.nodes))
 
     def owners(self) -> dict[int, str]:
         """Reserved GPU -> the model it is kept for."""
