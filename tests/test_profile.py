@@ -129,6 +129,8 @@ def test_profile_csp_follows_the_catalogs_csp_flag():
 
     models = sorted(m for m, spec in CATALOG.items() if spec.family in CSP_FAMILIES)
     assert "sd3-medium" in models and CATALOG["sd3-medium"].csp
+    # The planner batches only families the executor has a CSP forward for, and every such family.
+    assert {spec.family for spec in CATALOG.values() if spec.csp} == set(CSP_FAMILIES)
     for model in models:
         if CATALOG[model].csp:
             assert make_job(model, "tiny", "256,512", "1", "1", 1, csp=True).csp
